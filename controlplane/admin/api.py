@@ -1,0 +1,361 @@
+"""The admin HTTP API (aiohttp): JSON under /v1, plus /healthz and /metrics.
+
+Handlers are thin: parse and validate the request (query first, so bad input changes nothing),
+call :class:`~controlplane.workflow.Operations`, and render the resulting state. Errors from the
+one exception tree map to HTTP statuses here and only here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .. import typeurls
+from ..app import ControlPlane, service_version
+from ..errors import ConflictError, NotFoundError, StoreError, ValidationError
+from ..model import Deployment, Environment, Service, deployment_to_dict
+from ..store.repository import Committed
+from .openapi import OPENAPI
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1024 * 1024
+MAX_WAIT_SECONDS = 300.0
+DEFAULT_WAIT_SECONDS = 10.0
+PUBLISH_TIMEOUT = 10.0
+
+CONTROL_PLANE = web.AppKey("control_plane", ControlPlane)
+TOKEN = web.AppKey("token", str)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ValidationError as exc:
+        return _error(400, str(exc))
+    except NotFoundError as exc:
+        return _error(404, str(exc))
+    except ConflictError as exc:
+        return _error(409, str(exc))
+    except StoreError as exc:
+        log.error("store failure: %s", exc)
+        return _error(503, f"state store unavailable: {exc}")
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, f"request body too large: the limit is {MAX_BODY_BYTES} bytes")
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return _error(exc.status, exc.reason if exc.status != 405 else f"method {request.method} not allowed on {request.path}")
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return _error(500, "internal error; see the control plane's log")
+
+
+def auth_middleware(token: str) -> Any:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path != "/healthz":
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                response = _error(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="bluegreen"'
+                return response
+        return await handler(request)
+
+    return check
+
+
+# ---------------------------------------------------------------------------------------------
+# Request parsing
+
+
+async def _json_body(request: web.Request, *, optional: bool = False) -> Any:
+    raw = await request.read()
+    if not raw.strip():
+        if optional:
+            return {}
+        raise ValidationError("request body is empty: expected a JSON object")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValidationError(f"request body is not valid JSON: {exc}") from None
+
+
+def _wait_params(request: web.Request) -> float | None:
+    """Parse ?wait=converged&timeout=S. Returns the timeout, or None when not waiting."""
+    wait = request.query.get("wait")
+    raw_timeout = request.query.get("timeout")
+    if wait is None:
+        if raw_timeout is not None:
+            raise ValidationError("timeout is only meaningful with wait=converged")
+        return None
+    if wait != "converged":
+        raise ValidationError(f"unknown wait value {wait!r}: the only value is 'converged'")
+    if raw_timeout is None:
+        return DEFAULT_WAIT_SECONDS
+    try:
+        timeout = float(raw_timeout)
+    except ValueError:
+        raise ValidationError(f"timeout must be a number of seconds, got {raw_timeout!r}") from None
+    if not 0 < timeout <= MAX_WAIT_SECONDS:
+        raise ValidationError(f"timeout must be > 0 and <= {MAX_WAIT_SECONDS:g} seconds, got {raw_timeout}")
+    return timeout
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat() if ts is not None else None
+
+
+def _deployment_view(d: Deployment | None) -> dict[str, Any] | None:
+    if d is None:
+        return None
+    view = deployment_to_dict(d)
+    for key in ("deployed_at", "activated_at", "updated_at"):
+        view[key] = _iso(view[key])
+    return view
+
+
+def _convergence_view(cp: ControlPlane, service: str) -> dict[str, Any]:
+    fleets = []
+    for fleet in cp.fleets_serving(service):
+        status = cp.convergence.status(fleet)
+        fleets.append({"fleet": fleet, **status})
+    return {
+        "fleets": fleets,
+        "proxies": sum(f["proxies"] for f in fleets),
+        "acked": sum(f["acked"] for f in fleets),
+        "converged": all(f["converged"] for f in fleets),
+    }
+
+
+async def _service_view(cp: ControlPlane, service: Service) -> dict[str, Any]:
+    current = await cp.repo.current_deployments(service.name)
+    traffic = service.traffic
+    envs = {}
+    for env in Environment:
+        state = service.environment(env)
+        envs[env.value] = {
+            "version": state.version or None,
+            "endpoints": [str(e) for e in state.endpoints],
+            "weight": traffic.weight(env),
+            "deployment": _deployment_view(current[env]),
+        }
+    return {
+        "name": service.name,
+        "domains": list(service.domains),
+        "prefix": service.prefix,
+        "drain_seconds": service.drain_seconds,
+        "standby_seconds": service.standby_seconds,
+        "environments": envs,
+        "traffic": {
+            "weights": traffic.weights,
+            "active": traffic.active.value,
+            "idle": traffic.idle.value,
+            "previous": traffic.previous.value if traffic.previous else None,
+        },
+        "xds_version": service_version(service),
+        "convergence": _convergence_view(cp, service.name),
+    }
+
+
+async def _respond_with_state(request: web.Request, committed: Committed | None, service_name: str, timeout: float | None,
+                              accepted: float | None = None) -> web.Response:
+    cp = request.app[CONTROL_PLANE]
+    revision = committed.revision if committed else cp.publisher.generation
+    if committed is not None:
+        try:
+            await asyncio.wait_for(cp.publisher.wait_published(revision), PUBLISH_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("revision %s not published within %ss", revision, PUBLISH_TIMEOUT)
+    status = 200
+    wait_result: dict[str, Any] | None = None
+    if timeout is not None:
+        since = accepted if accepted is not None else time.monotonic()
+        future = cp.convergence.wait(cp.fleets_serving(service_name), revision, since)
+        try:
+            seconds = await asyncio.wait_for(future, timeout)
+            wait_result = {"converged": True, "seconds": round(seconds, 6)}
+        except asyncio.TimeoutError:
+            wait_result = {"converged": False, "seconds": None, "timed_out_after": timeout}
+            status = 202  # the change is stored and being pushed; not every proxy has ACKed it yet
+    service = committed.change.service if committed else await cp.repo.service(service_name)
+    view = await _service_view(cp, service)
+    view["store_revision"] = revision
+    if wait_result is not None:
+        view["convergence"].update(wait_result)
+    return web.json_response(view, status=status)
+
+
+# ---------------------------------------------------------------------------------------------
+# Handlers
+
+
+async def healthz(request: web.Request) -> web.Response:
+    cp = request.app[CONTROL_PLANE]
+    return web.json_response({"status": "ok", "published_revision": cp.publisher.generation})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    cp = request.app[CONTROL_PLANE]
+    body = generate_latest(cp.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(OPENAPI)
+
+
+async def list_services(request: web.Request) -> web.Response:
+    cp = request.app[CONTROL_PLANE]
+    state = await cp.repo.state()
+    views = [await _service_view(cp, s) for s in state.services]
+    return web.json_response({"services": views, "store_revision": state.revision})
+
+
+async def get_service(request: web.Request) -> web.Response:
+    timeout = _wait_params(request)
+    name = request.match_info["name"]
+    await request.app[CONTROL_PLANE].repo.service(name)  # 404 before waiting
+    return await _respond_with_state(request, None, name, timeout)
+
+
+async def _mutate(request: web.Request, operation: Callable[[], Awaitable[Committed]]) -> web.Response:
+    timeout = _wait_params(request)
+    committed = await operation()
+    accepted = time.monotonic()
+    request.app[CONTROL_PLANE].publisher.accepted(committed.revision, accepted)
+    return await _respond_with_state(request, committed, request.match_info["name"], timeout, accepted)
+
+
+async def put_service(request: web.Request) -> web.Response:
+    _wait_params(request)
+    body = await _json_body(request)
+    ops = request.app[CONTROL_PLANE].operations
+    return await _mutate(request, lambda: ops.put_service(request.match_info["name"], body))
+
+
+async def put_environment(request: web.Request) -> web.Response:
+    _wait_params(request)
+    Environment.parse(request.match_info["env"])
+    body = await _json_body(request)
+    ops = request.app[CONTROL_PLANE].operations
+    return await _mutate(request, lambda: ops.put_environment(request.match_info["name"], request.match_info["env"], body))
+
+
+async def put_traffic(request: web.Request) -> web.Response:
+    _wait_params(request)
+    body = await _json_body(request)
+    ops = request.app[CONTROL_PLANE].operations
+    return await _mutate(request, lambda: ops.set_traffic(request.match_info["name"], body))
+
+
+async def switch(request: web.Request) -> web.Response:
+    _wait_params(request)
+    body = await _json_body(request, optional=True)
+    if not isinstance(body, dict):
+        raise ValidationError("switch body must be a JSON object like {\"to\": \"green\"}")
+    unknown = sorted(set(body) - {"to"})
+    if unknown:
+        raise ValidationError(f"unknown field(s) in switch: {', '.join(unknown)}; allowed: to")
+    to = body.get("to")
+    if to is not None:
+        Environment.parse(to)
+    ops = request.app[CONTROL_PLANE].operations
+    return await _mutate(request, lambda: ops.switch(request.match_info["name"], to))
+
+
+async def rollback(request: web.Request) -> web.Response:
+    _wait_params(request)
+    body = await _json_body(request, optional=True)
+    if body != {}:
+        raise ValidationError("rollback takes no body")
+    ops = request.app[CONTROL_PLANE].operations
+    return await _mutate(request, lambda: ops.rollback(request.match_info["name"]))
+
+
+async def list_deployments(request: web.Request) -> web.Response:
+    cp = request.app[CONTROL_PLANE]
+    name = request.match_info["name"]
+    await cp.repo.service(name)
+    records = await cp.repo.deployments(name)
+    return web.json_response({"deployments": [_deployment_view(d) for d in reversed(records)]})
+
+
+def _proxy_view(cp: ControlPlane, stream: Any) -> dict[str, Any]:
+    types = {}
+    for type_url, state in sorted(stream.types.items(), key=lambda kv: typeurls.PUSH_ORDER.index(kv[0]) if kv[0] in typeurls.PUSH_ORDER else 99):
+        nack = state.last_nack
+        types[cp.type_short(type_url)] = {
+            "type_url": type_url,
+            "subscribed": "*" if state.wildcard else sorted(state.names),
+            "acked_version": state.acked_version or None,
+            "sent_version": state.sent_version or None,
+            "pending": state.pending_nonce is not None,
+            "responses": state.responses,
+            "nacks": state.nacks,
+            "last_nack": {"version": nack.version, "message": nack.message, "at": _iso(nack.at)} if nack else None,
+        }
+    return {
+        "stream_id": stream.stream_id,
+        "node_id": stream.node_id,
+        "fleet": stream.fleet,
+        "protocol": stream.protocol.value,
+        "connected_since": _iso(stream.connected_since),
+        "generation": stream.snapshot.generation,
+        "converged": cp.convergence._is_converged(stream),
+        "types": types,
+    }
+
+
+async def list_proxies(request: web.Request) -> web.Response:
+    cp = request.app[CONTROL_PLANE]
+    proxies = [_proxy_view(cp, s) for _, s in sorted(cp.ads.streams.items())]
+    return web.json_response({"proxies": proxies})
+
+
+ROUTES: list[tuple[str, str, Handler]] = [
+    ("GET", "/healthz", healthz),
+    ("GET", "/metrics", metrics),
+    ("GET", "/v1/openapi.json", openapi),
+    ("GET", "/v1/services", list_services),
+    ("GET", "/v1/services/{name}", get_service),
+    ("PUT", "/v1/services/{name}", put_service),
+    ("PUT", "/v1/services/{name}/environments/{env}", put_environment),
+    ("PUT", "/v1/services/{name}/traffic", put_traffic),
+    ("POST", "/v1/services/{name}/switch", switch),
+    ("POST", "/v1/services/{name}/rollback", rollback),
+    ("GET", "/v1/services/{name}/deployments", list_deployments),
+    ("GET", "/v1/proxies", list_proxies),
+]
+
+
+def build_admin_app(cp: ControlPlane, token: str | None) -> web.Application:
+    middlewares = [errors_middleware]
+    if token:
+        middlewares.append(auth_middleware(token))
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    app[CONTROL_PLANE] = cp
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
+    return app

@@ -1,0 +1,294 @@
+"""OpenAPI 3.1 description of the admin API, served at /v1/openapi.json.
+
+tests/test_admin_api.py keeps it true: every route the server has is documented here and
+every documented route exists, and live responses carry the documented required fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_SERVICE = {"$ref": "#/components/schemas/Service"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_ERRORS = {
+    "400": _json(_ERROR, "Bad input; nothing was changed. The message names the problem."),
+    "401": _json(_ERROR, "Missing or wrong bearer token (only when the config sets a token)."),
+    "404": _json(_ERROR, "Unknown service."),
+    "409": _json(_ERROR, "Valid request that the current state does not allow; nothing was changed."),
+    "413": _json(_ERROR, "Body larger than 1 MiB."),
+    "503": _json(_ERROR, "The state store failed; nothing was changed."),
+}
+
+_WAIT_PARAMS = [
+    {
+        "name": "wait",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "enum": ["converged"]},
+        "description": "Answer only once every connected proxy of the service's fleets has ACKed the change "
+        "(or the timeout passed). The response's convergence.seconds is the measured time.",
+    },
+    {
+        "name": "timeout",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 300, "default": 10},
+        "description": "Seconds to wait with wait=converged.",
+    },
+]
+
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,46}[a-z0-9])?$"}}
+_ENV = {"name": "env", "in": "path", "required": True, "schema": {"type": "string", "enum": ["blue", "green"]}}
+
+
+def _mutation(summary: str, body: dict[str, Any] | None, params: list[dict[str, Any]], *, body_required: bool = True) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "parameters": params + _WAIT_PARAMS,
+        "responses": {
+            "200": _json(_SERVICE, "The resulting service state, including xds_version and convergence."),
+            "202": _json(_SERVICE, "Stored and being pushed, but wait=converged timed out before every proxy ACKed."),
+            **_ERRORS,
+        },
+    }
+    if body is not None:
+        op["requestBody"] = {"required": body_required, "content": {"application/json": {"schema": body}}}
+    return op
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "bluegreen control plane admin API",
+        "version": "1",
+        "description": "Register services and their blue/green environments, move traffic, watch the fleet converge.",
+    },
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+            "Deployment": {
+                "type": ["object", "null"],
+                "required": ["id", "service", "version", "environment", "status", "deployed_at", "activated_at"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "service": {"type": "string"},
+                    "version": {"type": "string"},
+                    "environment": {"type": "string", "enum": ["blue", "green"]},
+                    "status": {
+                        "type": "string",
+                        "enum": ["deploying", "ready", "shifting", "active", "draining", "standby", "failed", "rolled_back", "decommissioned"],
+                    },
+                    "deployed_at": {"type": "string", "format": "date-time"},
+                    "activated_at": {"type": ["string", "null"], "format": "date-time"},
+                    "updated_at": {"type": ["string", "null"], "format": "date-time"},
+                },
+            },
+            "Environment": {
+                "type": "object",
+                "required": ["version", "endpoints", "weight", "deployment"],
+                "properties": {
+                    "version": {"type": ["string", "null"]},
+                    "endpoints": {"type": "array", "items": {"type": "string"}},
+                    "weight": {"type": "integer", "minimum": 0, "maximum": 100},
+                    "deployment": {"$ref": "#/components/schemas/Deployment"},
+                },
+            },
+            "Convergence": {
+                "type": "object",
+                "required": ["fleets", "proxies", "acked", "converged"],
+                "properties": {
+                    "fleets": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["fleet", "generation", "proxies", "acked", "converged"],
+                            "properties": {
+                                "fleet": {"type": "string"},
+                                "generation": {"type": "integer"},
+                                "proxies": {"type": "integer"},
+                                "acked": {"type": "integer"},
+                                "converged": {"type": "boolean"},
+                            },
+                        },
+                    },
+                    "proxies": {"type": "integer", "description": "Connected proxies of the fleets serving the service."},
+                    "acked": {"type": "integer", "description": "How many of them hold the current configuration."},
+                    "converged": {"type": "boolean"},
+                    "seconds": {"type": ["number", "null"], "description": "With wait=converged: change accepted -> last proxy ACKed."},
+                    "timed_out_after": {"type": "number"},
+                },
+            },
+            "Service": {
+                "type": "object",
+                "required": ["name", "domains", "prefix", "drain_seconds", "standby_seconds", "environments", "traffic", "xds_version", "convergence"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "domains": {"type": "array", "items": {"type": "string"}},
+                    "prefix": {"type": "string"},
+                    "drain_seconds": {"type": "integer"},
+                    "standby_seconds": {"type": "integer"},
+                    "environments": {
+                        "type": "object",
+                        "required": ["blue", "green"],
+                        "properties": {"blue": {"$ref": "#/components/schemas/Environment"}, "green": {"$ref": "#/components/schemas/Environment"}},
+                    },
+                    "traffic": {
+                        "type": "object",
+                        "required": ["weights", "active", "idle", "previous"],
+                        "properties": {
+                            "weights": {"$ref": "#/components/schemas/Weights"},
+                            "active": {"type": "string", "enum": ["blue", "green"]},
+                            "idle": {"type": "string", "enum": ["blue", "green"]},
+                            "previous": {"type": ["string", "null"], "enum": ["blue", "green", None]},
+                        },
+                    },
+                    "xds_version": {"type": "string", "description": "Content hash of everything the proxies get for this service."},
+                    "store_revision": {"type": "integer"},
+                    "convergence": {"$ref": "#/components/schemas/Convergence"},
+                },
+            },
+            "Weights": {
+                "type": "object",
+                "required": ["blue", "green"],
+                "additionalProperties": False,
+                "properties": {"blue": {"type": "integer", "minimum": 0, "maximum": 100}, "green": {"type": "integer", "minimum": 0, "maximum": 100}},
+                "description": "Integers summing to 100.",
+            },
+            "ServiceSpec": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "domains": {"type": "array", "items": {"type": "string"}, "minItems": 1, "default": ["*"]},
+                    "prefix": {"type": "string", "pattern": "^/", "default": "/"},
+                    "drain_seconds": {"type": "integer", "minimum": 0, "maximum": 86400, "default": 60},
+                    "standby_seconds": {"type": "integer", "minimum": 0, "maximum": 2592000, "default": 1800},
+                },
+            },
+            "EnvironmentSpec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["version", "endpoints"],
+                "properties": {
+                    "version": {"type": "string"},
+                    "endpoints": {"type": "array", "items": {"type": "string", "description": "IP:PORT or [IPv6]:PORT"}, "maxItems": 1000},
+                },
+            },
+            "Proxy": {
+                "type": "object",
+                "required": ["stream_id", "node_id", "fleet", "protocol", "connected_since", "converged", "types"],
+                "properties": {
+                    "stream_id": {"type": "integer"},
+                    "node_id": {"type": "string"},
+                    "fleet": {"type": "string"},
+                    "protocol": {"type": "string", "enum": ["sotw", "delta"]},
+                    "connected_since": {"type": "string", "format": "date-time"},
+                    "generation": {"type": "integer"},
+                    "converged": {"type": "boolean"},
+                    "types": {
+                        "type": "object",
+                        "description": "Keyed by cds, eds, lds, rds.",
+                        "additionalProperties": {
+                            "type": "object",
+                            "required": ["type_url", "acked_version", "sent_version", "pending", "responses", "nacks", "last_nack"],
+                            "properties": {
+                                "type_url": {"type": "string"},
+                                "subscribed": {},
+                                "acked_version": {"type": ["string", "null"]},
+                                "sent_version": {"type": ["string", "null"]},
+                                "pending": {"type": "boolean"},
+                                "responses": {"type": "integer"},
+                                "nacks": {"type": "integer"},
+                                "last_nack": {
+                                    "type": ["object", "null"],
+                                    "properties": {"version": {"type": "string"}, "message": {"type": "string"}, "at": {"type": "string"}},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    "security": [{"bearer": []}],
+    "paths": {
+        "/healthz": {
+            "get": {
+                "summary": "Liveness; never needs the token.",
+                "security": [],
+                "responses": {"200": _json({"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}, "published_revision": {"type": "integer"}}}, "Serving.")},
+            }
+        },
+        "/metrics": {"get": {"summary": "Prometheus exposition.", "responses": {"200": {"description": "text/plain; version=0.0.4"}}}},
+        "/v1/openapi.json": {"get": {"summary": "This document.", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
+        "/v1/services": {
+            "get": {
+                "summary": "Every service with its state and convergence.",
+                "responses": {"200": _json({"type": "object", "required": ["services"], "properties": {"services": {"type": "array", "items": _SERVICE}, "store_revision": {"type": "integer"}}}, "Services.")},
+            }
+        },
+        "/v1/services/{name}": {
+            "get": {
+                "summary": "One service. With wait=converged, answers once the fleet holds its current state.",
+                "parameters": [_NAME] + _WAIT_PARAMS,
+                "responses": {"200": _json(_SERVICE, "The service."), "202": _json(_SERVICE, "wait=converged timed out."), **_ERRORS},
+            },
+            "put": _mutation(
+                "Create a service or update its settings. Environments and traffic are not touched.",
+                {"$ref": "#/components/schemas/ServiceSpec"},
+                [_NAME],
+            ),
+        },
+        "/v1/services/{name}/environments/{env}": {
+            "put": _mutation(
+                "Register a version and its endpoints in one environment. A new version is refused (409) in an environment taking traffic.",
+                {"$ref": "#/components/schemas/EnvironmentSpec"},
+                [_NAME, _ENV],
+            )
+        },
+        "/v1/services/{name}/traffic": {
+            "put": _mutation(
+                "Set the traffic split. Both weights, integers 0-100, summing to 100.",
+                {"type": "object", "required": ["weights"], "additionalProperties": False, "properties": {"weights": {"$ref": "#/components/schemas/Weights"}}},
+                [_NAME],
+            )
+        },
+        "/v1/services/{name}/switch": {
+            "post": _mutation(
+                "Atomic switch: 100% to the idle environment (or the one named in 'to').",
+                {"type": "object", "additionalProperties": False, "properties": {"to": {"type": "string", "enum": ["blue", "green"]}}},
+                [_NAME],
+                body_required=False,
+            )
+        },
+        "/v1/services/{name}/rollback": {
+            "post": _mutation(
+                "100% back to the stable environment of an unfinished shift, or to the previously active one after a switch.",
+                None,
+                [_NAME],
+            )
+        },
+        "/v1/services/{name}/deployments": {
+            "get": {
+                "summary": "Deployment records of a service, newest first.",
+                "parameters": [_NAME],
+                "responses": {
+                    "200": _json({"type": "object", "required": ["deployments"], "properties": {"deployments": {"type": "array", "items": {"$ref": "#/components/schemas/Deployment"}}}}, "Records."),
+                    **_ERRORS,
+                },
+            }
+        },
+        "/v1/proxies": {
+            "get": {
+                "summary": "Connected proxies: node, fleet, per-type ACKed version, last NACK, connected since.",
+                "responses": {"200": _json({"type": "object", "required": ["proxies"], "properties": {"proxies": {"type": "array", "items": {"$ref": "#/components/schemas/Proxy"}}}}, "Proxies.")},
+            }
+        },
+    },
+}

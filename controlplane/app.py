@@ -1,0 +1,360 @@
+"""Wires the layers together and owns their lifecycle.
+
+    store ──watch──► Publisher ──snapshots──► SnapshotCache ──► AdsServer ──► proxies
+                                                    ▲                │ callbacks
+    admin API ──► Operations ──► Repository ──► store                ▼
+         └──────────── waits on ───────────────────────────── Convergence (+ metrics)
+
+Start order matters: the first snapshot is published *before* the gRPC port opens, so a proxy
+reconnecting after a restart never sees an empty configuration (which would delete its
+clusters and listeners).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+
+from . import resources, typeurls
+from .config import Settings
+from .metrics import Metrics
+from .model import Environment, Fleet, Service
+from .store.base import KVStore
+from .store.repository import Repository
+from .workflow import Operations
+from .xds.server import AdsServer, SnapshotCache, UnknownGroup
+from .xds.snapshot import Resource, Snapshot, content_version
+from .xds.stream import Outgoing, StreamState
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotBuilder:
+    """Builds each fleet's snapshot from stored state. Per-service resources are cached by the
+    service's value, so a weight change rebuilds only the route configurations."""
+
+    def __init__(self, fleets: tuple[Fleet, ...]) -> None:
+        self.fleets = fleets
+        self._per_service: dict[Service, list[Resource]] = {}
+
+    def build(self, generation: int, services: tuple[Service, ...], previous: dict[str, Snapshot]) -> dict[str, Snapshot]:
+        cache: dict[Service, list[Resource]] = {}
+        for service in services:
+            cache[service] = self._per_service.get(service) or resources.service_resources(service)
+        self._per_service = cache  # drop entries of services that changed or left
+        out = {}
+        for fleet in self.fleets:
+            served = [s for s in services if fleet.serves(s.name)]
+            fleet_resources = [r for s in served for r in cache[s]] + resources.fleet_resources(fleet, served)
+            snapshot = Snapshot.build(generation, fleet_resources)
+            out[fleet.name] = snapshot.with_generation(generation, previous.get(fleet.name))
+        return out
+
+
+@functools.lru_cache(maxsize=4096)
+def service_version(service: Service) -> str:
+    """The xDS version of one service: a hash of everything the proxies get for it (clusters,
+    endpoints, its production and preview routes). Same state, same version, on every replica
+    and after restarts; any change to what the proxies get changes it."""
+    parts = resources.service_resources(service)
+    for preview in (False, True):
+        routes = resources.build_route_configuration(service.name, [service], preview=preview)
+        parts.append(Resource.from_message(f"{service.name}/routes/{preview}", routes))
+    return content_version(parts)
+
+
+@dataclass
+class _Waiter:
+    fleets: tuple[str, ...]
+    generation: int
+    future: asyncio.Future[float]
+    since: float
+
+
+@dataclass
+class FleetProgress:
+    streams: dict[int, StreamState] = field(default_factory=dict)
+    converged: set[int] = field(default_factory=set)
+    generation: int = 0
+    pending_since: float | None = None  # accepted time of the oldest change not yet converged
+
+
+class Convergence:
+    """Tracks which proxies hold their fleet's current snapshot; implements the xDS callbacks.
+
+    A proxy counts as converged when it has ACKed the current snapshot's content for every
+    type it needs. Waiters resolve when every connected proxy of their fleets has converged on a
+    generation at least as new as theirs, with the seconds since the change was accepted.
+    """
+
+    def __init__(self, cache: SnapshotCache, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cache = cache
+        self.metrics = metrics
+        self.clock = clock
+        self.fleets: dict[str, FleetProgress] = {}
+        self._waiters: list[_Waiter] = []
+
+    def fleet(self, name: str) -> FleetProgress:
+        progress = self.fleets.get(name)
+        if progress is None:
+            progress = self.fleets[name] = FleetProgress()
+        return progress
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def published(self, fleet: str, snapshot: Snapshot, content_changed: bool, accepted_at: float) -> None:
+        progress = self.fleet(fleet)
+        progress.generation = snapshot.generation
+        progress.converged = {sid for sid, s in progress.streams.items() if self._is_converged(s)}
+        if content_changed and progress.pending_since is None and progress.streams:
+            progress.pending_since = accepted_at
+        self.metrics.generation.labels(fleet).set(snapshot.generation)
+        self._update(fleet)
+
+    # -- xDS callbacks ---------------------------------------------------------------------
+
+    def stream_opened(self, stream: StreamState) -> None:
+        progress = self.fleet(stream.fleet)
+        progress.streams[stream.stream_id] = stream
+        self.metrics.connected_proxies.labels(stream.fleet).set(len(progress.streams))
+        self._update(stream.fleet)
+
+    def stream_closed(self, stream: StreamState) -> None:
+        progress = self.fleet(stream.fleet)
+        progress.streams.pop(stream.stream_id, None)
+        progress.converged.discard(stream.stream_id)
+        self.metrics.connected_proxies.labels(stream.fleet).set(len(progress.streams))
+        for type_url in stream.types:
+            try:
+                self.metrics.proxy_rejecting.remove(stream.node_id, stream.fleet, type_url)
+            except KeyError:
+                pass
+        self._update(stream.fleet)
+
+    def response_sent(self, stream: StreamState, response: Outgoing) -> None:
+        self.metrics.responses.labels(response.type_url).inc()
+        self.metrics.response_bytes.labels(response.type_url).inc(len(response.payload))
+
+    def request_received(self, stream: StreamState, type_url: str, nack: str | None) -> None:
+        state = stream.types.get(type_url)
+        if nack is not None and state is not None and state.pending_nonce is not None:
+            self.metrics.nacks.labels(type_url).inc()
+            self.metrics.proxy_rejecting.labels(stream.node_id, stream.fleet, type_url).set(1)
+        elif nack is None and state is not None and state.last_nack is not None:
+            self.metrics.proxy_rejecting.labels(stream.node_id, stream.fleet, type_url).set(0)
+
+    def stream_changed(self, stream: StreamState) -> None:
+        progress = self.fleet(stream.fleet)
+        if stream.stream_id not in progress.streams:
+            return
+        if self._is_converged(stream):
+            progress.converged.add(stream.stream_id)
+        else:
+            progress.converged.discard(stream.stream_id)
+        self._update(stream.fleet)
+
+    # -- queries and waiting ---------------------------------------------------------------
+
+    def _is_converged(self, stream: StreamState) -> bool:
+        return stream.snapshot.generation == self.cache.get(stream.fleet).generation and stream.converged()
+
+    def status(self, fleet: str) -> dict[str, int | bool]:
+        progress = self.fleet(fleet)
+        return {
+            "generation": progress.generation,
+            "proxies": len(progress.streams),
+            "acked": len(progress.converged),
+            "converged": self._fleet_converged(fleet, progress.generation),
+        }
+
+    def _fleet_converged(self, fleet: str, generation: int) -> bool:
+        progress = self.fleet(fleet)
+        return progress.generation >= generation and len(progress.converged) == len(progress.streams)
+
+    def wait(self, fleets: tuple[str, ...], generation: int, accepted_at: float) -> asyncio.Future[float]:
+        """A future resolving to the seconds from ``accepted_at`` (this tracker's clock) until
+        every proxy of ``fleets`` holds generation ``generation`` or newer."""
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(fleets, generation, future, accepted_at)
+        if not self._try_resolve(waiter):
+            self._waiters.append(waiter)
+        return future
+
+    def _try_resolve(self, waiter: _Waiter) -> bool:
+        if waiter.future.done():
+            return True
+        if all(self._fleet_converged(f, waiter.generation) for f in waiter.fleets):
+            waiter.future.set_result(max(0.0, self.clock() - waiter.since))
+            return True
+        return False
+
+    def _update(self, fleet: str) -> None:
+        progress = self.fleet(fleet)
+        self.metrics.converged_proxies.labels(fleet).set(len(progress.converged))
+        if progress.streams and len(progress.converged) == len(progress.streams) and progress.pending_since is not None:
+            self.metrics.convergence.labels(fleet).observe(max(0.0, self.clock() - progress.pending_since))
+            progress.pending_since = None
+        if self._waiters:
+            self._waiters = [w for w in self._waiters if not self._try_resolve(w)]
+
+
+class Publisher:
+    """Follows the store and publishes a snapshot per fleet after every committed change.
+
+    Changes that land while a build runs are coalesced into the next build: no fixed debounce
+    delay, so a single cutover is pushed as soon as it is committed.
+    """
+
+    def __init__(self, repo: Repository, builder: SnapshotBuilder, cache: SnapshotCache, convergence: Convergence,
+                 metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
+        self.repo = repo
+        self.builder = builder
+        self.cache = cache
+        self.convergence = convergence
+        self.metrics = metrics
+        self.clock = clock
+        self.generation = -1
+        self.state_services: tuple[Service, ...] = ()
+        self._accepted: dict[int, float] = {}
+        self._published = asyncio.Condition()
+
+    def accepted(self, revision: int, at: float) -> None:
+        """Record when the change that produced ``revision`` was accepted (for the histogram)."""
+        self._accepted[revision] = at
+
+    async def publish_once(self) -> int:
+        started = self.clock()
+        state = await self.repo.state()
+        if state.revision <= self.generation:
+            return self.generation
+        previous = {f: self.cache.get(f) for f in self.cache.groups()}
+        snapshots = self.builder.build(state.revision, state.services, previous)
+        self.metrics.snapshot_build.observe(self.clock() - started)
+        accepted = min((t for r, t in self._accepted.items() if self.generation < r <= state.revision), default=started)
+        self._accepted = {r: t for r, t in self._accepted.items() if r > state.revision}
+        for fleet, snapshot in snapshots.items():
+            old = previous.get(fleet)
+            changed = old is None or any(snapshot.resources[t] is not old.resources.get(t) for t in snapshot.resources)
+            self.cache.set(fleet, snapshot)
+            self.convergence.published(fleet, snapshot, changed, accepted)
+        self._update_weights(state.services)
+        self.generation = state.revision
+        self.state_services = state.services
+        async with self._published:
+            self._published.notify_all()
+        return state.revision
+
+    def _update_weights(self, services: tuple[Service, ...]) -> None:
+        gauge = self.metrics.traffic_weight
+        gone = {s.name for s in self.state_services} - {s.name for s in services}
+        for name in gone:
+            for env in Environment:
+                try:
+                    gauge.remove(name, env.value)
+                except KeyError:
+                    pass
+        for service in services:
+            for env in Environment:
+                gauge.labels(service.name, env.value).set(service.traffic.weight(env))
+
+    async def wait_published(self, revision: int) -> None:
+        async with self._published:
+            await self._published.wait_for(lambda: self.generation >= revision)
+
+    async def run(self) -> None:
+        async for revision in self.repo.kv.watch():
+            if revision > self.generation:
+                try:
+                    await self.publish_once()
+                except Exception:
+                    log.exception("publishing revision %s failed; proxies keep the last published config", revision)
+
+
+def fleet_resolver(settings: Settings) -> Callable[[base_pb2.Node], str]:
+    names = {f.name for f in settings.fleets}
+
+    def resolve(node: base_pb2.Node) -> str:
+        fleet = node.cluster or "default"
+        if fleet not in names:
+            raise UnknownGroup(
+                f"unknown fleet {fleet!r} (node.cluster of node {node.id!r}); "
+                f"fleets in the control plane's config: {', '.join(sorted(names))}"
+            )
+        return fleet
+
+    return resolve
+
+
+class ControlPlane:
+    """The running control plane: store, publisher, ADS server. The admin API is attached by
+    the caller (see ``serve.py``)."""
+
+    def __init__(self, settings: Settings, kv: KVStore) -> None:
+        self.settings = settings
+        self.kv = kv
+        self.metrics = Metrics()
+        self.repo = Repository(kv)
+        self.operations = Operations(self.repo, settings.fleets)
+        self.cache = SnapshotCache(fleet_resolver(settings))
+        self.convergence = Convergence(self.cache, self.metrics)
+        self.builder = SnapshotBuilder(settings.fleets)
+        self.publisher = Publisher(self.repo, self.builder, self.cache, self.convergence, self.metrics)
+        self.ads = AdsServer(self.cache, self.convergence)
+        self.grpc_server: grpc.aio.Server | None = None
+        self.xds_port: int | None = None
+        self._publisher_task: asyncio.Task[None] | None = None
+
+    async def start(self, xds_address: str) -> None:
+        await self.publisher.publish_once()  # before the port opens: never serve an empty config
+        self._publisher_task = asyncio.create_task(self.publisher.run(), name="publisher")
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.keepalive_permit_without_calls", 1),
+                # grpcio sets SO_REUSEPORT by default: a second control plane could then bind
+                # the same port silently and split the fleet between two processes.
+                ("grpc.so_reuseport", 0),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                ("grpc.http2.max_pings_without_data", 0),
+            ]
+        )
+        self.ads.add_to_server(server)
+        self.xds_port = server.add_insecure_port(xds_address)
+        if not self.xds_port:
+            raise OSError(f"cannot listen for xDS on {xds_address}")
+        await server.start()
+        self.grpc_server = server
+
+    async def stop(self, grace: float = 2.0) -> None:
+        errors: list[BaseException] = []
+        if self.grpc_server is not None:
+            try:
+                await self.grpc_server.stop(grace)
+            except Exception as exc:  # collect, keep closing the rest
+                errors.append(exc)
+        if self._publisher_task is not None:
+            self._publisher_task.cancel()
+            try:
+                await self._publisher_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        try:
+            await self.kv.close()
+        except Exception as exc:
+            errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def fleets_serving(self, service: str) -> tuple[str, ...]:
+        return tuple(f.name for f in self.settings.fleets if f.serves(service))
+
+    def type_short(self, type_url: str) -> str:
+        return typeurls.SHORT_NAMES.get(type_url, type_url)

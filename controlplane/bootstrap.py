@@ -1,0 +1,57 @@
+"""Render the Envoy bootstrap that connects a proxy to this control plane over ADS."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from importlib import resources
+from string import Template
+
+from .errors import ValidationError
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
+
+
+def parse_host_port(text: str, *, what: str) -> tuple[str, int]:
+    """Split 'HOST:PORT' (IPv6 as '[ADDR]:PORT'); raise ValidationError naming ``what``."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValidationError(f"{what}: expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def render_bootstrap(
+    *,
+    node_id: str,
+    fleet: str = "default",
+    xds: str = "127.0.0.1:18000",
+    admin_address: str = "127.0.0.1",
+    admin_port: int = 9901,
+    delta: bool = False,
+) -> str:
+    if not _NODE_ID.match(node_id):
+        raise ValidationError(f"invalid node id {node_id!r}: use letters, digits, '.', '_', ':' or '-'")
+    if not _NODE_ID.match(fleet):
+        raise ValidationError(f"invalid fleet name {fleet!r}")
+    if not 0 < admin_port < 65536:
+        raise ValidationError(f"invalid admin port {admin_port}")
+    host, port = parse_host_port(xds, what="--xds")
+    try:
+        ipaddress.ip_address(host)
+        cluster_type = "STATIC"
+    except ValueError:
+        cluster_type = "STRICT_DNS"  # e.g. a compose service name
+    template = Template(resources.files("controlplane._envoy").joinpath("bootstrap.yaml").read_text())
+    return template.substitute(
+        node_id=node_id,
+        fleet=fleet,
+        admin_address=admin_address,
+        admin_port=admin_port,
+        api_type="DELTA_GRPC" if delta else "GRPC",
+        xds_cluster_type=cluster_type,
+        xds_host=host,
+        xds_port=port,
+    )

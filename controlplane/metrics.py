@@ -1,0 +1,50 @@
+"""Prometheus metrics. One registry per control-plane instance (tests run several in a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# From sub-millisecond (one push on loopback) to the seconds a slow fleet might take.
+CONVERGENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.traffic_weight = Gauge(
+            "bluegreen_traffic_weight", "Share of production traffic (percent) routed to an environment",
+            ["service", "environment"], registry=r,
+        )
+        self.connected_proxies = Gauge(
+            "bluegreen_xds_connected_proxies", "ADS streams open, per fleet", ["fleet"], registry=r
+        )
+        self.converged_proxies = Gauge(
+            "bluegreen_xds_converged_proxies", "ADS streams holding the fleet's current configuration", ["fleet"], registry=r
+        )
+        self.responses = Counter(
+            "bluegreen_xds_responses_total", "xDS responses sent", ["type_url"], registry=r
+        )
+        self.response_bytes = Counter(
+            "bluegreen_xds_response_bytes_total", "Bytes of xDS responses sent", ["type_url"], registry=r
+        )
+        self.nacks = Counter(
+            "bluegreen_xds_nacks_total", "xDS responses rejected (NACKed) by a proxy", ["type_url"], registry=r
+        )
+        self.proxy_rejecting = Gauge(
+            "bluegreen_xds_proxy_rejected_config",
+            "1 while a proxy's last answer for a type was a NACK not yet followed by an ACK",
+            ["node_id", "fleet", "type_url"], registry=r,
+        )
+        self.convergence = Histogram(
+            "bluegreen_convergence_seconds",
+            "From a change accepted by the control plane to the last connected proxy of the fleet ACKing it",
+            ["fleet"], buckets=CONVERGENCE_BUCKETS, registry=r,
+        )
+        self.generation = Gauge(
+            "bluegreen_snapshot_generation", "Store revision of the configuration published to a fleet", ["fleet"], registry=r
+        )
+        self.snapshot_build = Histogram(
+            "bluegreen_snapshot_build_seconds", "Time to build and serialize all fleets' snapshots after a change",
+            buckets=CONVERGENCE_BUCKETS, registry=r,
+        )

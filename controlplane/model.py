@@ -1,0 +1,573 @@
+"""The domain model: services, their blue and green environments, traffic rules and deployments.
+
+Plain frozen dataclasses and pure functions. No I/O, no protobuf, no clock reads: every function
+that records a time takes ``now`` as an argument. Every transition either returns a new value or
+raises a :class:`~controlplane.errors.BlueGreenError` subclass and changes nothing.
+
+The traffic rule keeps two environments apart:
+
+* ``active`` is the *stable* environment: the one that held 100 % of traffic before the current
+  shift began (or holds it now). The other one is the *idle* environment; the preview entry
+  sends traffic to it.
+* ``previous`` is the environment that was active before ``active``: the target of a rollback
+  once a shift has completed.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+from .errors import ConflictError, ValidationError
+
+MAX_ENDPOINTS = 1000
+MAX_DOMAINS = 100
+MAX_DRAIN_SECONDS = 86_400
+MAX_STANDBY_SECONDS = 30 * 86_400
+
+
+class Environment(str, enum.Enum):
+    BLUE = "blue"
+    GREEN = "green"
+
+    @property
+    def other(self) -> Environment:
+        return Environment.GREEN if self is Environment.BLUE else Environment.BLUE
+
+    @classmethod
+    def parse(cls, value: object) -> Environment:
+        if isinstance(value, Environment):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValidationError(f"unknown environment {value!r}: expected 'blue' or 'green'") from None
+
+
+class DeploymentStatus(str, enum.Enum):
+    DEPLOYING = "deploying"  # version registered in the idle environment, not yet verified
+    READY = "ready"  # registered (and, with smoke tests, verified); takes no production traffic
+    SHIFTING = "shifting"  # takes part of production traffic while a shift is in progress
+    ACTIVE = "active"  # takes 100 % of production traffic
+    DRAINING = "draining"  # weight 0, in-flight requests finishing
+    STANDBY = "standby"  # weight 0, kept registered and warm for instant rollback
+    FAILED = "failed"  # verification failed before it took production traffic
+    ROLLED_BACK = "rolled_back"  # took traffic, then traffic was moved back off it
+    DECOMMISSIONED = "decommissioned"  # replaced or retired; no longer in the fleet config
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of single values. Each raises ValidationError naming the field and the problem.
+
+_SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,46}[a-z0-9])?$")
+_DOMAIN_LABELS = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")
+_PREFIX = re.compile(r"^/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*$")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]{0,127}$")
+
+
+def validate_service_name(name: object) -> str:
+    if not isinstance(name, str) or not _SERVICE_NAME.match(name):
+        raise ValidationError(
+            f"invalid service name {name!r}: use 1-48 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return name
+
+
+def validate_domain(domain: object) -> str:
+    """A virtual-host domain as Envoy accepts it: a host name, optionally ':port', with at most
+    one wildcard '*' as the whole domain, a leading '*' or a trailing '*'."""
+    if not isinstance(domain, str) or not domain:
+        raise ValidationError(f"invalid domain {domain!r}: must be a non-empty string")
+    if domain == "*":
+        return domain
+    host, _, port = domain.partition(":")
+    if port and (not port.isdigit() or not 0 < int(port) < 65536):
+        raise ValidationError(f"invalid domain {domain!r}: port must be 1-65535")
+    core = host
+    if host.startswith("*"):
+        core = host[1:].lstrip(".-")
+        if not core:
+            raise ValidationError(f"invalid domain {domain!r}: wildcard needs a suffix, e.g. '*.example.com'")
+    elif host.endswith("*"):
+        core = host[:-1].rstrip(".-")
+        if not core:
+            raise ValidationError(f"invalid domain {domain!r}: wildcard needs a prefix, e.g. 'example.*'")
+    if len(domain) > 253 or not _DOMAIN_LABELS.match(core):
+        raise ValidationError(
+            f"invalid domain {domain!r}: expected a host name such as 'shop.example.com', "
+            "'*.example.com', 'shop.*' or '*'"
+        )
+    return domain
+
+
+def validate_prefix(prefix: object) -> str:
+    if not isinstance(prefix, str) or len(prefix) > 1024 or not _PREFIX.match(prefix):
+        raise ValidationError(
+            f"invalid prefix {prefix!r}: must start with '/' and contain only URL path characters"
+        )
+    return prefix
+
+
+def validate_version(version: object) -> str:
+    if not isinstance(version, str) or not _VERSION.match(version):
+        raise ValidationError(
+            f"invalid version {version!r}: use 1-128 letters, digits, '.', '_', '+' or '-', "
+            "starting with a letter or digit"
+        )
+    return version
+
+
+def _validate_seconds(field_name: str, value: object, maximum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(f"{field_name} must be an integer number of seconds, got {value!r}")
+    if not 0 <= value <= maximum:
+        raise ValidationError(f"{field_name} must be between 0 and {maximum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True, order=True)
+class Endpoint:
+    """An upstream address. Only IP literals: EDS does not resolve DNS names."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: object) -> Endpoint:
+        if not isinstance(text, str):
+            raise ValidationError(f"invalid endpoint {text!r}: expected a string 'IP:PORT'")
+        if text.startswith("["):
+            host, sep, port = text[1:].partition("]:")
+        else:
+            host, sep, port = text.rpartition(":")
+        if not sep or not host or not port:
+            raise ValidationError(f"invalid endpoint {text!r}: expected 'IP:PORT', e.g. '10.0.0.5:8080' or '[::1]:8080'")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValidationError(
+                f"invalid endpoint {text!r}: host must be an IPv4 or IPv6 address "
+                "(EDS endpoints are not resolved through DNS)"
+            ) from None
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValidationError(f"invalid endpoint {text!r}: port must be 1-65535")
+        if address.version == 6 and not text.startswith("["):
+            raise ValidationError(f"invalid endpoint {text!r}: write IPv6 addresses as '[ADDR]:PORT'")
+        return cls(str(address), int(port))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class EnvironmentState:
+    """What runs in one environment: a version label and the addresses serving it."""
+
+    version: str = ""
+    endpoints: tuple[Endpoint, ...] = ()
+
+    @property
+    def registered(self) -> bool:
+        return bool(self.endpoints)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Traffic split between the environments. Weights are integers summing to 100."""
+
+    active: Environment = Environment.BLUE
+    previous: Environment | None = None
+    blue: int = 100
+    green: int = 0
+
+    def weight(self, env: Environment) -> int:
+        return self.blue if env is Environment.BLUE else self.green
+
+    @property
+    def idle(self) -> Environment:
+        return self.active.other
+
+    @property
+    def weights(self) -> dict[str, int]:
+        return {"blue": self.blue, "green": self.green}
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    domains: tuple[str, ...] = ("*",)
+    prefix: str = "/"
+    drain_seconds: int = 60
+    standby_seconds: int = 1800
+    blue: EnvironmentState = field(default_factory=EnvironmentState)
+    green: EnvironmentState = field(default_factory=EnvironmentState)
+    traffic: Traffic = field(default_factory=Traffic)
+    deployment_seq: int = 0  # last deployment number issued for this service
+
+    def environment(self, env: Environment) -> EnvironmentState:
+        return self.blue if env is Environment.BLUE else self.green
+
+    def with_environment(self, env: Environment, state: EnvironmentState) -> Service:
+        return replace(self, **{env.value: state})
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One version placed in one environment of a service, and what became of it."""
+
+    id: str
+    service: str
+    version: str
+    environment: Environment
+    status: DeploymentStatus
+    deployed_at: float
+    activated_at: float | None = None
+    updated_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ListenerSpec:
+    """A port the proxies of a fleet listen on, with an optional preview port that sends every
+    request to the idle environment."""
+
+    name: str
+    address: str
+    port: int
+    preview_port: int | None = None
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """A group of Envoys that get the same configuration; Envoy's ``node.cluster`` names it."""
+
+    name: str
+    listeners: tuple[ListenerSpec, ...]
+    services: tuple[str, ...] | None = None  # None: every service
+
+    def serves(self, service: str) -> bool:
+        return self.services is None or service in self.services
+
+
+DEFAULT_FLEET = Fleet(
+    name="default",
+    listeners=(ListenerSpec(name="http", address="127.0.0.1", port=10000, preview_port=10001),),
+)
+
+
+def route_conflict(fleets: tuple[Fleet, ...], services: list[Service], candidate: Service) -> str | None:
+    """Describe a clash if ``candidate`` claims a (domain, prefix) that another service on the
+    same fleet already routes; None if it is free. Two services cannot own the same requests."""
+    claims = {(d.lower(), candidate.prefix) for d in candidate.domains}
+    for other in services:
+        if other.name == candidate.name:
+            continue
+        shared = [f.name for f in fleets if f.serves(other.name) and f.serves(candidate.name)]
+        if not shared:
+            continue
+        clash = claims & {(d.lower(), other.prefix) for d in other.domains}
+        if clash:
+            domain, prefix = sorted(clash)[0]
+            return (
+                f"service {other.name} already routes domain {domain!r} with prefix {prefix!r} "
+                f"on fleet {shared[0]}; use another domain or prefix"
+            )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing user input (already JSON-decoded) into model values.
+
+def _reject_unknown(kind: str, body: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ValidationError(f"unknown field(s) in {kind}: {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _require_mapping(kind: str, body: object) -> Mapping[str, Any]:
+    if not isinstance(body, Mapping):
+        raise ValidationError(f"{kind} must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def apply_service_spec(existing: Service | None, name: str, body: object) -> Service:
+    """Create or update a service's settings from a request body. Fields not given keep their
+    current value (or the default for a new service). Environments and traffic are untouched."""
+    validate_service_name(name)
+    spec = _require_mapping("service", body)
+    _reject_unknown("service", spec, {"domains", "prefix", "drain_seconds", "standby_seconds"})
+    base = existing or Service(name=name)
+    changes: dict[str, Any] = {}
+    if "domains" in spec:
+        domains = spec["domains"]
+        if not isinstance(domains, list) or not domains:
+            raise ValidationError("domains must be a non-empty list of strings")
+        if len(domains) > MAX_DOMAINS:
+            raise ValidationError(f"domains: at most {MAX_DOMAINS} entries")
+        checked = tuple(validate_domain(d) for d in domains)
+        if len(set(d.lower() for d in checked)) != len(checked):
+            raise ValidationError("domains must not repeat")
+        changes["domains"] = checked
+    if "prefix" in spec:
+        changes["prefix"] = validate_prefix(spec["prefix"])
+    if "drain_seconds" in spec:
+        changes["drain_seconds"] = _validate_seconds("drain_seconds", spec["drain_seconds"], MAX_DRAIN_SECONDS)
+    if "standby_seconds" in spec:
+        changes["standby_seconds"] = _validate_seconds("standby_seconds", spec["standby_seconds"], MAX_STANDBY_SECONDS)
+    return replace(base, **changes)
+
+
+def parse_environment_spec(body: object) -> EnvironmentState:
+    spec = _require_mapping("environment", body)
+    _reject_unknown("environment", spec, {"version", "endpoints"})
+    if "version" not in spec:
+        raise ValidationError("environment: 'version' is required")
+    if "endpoints" not in spec:
+        raise ValidationError("environment: 'endpoints' is required (a list of 'IP:PORT')")
+    version = validate_version(spec["version"])
+    raw = spec["endpoints"]
+    if not isinstance(raw, list):
+        raise ValidationError("endpoints must be a list of 'IP:PORT' strings")
+    if len(raw) > MAX_ENDPOINTS:
+        raise ValidationError(f"endpoints: at most {MAX_ENDPOINTS} entries")
+    endpoints = [Endpoint.parse(e) for e in raw]
+    if len(set(endpoints)) != len(endpoints):
+        raise ValidationError("endpoints must not repeat")
+    return EnvironmentState(version=version, endpoints=tuple(sorted(endpoints)))
+
+
+def parse_weights(body: object) -> dict[Environment, int]:
+    spec = _require_mapping("traffic", body)
+    _reject_unknown("traffic", spec, {"weights"})
+    weights = spec.get("weights")
+    if not isinstance(weights, Mapping):
+        raise ValidationError('traffic: "weights" must be an object like {"blue": 90, "green": 10}')
+    parsed: dict[Environment, int] = {}
+    for key, value in weights.items():
+        env = Environment.parse(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValidationError(f"weight of {env.value} must be an integer, got {value!r}")
+        if not 0 <= value <= 100:
+            raise ValidationError(f"weight of {env.value} must be between 0 and 100, got {value}")
+        parsed[env] = value
+    missing = [e.value for e in Environment if e not in parsed]
+    if missing:
+        raise ValidationError(f"weights: missing {', '.join(missing)}; give both blue and green")
+    total = sum(parsed.values())
+    if total != 100:
+        raise ValidationError(f"weights must sum to 100, got {total}")
+    return parsed
+
+
+# ---------------------------------------------------------------------------------------------
+# Transitions. Each returns the new service plus the deployment records it creates or changes.
+
+@dataclass(frozen=True)
+class Change:
+    """The result of a transition: the new service and the deployment records to write."""
+
+    service: Service
+    deployments: tuple[Deployment, ...] = ()
+
+
+def set_environment(
+    service: Service,
+    env: Environment,
+    state: EnvironmentState,
+    current: Mapping[Environment, Deployment | None],
+    now: float,
+) -> Change:
+    """Register ``state`` in environment ``env``.
+
+    A new version in an environment that takes production traffic is refused: that would be an
+    in-place upgrade of live traffic, the thing blue-green exists to avoid. Changing only the
+    endpoints of a live environment (scaling) is allowed, but never to an empty list.
+    """
+    old = service.environment(env)
+    # An environment is live when it takes traffic and has something serving it: a new service
+    # starts with blue at 100 % and nothing registered, and its first version is no upgrade.
+    live = service.traffic.weight(env) > 0 and old.registered
+    if live and state.version != old.version:
+        raise ConflictError(
+            f"environment {env.value} of {service.name} takes {service.traffic.weight(env)}% of traffic; "
+            f"deploy version {state.version} to the idle environment {env.other.value} instead"
+        )
+    if live and not state.endpoints:
+        raise ConflictError(f"environment {env.value} of {service.name} takes traffic; it cannot have zero endpoints")
+    new_service = service.with_environment(env, state)
+    records: list[Deployment] = []
+    if state.version != old.version or current.get(env) is None:
+        previous = current.get(env)
+        if previous is not None and previous.status not in _FINAL:
+            records.append(replace(previous, status=DeploymentStatus.DECOMMISSIONED, updated_at=now))
+        seq = service.deployment_seq + 1
+        new_service = replace(new_service, deployment_seq=seq)
+        status = DeploymentStatus.ACTIVE if live else DeploymentStatus.READY
+        records.append(
+            Deployment(
+                id=f"{service.name}-{seq}",
+                service=service.name,
+                version=state.version,
+                environment=env,
+                status=status,
+                deployed_at=now,
+                activated_at=now if live else None,
+                updated_at=now,
+            )
+        )
+    return Change(new_service, tuple(records))
+
+
+_FINAL = {DeploymentStatus.FAILED, DeploymentStatus.ROLLED_BACK, DeploymentStatus.DECOMMISSIONED}
+
+
+def set_weights(
+    service: Service,
+    weights: Mapping[Environment, int],
+    current: Mapping[Environment, Deployment | None],
+    now: float,
+    *,
+    rollback: bool = False,
+) -> Change:
+    """Move traffic. An environment that would take traffic must have endpoints.
+
+    When one environment reaches 100 % it becomes ``active`` and the former active one becomes
+    ``previous``. A split leaves ``active`` unchanged: it names the stable side of the shift.
+    """
+    for env, weight in weights.items():
+        if weight > 0 and not service.environment(env).registered:
+            raise ConflictError(
+                f"environment {env.value} of {service.name} has no endpoints; "
+                f"register them (PUT /v1/services/{service.name}/environments/{env.value}) before sending traffic"
+            )
+    traffic = service.traffic
+    active, previous = traffic.active, traffic.previous
+    for env in Environment:
+        if weights[env] == 100 and env is not active:
+            active, previous = env, active
+    new_traffic = Traffic(active=active, previous=previous, blue=weights[Environment.BLUE], green=weights[Environment.GREEN])
+    new_service = replace(service, traffic=new_traffic)
+    records: list[Deployment] = []
+    for env in Environment:
+        record = current.get(env)
+        if record is None or record.status in (DeploymentStatus.FAILED, DeploymentStatus.DECOMMISSIONED):
+            continue
+        weight = weights[env]
+        if weight == 100:
+            status = DeploymentStatus.ACTIVE
+        elif weight > 0:
+            status = DeploymentStatus.SHIFTING if env is not active else DeploymentStatus.ACTIVE
+        elif rollback and record.status in (DeploymentStatus.SHIFTING, DeploymentStatus.ACTIVE):
+            status = DeploymentStatus.ROLLED_BACK
+        elif record.status in (DeploymentStatus.ACTIVE, DeploymentStatus.SHIFTING) and env is previous:
+            status = DeploymentStatus.STANDBY
+        elif record.status is DeploymentStatus.SHIFTING:
+            status = DeploymentStatus.READY
+        else:
+            status = record.status
+        if status is not record.status:
+            activated = now if status is DeploymentStatus.ACTIVE and record.activated_at is None else record.activated_at
+            records.append(replace(record, status=status, activated_at=activated, updated_at=now))
+    return Change(new_service, tuple(records))
+
+
+def switch_target(service: Service, to: Environment | None) -> Environment:
+    """The environment an atomic switch sends 100 % to: the idle one unless named."""
+    target = to if to is not None else service.traffic.idle
+    if service.traffic.weight(target) == 100:
+        raise ConflictError(f"{service.name}: {target.value} already takes 100% of traffic")
+    return target
+
+
+def rollback_target(service: Service) -> Environment:
+    """Where a rollback sends 100 %: back to the stable side of an unfinished shift, or, after a
+    completed switch, to the environment that was active before."""
+    traffic = service.traffic
+    if traffic.weight(traffic.active) < 100:
+        return traffic.active
+    if traffic.previous is None:
+        raise ConflictError(f"{service.name}: nothing to roll back to; no earlier active environment is recorded")
+    target = traffic.previous
+    if not service.environment(target).registered:
+        raise ConflictError(f"{service.name}: cannot roll back to {target.value}: it has no endpoints")
+    return target
+
+
+def full_weights(target: Environment) -> dict[Environment, int]:
+    return {target: 100, target.other: 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Serialization (for the store and the API). Stable key order keeps stored bytes deterministic.
+
+def service_to_dict(service: Service) -> dict[str, Any]:
+    def env(e: EnvironmentState) -> dict[str, Any]:
+        return {"version": e.version, "endpoints": [str(x) for x in e.endpoints]}
+
+    t = service.traffic
+    return {
+        "name": service.name,
+        "domains": list(service.domains),
+        "prefix": service.prefix,
+        "drain_seconds": service.drain_seconds,
+        "standby_seconds": service.standby_seconds,
+        "environments": {"blue": env(service.blue), "green": env(service.green)},
+        "traffic": {
+            "active": t.active.value,
+            "previous": t.previous.value if t.previous else None,
+            "weights": t.weights,
+        },
+        "deployment_seq": service.deployment_seq,
+    }
+
+
+def service_from_dict(data: Mapping[str, Any]) -> Service:
+    def env(d: Mapping[str, Any]) -> EnvironmentState:
+        return EnvironmentState(d["version"], tuple(Endpoint.parse(x) for x in d["endpoints"]))
+
+    t = data["traffic"]
+    return Service(
+        name=data["name"],
+        domains=tuple(data["domains"]),
+        prefix=data["prefix"],
+        drain_seconds=data["drain_seconds"],
+        standby_seconds=data["standby_seconds"],
+        blue=env(data["environments"]["blue"]),
+        green=env(data["environments"]["green"]),
+        traffic=Traffic(
+            active=Environment(t["active"]),
+            previous=Environment(t["previous"]) if t["previous"] else None,
+            blue=t["weights"]["blue"],
+            green=t["weights"]["green"],
+        ),
+        deployment_seq=data.get("deployment_seq", 0),
+    )
+
+
+def deployment_to_dict(d: Deployment) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "service": d.service,
+        "version": d.version,
+        "environment": d.environment.value,
+        "status": d.status.value,
+        "deployed_at": d.deployed_at,
+        "activated_at": d.activated_at,
+        "updated_at": d.updated_at,
+    }
+
+
+def deployment_from_dict(data: Mapping[str, Any]) -> Deployment:
+    return Deployment(
+        id=data["id"],
+        service=data["service"],
+        version=data["version"],
+        environment=Environment(data["environment"]),
+        status=DeploymentStatus(data["status"]),
+        deployed_at=data["deployed_at"],
+        activated_at=data.get("activated_at"),
+        updated_at=data.get("updated_at"),
+    )

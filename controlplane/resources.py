@@ -1,0 +1,259 @@
+"""Pure functions from model state to Envoy v3 resources. No I/O, no clock.
+
+Per service ``S`` a fleet gets:
+
+* clusters ``S-blue`` and ``S-green`` (EDS over ADS) and their ClusterLoadAssignments, always
+  both, so that moving traffic only ever changes a route (DESIGN.md, fact 1);
+* in the fleet's RouteConfiguration ``<fleet>-routes`` (served over RDS, never inline): for each
+  of the service's domains, a route for ``x-bluegreen-preview: 1`` to the idle environment,
+  then the production route with ``weighted_clusters`` listing both environments (weights sum
+  to 100);
+* in ``<fleet>-preview-routes``: every request to the idle environment, for preview listeners.
+
+Services sharing a domain share one virtual host per domain; their routes are ordered longest
+prefix first, so the most specific service wins. Every route requires (make-before-break) the
+clusters it names and their endpoints; every cluster warms with its endpoints and every
+listener with its route configuration.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.type.matcher.v3 import string_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+
+from . import typeurls
+from .model import Environment, Fleet, Service
+from .xds.snapshot import Resource
+
+PREVIEW_HEADER = "x-bluegreen-preview"
+PREVIEW_VALUE = "1"
+
+# Envoy's default circuit breakers allow 1024 pending and 1024 active requests per cluster and
+# priority; past that it answers 503 at once. A switch must survive 10,000 requests in flight
+# (DESIGN.md), so the limits sit well above that.
+CIRCUIT_BREAKER_LIMIT = 100_000
+
+
+def _ads() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.V3,
+    )
+
+
+def cluster_name(service: str, env: Environment) -> str:
+    return f"{service}-{env.value}"
+
+
+def routes_name(fleet: Fleet) -> str:
+    return f"{fleet.name}-routes"
+
+
+def preview_routes_name(fleet: Fleet) -> str:
+    return f"{fleet.name}-preview-routes"
+
+
+def _socket_address(host: str, port: int) -> address_pb2.Address:
+    return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))
+
+
+def build_cluster(service: Service, env: Environment) -> cluster_pb2.Cluster:
+    limit = wrappers_pb2.UInt32Value(value=CIRCUIT_BREAKER_LIMIT)
+    thresholds = [
+        circuit_breaker_pb2.CircuitBreakers.Thresholds(
+            priority=priority, max_connections=limit, max_pending_requests=limit, max_requests=limit
+        )
+        for priority in (base_pb2.DEFAULT, base_pb2.HIGH)
+    ]
+    return cluster_pb2.Cluster(
+        name=cluster_name(service.name, env),
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
+        connect_timeout=duration_pb2.Duration(seconds=2),
+        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
+        circuit_breakers=circuit_breaker_pb2.CircuitBreakers(thresholds=thresholds),
+        # A host that leaves EDS stops receiving requests at once, even if it still passes
+        # active health checks (DESIGN.md, fact 9).
+        ignore_health_on_host_removal=True,
+    )
+
+
+def build_load_assignment(service: Service, env: Environment) -> endpoint_pb2.ClusterLoadAssignment:
+    state = service.environment(env)
+    lb_endpoints = [
+        endpoint_components_pb2.LbEndpoint(
+            endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(e.host, e.port))
+        )
+        for e in state.endpoints
+    ]
+    localities = [endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)] if lb_endpoints else []
+    return endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name(service.name, env), endpoints=localities)
+
+
+_RETRY = route_components_pb2.RetryPolicy(
+    # Only failures where the request provably never reached the application: safe for any method.
+    retry_on="connect-failure,refused-stream",
+    num_retries=wrappers_pb2.UInt32Value(value=2),
+)
+
+
+def _route_to(service: Service, env: Environment) -> route_components_pb2.RouteAction:
+    return route_components_pb2.RouteAction(cluster=cluster_name(service.name, env), retry_policy=_RETRY)
+
+
+def _weighted(service: Service) -> route_components_pb2.RouteAction:
+    return route_components_pb2.RouteAction(
+        weighted_clusters=route_components_pb2.WeightedCluster(
+            clusters=[
+                route_components_pb2.WeightedCluster.ClusterWeight(
+                    name=cluster_name(service.name, env),
+                    weight=wrappers_pb2.UInt32Value(value=service.traffic.weight(env)),
+                )
+                for env in Environment
+            ]
+        ),
+        retry_policy=_RETRY,
+    )
+
+
+def _preview_match(service: Service) -> route_components_pb2.RouteMatch:
+    return route_components_pb2.RouteMatch(
+        prefix=service.prefix,
+        headers=[
+            route_components_pb2.HeaderMatcher(
+                name=PREVIEW_HEADER, string_match=string_pb2.StringMatcher(exact=PREVIEW_VALUE)
+            )
+        ],
+    )
+
+
+def production_routes(service: Service) -> list[route_components_pb2.Route]:
+    idle = service.traffic.idle
+    return [
+        route_components_pb2.Route(name=f"{service.name}-preview", match=_preview_match(service), route=_route_to(service, idle)),
+        route_components_pb2.Route(
+            name=service.name, match=route_components_pb2.RouteMatch(prefix=service.prefix), route=_weighted(service)
+        ),
+    ]
+
+
+def preview_routes(service: Service) -> list[route_components_pb2.Route]:
+    return [
+        route_components_pb2.Route(
+            name=f"{service.name}-preview",
+            match=route_components_pb2.RouteMatch(prefix=service.prefix),
+            route=_route_to(service, service.traffic.idle),
+        )
+    ]
+
+
+def _virtual_hosts(services: Sequence[Service], preview: bool) -> list[route_components_pb2.VirtualHost]:
+    by_domain: dict[str, list[Service]] = defaultdict(list)
+    for service in services:
+        for domain in service.domains:
+            by_domain[domain.lower()].append(service)
+    hosts = []
+    for domain in sorted(by_domain):
+        ordered = sorted(by_domain[domain], key=lambda s: (-len(s.prefix), s.prefix, s.name))
+        routes = [r for s in ordered for r in (preview_routes(s) if preview else production_routes(s))]
+        hosts.append(route_components_pb2.VirtualHost(name=domain, domains=[domain], routes=routes))
+    return hosts
+
+
+def build_route_configuration(name: str, services: Sequence[Service], *, preview: bool) -> route_pb2.RouteConfiguration:
+    return route_pb2.RouteConfiguration(name=name, virtual_hosts=_virtual_hosts(services, preview))
+
+
+def _http_connection_manager(stat_prefix: str, route_config: str) -> any_pb2.Any:
+    router = any_pb2.Any()
+    router.Pack(router_pb2.Router())
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix=stat_prefix,
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=route_config),
+        http_filters=[hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=router)],
+    )
+    packed = any_pb2.Any()
+    packed.Pack(manager)
+    return packed
+
+
+def build_listener(name: str, address: str, port: int, route_config: str) -> listener_pb2.Listener:
+    return listener_pb2.Listener(
+        name=name,
+        address=_socket_address(address, port),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=_http_connection_manager(name, route_config),
+                    )
+                ]
+            )
+        ],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Serialized resources with their make-before-break relations.
+
+def service_resources(service: Service) -> list[Resource]:
+    """Clusters and load assignments of one service; independent of the fleet, so a caller can
+    cache them by service value."""
+    out: list[Resource] = []
+    for env in Environment:
+        name = cluster_name(service.name, env)
+        out.append(Resource.from_message(name, build_cluster(service, env), warms_with=[(typeurls.ENDPOINT, name)]))
+        out.append(Resource.from_message(name, build_load_assignment(service, env)))
+    return out
+
+
+def _requires_clusters(services: Iterable[Service]) -> list[tuple[str, str]]:
+    refs = []
+    for service in services:
+        for env in Environment:
+            name = cluster_name(service.name, env)
+            refs += [(typeurls.CLUSTER, name), (typeurls.ENDPOINT, name)]
+    return refs
+
+
+def fleet_resources(fleet: Fleet, services: Sequence[Service]) -> list[Resource]:
+    """Listeners and route configurations of a fleet, for the services it serves."""
+    served = sorted((s for s in services if fleet.serves(s.name)), key=lambda s: s.name)
+    requires = _requires_clusters(served)
+    main, preview = routes_name(fleet), preview_routes_name(fleet)
+    out = [
+        Resource.from_message(main, build_route_configuration(main, served, preview=False), requires=requires),
+        Resource.from_message(preview, build_route_configuration(preview, served, preview=True), requires=requires),
+    ]
+    for spec in fleet.listeners:
+        out.append(
+            Resource.from_message(
+                spec.name, build_listener(spec.name, spec.address, spec.port, main), warms_with=[(typeurls.ROUTE, main)]
+            )
+        )
+        if spec.preview_port is not None:
+            name = f"{spec.name}-preview"
+            out.append(
+                Resource.from_message(
+                    name, build_listener(name, spec.address, spec.preview_port, preview), warms_with=[(typeurls.ROUTE, preview)]
+                )
+            )
+    return out
+
+
+def all_resources(fleet: Fleet, services: Sequence[Service]) -> list[Resource]:
+    """Every resource a fleet's proxies get. (The control plane caches the per-service part.)"""
+    served = [s for s in services if fleet.serves(s.name)]
+    return [r for s in served for r in service_resources(s)] + fleet_resources(fleet, services)

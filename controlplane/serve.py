@@ -1,0 +1,90 @@
+"""`bluegreen serve`: run the control plane until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from .admin.api import build_admin_app
+from .app import ControlPlane
+from .bootstrap import parse_host_port
+from .config import Settings
+from .errors import ConfigError, ValidationError
+from .store.sqlite import open_sqlite_store
+
+log = logging.getLogger("bluegreen")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    settings: Settings
+    state_path: Path
+    xds: str = "127.0.0.1:18000"
+    admin: str = "127.0.0.1:18001"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_options(options: ServeOptions) -> tuple[str, int]:
+    """Validate before anything starts. Returns the admin (host, port)."""
+    try:
+        parse_host_port(options.xds, what="--xds")
+        host, port = parse_host_port(options.admin, what="--admin")
+    except ValidationError as exc:
+        raise ConfigError(str(exc)) from None
+    if not _is_loopback(host) and not options.settings.admin_token:
+        raise ConfigError(
+            f"refusing to bind the admin API to {host}: anyone who can reach it can move traffic. "
+            "Set admin.token or admin.token_file in the config file, or bind 127.0.0.1"
+        )
+    return host, port
+
+
+@contextlib.asynccontextmanager
+async def running(options: ServeOptions) -> AsyncIterator[tuple[ControlPlane, int]]:
+    """Start store, control plane and admin API; stop them in reverse order on exit."""
+    host, port = check_options(options)
+    kv = await open_sqlite_store(options.state_path)
+    cp = ControlPlane(options.settings, kv)
+    try:
+        await cp.start(options.xds)
+        runner = web.AppRunner(build_admin_app(cp, options.settings.admin_token), access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+            bound = runner.addresses[0][1] if runner.addresses else port
+            yield cp, bound
+        finally:
+            await runner.cleanup()
+    finally:
+        await cp.stop()
+
+
+async def serve(options: ServeOptions) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with running(options) as (cp, admin_port):
+        log.info(
+            "serving xDS (ADS, SotW and Delta) on %s, admin API on %s; state %s; fleets: %s",
+            options.xds, options.admin, options.state_path, ", ".join(f.name for f in options.settings.fleets),
+        )
+        await stop.wait()
+        log.info("stopping: proxies keep their last configuration until a control plane is back")

@@ -1,0 +1,133 @@
+"""Typed access to stored state: services and deployment records, changed only through atomic
+read-modify-write transactions.
+
+Keys (shared by every backend)::
+
+    services/<name>                      a service (settings, environments, traffic)
+    deployments/<service>/<seq:010d>     one deployment record
+
+:meth:`Repository.mutate` reads a service and its current deployment records, applies a pure
+function to them and commits the result on condition that none of them changed meanwhile
+(compare-and-set on their revisions). If another writer won the race, it re-reads and applies
+the function again, so the function must be pure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from ..errors import NotFoundError, RevisionConflict
+from ..model import (
+    Change,
+    Deployment,
+    DeploymentStatus,
+    Environment,
+    Service,
+    deployment_from_dict,
+    deployment_to_dict,
+    service_from_dict,
+    service_to_dict,
+)
+from .base import KVStore, Txn
+
+SERVICES = "services/"
+DEPLOYMENTS = "deployments/"
+MAX_ATTEMPTS = 20
+
+Mutation = Callable[[Service | None, Mapping[Environment, Deployment | None], float], Change]
+
+
+def service_key(name: str) -> str:
+    return f"{SERVICES}{name}"
+
+
+def deployment_key(service: str, seq: int) -> str:
+    return f"{DEPLOYMENTS}{service}/{seq:010d}"
+
+
+def _seq(deployment_id: str) -> int:
+    return int(deployment_id.rsplit("-", 1)[1])
+
+
+@dataclass(frozen=True)
+class State:
+    """Every service at one store revision."""
+
+    revision: int
+    services: tuple[Service, ...]
+
+
+@dataclass(frozen=True)
+class Committed:
+    revision: int
+    change: Change
+    accepted_at: float  # when the commit returned (clock of this process)
+
+
+class Repository:
+    def __init__(self, kv: KVStore, clock: Callable[[], float] = time.time) -> None:
+        self.kv = kv
+        self._clock = clock
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def state(self) -> State:
+        listing = await self.kv.list(SERVICES)
+        return State(listing.revision, tuple(service_from_dict(e.value) for e in listing.entries))
+
+    async def service(self, name: str) -> Service:
+        entry = await self.kv.get(service_key(name))
+        if entry is None:
+            raise NotFoundError(f"unknown service {name!r}")
+        return service_from_dict(entry.value)
+
+    async def deployments(self, service: str) -> list[Deployment]:
+        listing = await self.kv.list(f"{DEPLOYMENTS}{service}/")
+        return [deployment_from_dict(e.value) for e in listing.entries]
+
+    async def current_deployments(self, service: str) -> dict[Environment, Deployment | None]:
+        """The latest record of each environment that is not decommissioned."""
+        current: dict[Environment, Deployment | None] = {env: None for env in Environment}
+        for record in await self.deployments(service):
+            if record.status is not DeploymentStatus.DECOMMISSIONED:
+                current[record.environment] = record
+        return current
+
+    async def mutate(self, name: str, mutation: Mutation, *, create: bool = False) -> Committed:
+        """Apply ``mutation`` atomically. Raises NotFoundError for an unknown service unless
+        ``create``; errors raised by ``mutation`` propagate and nothing is written."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:  # serializes writers of this service within this process
+            for _ in range(MAX_ATTEMPTS):
+                entry = await self.kv.get(service_key(name))
+                if entry is None and not create:
+                    raise NotFoundError(f"unknown service {name!r}")
+                service = service_from_dict(entry.value) if entry else None
+                listing = await self.kv.list(f"{DEPLOYMENTS}{name}/")
+                revisions = {e.key: e.mod_revision for e in listing.entries}
+                current: dict[Environment, Deployment | None] = {env: None for env in Environment}
+                for e in listing.entries:
+                    record = deployment_from_dict(e.value)
+                    if record.status is not DeploymentStatus.DECOMMISSIONED:
+                        current[record.environment] = record
+                change = mutation(service, current, self._clock())
+                txn = Txn().expect(service_key(name), entry.mod_revision if entry else 0)
+                txn.put(service_key(name), service_to_dict(change.service))
+                for record in change.deployments:
+                    key = deployment_key(name, _seq(record.id))
+                    txn.expect(key, revisions.get(key, 0)).put(key, deployment_to_dict(record))
+                try:
+                    revision = await self.kv.commit(txn)
+                except RevisionConflict:
+                    continue  # another replica wrote first: re-read and re-apply
+                return Committed(revision, change, self._clock())
+        raise RevisionConflict(f"service {name!r}: gave up after {MAX_ATTEMPTS} conflicting concurrent updates")
+
+    async def delete(self, name: str) -> int:
+        entry = await self.kv.get(service_key(name))
+        if entry is None:
+            raise NotFoundError(f"unknown service {name!r}")
+        txn = Txn().expect(service_key(name), entry.mod_revision).delete(service_key(name))
+        return await self.kv.commit(txn)

@@ -1,0 +1,91 @@
+"""Operations on services: the only place that changes stored state.
+
+Each operation validates its input, applies a pure model transition inside an atomic store
+transaction (:meth:`Repository.mutate`), and returns what was committed. The xDS push follows
+from the store's change notification (see ``app.Publisher``), never from here.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from .errors import ConflictError
+from .model import (
+    Change,
+    Deployment,
+    Environment,
+    Fleet,
+    Service,
+    apply_service_spec,
+    full_weights,
+    parse_environment_spec,
+    parse_weights,
+    rollback_target,
+    route_conflict,
+    set_environment,
+    set_weights,
+    switch_target,
+    validate_service_name,
+)
+from .store.repository import Committed, Repository
+
+Current = Mapping[Environment, Deployment | None]
+
+
+class Operations:
+    def __init__(self, repo: Repository, fleets: tuple[Fleet, ...]) -> None:
+        self.repo = repo
+        self.fleets = fleets
+
+    async def put_service(self, name: str, body: object) -> Committed:
+        validate_service_name(name)
+        others = list((await self.repo.state()).services)
+
+        def mutation(service: Service | None, current: Current, now: float) -> Change:
+            updated = apply_service_spec(service, name, body)
+            clash = route_conflict(self.fleets, others, updated)
+            if clash:
+                raise ConflictError(clash)
+            return Change(updated)
+
+        # The conflict check reads other services outside the transaction; two concurrent
+        # creations of clashing routes could both pass. Creating services is rare and done by
+        # people or pipelines, and a clash is visible in the route table (first one wins).
+        return await self.repo.mutate(name, mutation, create=True)
+
+    async def put_environment(self, name: str, env_name: str, body: object) -> Committed:
+        env = Environment.parse(env_name)
+        state = parse_environment_spec(body)
+
+        def mutation(service: Service | None, current: Current, now: float) -> Change:
+            assert service is not None
+            return set_environment(service, env, state, current, now)
+
+        return await self.repo.mutate(name, mutation)
+
+    async def set_traffic(self, name: str, body: object) -> Committed:
+        weights = parse_weights(body)
+
+        def mutation(service: Service | None, current: Current, now: float) -> Change:
+            assert service is not None
+            return set_weights(service, weights, current, now)
+
+        return await self.repo.mutate(name, mutation)
+
+    async def switch(self, name: str, to: str | None) -> Committed:
+        target_env = Environment.parse(to) if to is not None else None
+
+        def mutation(service: Service | None, current: Current, now: float) -> Change:
+            assert service is not None
+            target = switch_target(service, target_env)
+            return set_weights(service, full_weights(target), current, now)
+
+        return await self.repo.mutate(name, mutation)
+
+    async def rollback(self, name: str) -> Committed:
+        def mutation(service: Service | None, current: Current, now: float) -> Change:
+            assert service is not None
+            target = rollback_target(service)
+            return set_weights(service, full_weights(target), current, now, rollback=True)
+
+        return await self.repo.mutate(name, mutation)

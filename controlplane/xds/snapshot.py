@@ -1,0 +1,175 @@
+"""Immutable snapshots of xDS resources, pre-serialized once per version.
+
+A :class:`Resource` carries its serialized ``google.protobuf.Any`` and the two wire fragments
+a response needs (the SotW ``resources`` field and the Delta ``Resource`` message), so that
+building a response for any stream is a join of byte strings: no protobuf work per stream.
+
+Versions are content hashes. The same resources give the same version on every replica and
+after every restart, and different content can never reuse a version (DESIGN.md, fact 7).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from .. import typeurls
+
+Ref = tuple[str, str]  # (type_url, resource name)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        bits = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(bits | 0x80)
+        else:
+            out.append(bits)
+            return bytes(out)
+
+
+def length_delimited(field_number: int, payload: bytes) -> bytes:
+    """Encode one length-delimited protobuf field (wire type 2)."""
+    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One named xDS resource, serialized.
+
+    ``requires`` lists resources a proxy must already have applied (ACKed) before this one may
+    be sent to it, and which must not be removed from a proxy while this one is still there.
+    Example: a route configuration requires every cluster it names and their endpoints.
+
+    ``warms_with`` lists resources Envoy asks for because of this one and waits for before using
+    it: a cluster warms with its ClusterLoadAssignment, a listener with its RouteConfiguration.
+    After this resource changes, the next request for them is answered even if they did not
+    change, and a proxy has not converged until it subscribed to them.
+    """
+
+    type_url: str
+    name: str
+    version: str
+    any_bytes: bytes
+    requires: frozenset[Ref]
+    warms_with: frozenset[Ref]
+    sotw_field: bytes
+    delta_field: bytes
+
+    @classmethod
+    def from_message(
+        cls, name: str, message: Message, requires: Iterable[Ref] = (), warms_with: Iterable[Ref] = ()
+    ) -> Resource:
+        packed = any_pb2.Any()
+        packed.Pack(message)
+        any_bytes = packed.SerializeToString(deterministic=True)
+        version = hashlib.sha256(any_bytes).hexdigest()[:16]
+        delta = length_delimited(3, name.encode()) + length_delimited(1, version.encode()) + length_delimited(2, any_bytes)
+        return cls(
+            type_url=packed.type_url,
+            name=name,
+            version=version,
+            any_bytes=any_bytes,
+            requires=frozenset(requires),
+            warms_with=frozenset(warms_with),
+            sotw_field=length_delimited(2, any_bytes),
+            delta_field=length_delimited(2, delta),
+        )
+
+
+def content_version(resources: Iterable[Resource]) -> str:
+    """The version of a set of resources: a hash of their sorted (name, version) pairs."""
+    digest = hashlib.sha256()
+    for resource in sorted(resources, key=lambda r: r.name):
+        digest.update(resource.name.encode())
+        digest.update(b"\0")
+        digest.update(resource.version.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one group of proxies (a fleet) should have, at one ``generation``.
+
+    ``generation`` is an opaque, increasing number chosen by whoever sets the snapshot (the
+    control plane uses the store revision it was built from); the protocol layer only compares it.
+    """
+
+    generation: int
+    resources: Mapping[str, Mapping[str, Resource]]
+    _versions: dict[tuple[str, frozenset[str] | None], str] = field(default_factory=dict, compare=False, repr=False)
+    _warmed: dict[str, frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def build(cls, generation: int, resources: Iterable[Resource]) -> Snapshot:
+        by_type: dict[str, dict[str, Resource]] = {t: {} for t in typeurls.PUSH_ORDER}
+        for resource in resources:
+            bucket = by_type.setdefault(resource.type_url, {})
+            if resource.name in bucket:
+                raise ValueError(f"duplicate {typeurls.SHORT_NAMES.get(resource.type_url, resource.type_url)} resource {resource.name!r}")
+            bucket[resource.name] = resource
+        return cls(generation, {t: dict(sorted(b.items())) for t, b in by_type.items()})
+
+    def with_generation(self, generation: int, reuse: Snapshot | None = None) -> Snapshot:
+        """The same resources at another generation. Pools equal to ``reuse``'s are replaced by
+        ``reuse``'s own objects, so streams can tell an unchanged type with an identity check."""
+        pools: dict[str, Mapping[str, Resource]] = {}
+        for type_url, pool in self.resources.items():
+            old = reuse.resources.get(type_url) if reuse is not None else None
+            pools[type_url] = old if old is not None and _same_pool(old, pool) else pool
+        return Snapshot(generation, pools)
+
+    def of_type(self, type_url: str) -> Mapping[str, Resource]:
+        return self.resources.get(type_url, {})
+
+    def version(self, type_url: str, names: frozenset[str] | None = None) -> str:
+        """Content version of the type's resources, optionally only those in ``names``.
+        Cached: every proxy of a fleet asks for the same sets."""
+        key = (type_url, names)
+        cached = self._versions.get(key)
+        if cached is None:
+            pool = self.of_type(type_url)
+            chosen = pool.values() if names is None else (pool[n] for n in names if n in pool)
+            cached = self._versions[key] = content_version(chosen)
+        return cached
+
+    def warmed_names(self, type_url: str) -> frozenset[str]:
+        """Names of ``type_url`` resources that some resource in this snapshot warms with: a
+        converged proxy must be subscribed to all of them."""
+        cached = self._warmed.get(type_url)
+        if cached is None:
+            pool = self.of_type(type_url)
+            cached = frozenset(
+                name
+                for resources in self.resources.values()
+                for resource in resources.values()
+                for t, name in resource.warms_with
+                if t == type_url and name in pool
+            )
+            self._warmed[type_url] = cached
+        return cached
+
+    def check_consistent(self) -> None:
+        """Raise ValueError if a resource requires one the snapshot does not hold."""
+        for pool in self.resources.values():
+            for resource in pool.values():
+                for type_url, name in resource.requires:
+                    if name not in self.of_type(type_url):
+                        raise ValueError(
+                            f"{resource.name} requires {typeurls.SHORT_NAMES.get(type_url, type_url)} "
+                            f"{name!r}, which the snapshot does not contain"
+                        )
+
+
+def _same_pool(a: Mapping[str, Resource], b: Mapping[str, Resource]) -> bool:
+    return a.keys() == b.keys() and all(a[n].version == r.version for n, r in b.items())
+
+
+EMPTY = Snapshot.build(0, ())

@@ -1,0 +1,1 @@
+"""Envoy bootstrap templates, shipped inside the package as ``controlplane._envoy``."""
