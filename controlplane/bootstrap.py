@@ -44,7 +44,7 @@ def render_bootstrap(
         cluster_type = "STATIC"
     except ValueError:
         cluster_type = "STRICT_DNS"  # e.g. a compose service name
-    template = Template(resources.files("controlplane._envoy").joinpath("bootstrap.yaml").read_text())
+    template = Template(resources.files("controlplane").joinpath("templates/bootstrap.yaml").read_text())
     return template.substitute(
         node_id=node_id,
         fleet=fleet,

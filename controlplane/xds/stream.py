@@ -241,7 +241,7 @@ class SotwStream(StreamState):
                     self._nack(state, request.error_detail.message, now)
                 else:
                     self._ack(state)
-        changed = self._subscribe(state, request)
+        added = self._subscribe(state, request)
         if not request.response_nonce:
             # First request for the type on this stream. A proxy reconnecting after a
             # control-plane restart reports the version it holds; versions are content hashes,
@@ -256,17 +256,20 @@ class SotwStream(StreamState):
         else:
             # Never answer a plain ACK with the same resources; do answer a changed
             # subscription, and the request that follows a warming trigger.
-            answer = changed or state.force_answer
+            answer = added or state.force_answer
         out = self._push(state, force=answer)
         if replied:
             out += self._push_all()  # an ACK or NACK may open a gate or release a removal
         return out
 
     def _subscribe(self, state: TypeState, request: discovery_pb2.DiscoveryRequest) -> bool:
+        """Record the subscription; True if it asks for something it did not ask for before
+        (such a request is answered even at an unchanged version)."""
         names = set(request.resource_names)
         wildcard = state.type_url in typeurls.WILDCARD_TYPES or "*" in names
         names.discard("*")
-        changed = not state.subscribed or wildcard != state.wildcard or (not wildcard and names != state.names)
+        added = not state.subscribed or (wildcard and not state.wildcard) or (not wildcard and bool(names - state.names))
+        changed = added or wildcard != state.wildcard or (not wildcard and names != state.names)
         state.subscribed = True
         state.wildcard = wildcard
         state.names = names
@@ -276,7 +279,7 @@ class SotwStream(StreamState):
             state.sent = {n: r for n, r in state.sent.items() if n in names}
         if changed:
             state.synced_pool = None
-        return changed
+        return added
 
     def _ack(self, state: TypeState) -> None:
         state.acked = dict(state.sent)

@@ -1,1 +1,0 @@
-"""Envoy bootstrap templates, shipped inside the package as ``controlplane._envoy``."""

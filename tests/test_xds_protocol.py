@@ -1,0 +1,425 @@
+"""Protocol rules of the ADS stream state machines, without Envoy.
+
+Each test plays the proxy: it sends DiscoveryRequests / DeltaDiscoveryRequests and decodes the
+bytes the stream returns. Real-Envoy behaviour is covered in test_envoy.py.
+"""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import duration_pb2
+from google.rpc import status_pb2
+
+from controlplane.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from controlplane.xds.snapshot import Resource, Snapshot
+from controlplane.xds.stream import DeltaStream, Outgoing, SotwStream
+
+NOW = 1_000_000.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Building snapshots: clusters with endpoints, one listener, one route table naming clusters.
+
+
+def cluster(name: str, timeout: int = 1) -> Resource:
+    msg = cluster_pb2.Cluster(name=name, connect_timeout=duration_pb2.Duration(seconds=timeout))
+    return Resource.from_message(name, msg, warms_with=[(ENDPOINT, name)])
+
+
+def cla(name: str, tag: str = "") -> Resource:
+    return Resource.from_message(name, endpoint_pb2.ClusterLoadAssignment(cluster_name=name + tag))
+
+
+def routes(name: str, clusters: list[str], tag: str = "") -> Resource:
+    # Like a real route table, the content names the clusters it routes to.
+    msg = route_pb2.RouteConfiguration(name=name + tag, virtual_hosts=[
+        route_components_pb2.VirtualHost(name=c, domains=[c]) for c in clusters])
+    requires = [(t, c) for c in clusters for t in (CLUSTER, ENDPOINT)]
+    return Resource.from_message(name, msg, requires=requires)
+
+
+def listener(name: str = "http", route_name: str = "rt") -> Resource:
+    return Resource.from_message(name, listener_pb2.Listener(name=name), warms_with=[(ROUTE, route_name)])
+
+
+def snapshot(gen: int, clusters: list[str], *, route_tag: str = "", cluster_timeouts: dict[str, int] | None = None,
+             cla_tags: dict[str, str] | None = None, routed: list[str] | None = None) -> Snapshot:
+    timeouts = cluster_timeouts or {}
+    tags = cla_tags or {}
+    res = [cluster(c, timeouts.get(c, 1)) for c in clusters] + [cla(c, tags.get(c, "")) for c in clusters]
+    res += [listener(), routes("rt", routed if routed is not None else clusters, route_tag)]
+    return Snapshot.build(gen, res)
+
+
+# ---------------------------------------------------------------------------------------------
+# Playing the proxy
+
+
+def sotw_req(type_url: str, *, names: list[str] = (), version: str = "", nonce: str = "", error: str | None = None) -> discovery_pb2.DiscoveryRequest:  # type: ignore[assignment]
+    req = discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=list(names), version_info=version, response_nonce=nonce)
+    if error is not None:
+        req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+    return req
+
+
+def decode(out: Outgoing) -> discovery_pb2.DiscoveryResponse:
+    return discovery_pb2.DiscoveryResponse.FromString(out.payload)
+
+
+def names_of(response: discovery_pb2.DiscoveryResponse) -> list[str]:
+    classes = {CLUSTER: cluster_pb2.Cluster, ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
+               LISTENER: listener_pb2.Listener, ROUTE: route_pb2.RouteConfiguration}
+    out = []
+    for any_msg in response.resources:
+        msg = classes[response.type_url]()
+        any_msg.Unpack(msg)
+        out.append(msg.cluster_name if response.type_url == ENDPOINT else msg.name)  # type: ignore[attr-defined]
+    return sorted(out)
+
+
+class SotwProxy:
+    """Tracks the latest response per type like Envoy does, and ACKs or NACKs it."""
+
+    def __init__(self, stream: SotwStream) -> None:
+        self.stream = stream
+        self.latest: dict[str, discovery_pb2.DiscoveryResponse] = {}
+        self.accepted: dict[str, str] = {}
+        self.names: dict[str, list[str]] = {}
+
+    def feed(self, outs: list[Outgoing]) -> list[discovery_pb2.DiscoveryResponse]:
+        decoded = [decode(o) for o in outs]
+        for r in decoded:
+            self.latest[r.type_url] = r
+        return decoded
+
+    def subscribe(self, type_url: str, names: list[str] = ()) -> list[discovery_pb2.DiscoveryResponse]:  # type: ignore[assignment]
+        self.names[type_url] = list(names)
+        nonce = self.latest[type_url].nonce if type_url in self.latest else ""
+        return self.feed(self.stream.on_request(
+            sotw_req(type_url, names=self.names[type_url], version=self.accepted.get(type_url, ""), nonce=nonce), NOW))
+
+    def ack(self, type_url: str) -> list[discovery_pb2.DiscoveryResponse]:
+        r = self.latest[type_url]
+        self.accepted[type_url] = r.version_info
+        return self.feed(self.stream.on_request(
+            sotw_req(type_url, names=self.names.get(type_url, []), version=r.version_info, nonce=r.nonce), NOW))
+
+    def nack(self, type_url: str, message: str = "rejected") -> list[discovery_pb2.DiscoveryResponse]:
+        r = self.latest[type_url]
+        return self.feed(self.stream.on_request(
+            sotw_req(type_url, names=self.names.get(type_url, []), version=self.accepted.get(type_url, ""), nonce=r.nonce, error=message), NOW))
+
+    def push(self, snap: Snapshot) -> list[discovery_pb2.DiscoveryResponse]:
+        return self.feed(self.stream.on_snapshot(snap))
+
+    def settle(self, max_rounds: int = 20) -> None:
+        """ACK everything in flight and follow subscriptions, as Envoy would, until quiet."""
+        for _ in range(max_rounds):
+            progressed = False
+            for type_url in list(self.latest):
+                state = self.stream.types[type_url]
+                if state.pending_nonce == self.latest[type_url].nonce:
+                    self.ack(type_url)
+                    progressed = True
+            if not progressed:
+                return
+        raise AssertionError("did not settle")
+
+
+def connected_proxy(snap: Snapshot) -> SotwProxy:
+    """A proxy that subscribed to everything and ACKed it."""
+    proxy = SotwProxy(SotwStream(1, "node", "fleet", snap, NOW))
+    proxy.subscribe(CLUSTER)
+    proxy.ack(CLUSTER)
+    proxy.subscribe(ENDPOINT, sorted(snap.of_type(ENDPOINT)))
+    proxy.ack(ENDPOINT)
+    proxy.subscribe(LISTENER)
+    proxy.ack(LISTENER)
+    proxy.subscribe(ROUTE, ["rt"])
+    proxy.ack(ROUTE)
+    assert proxy.stream.converged()
+    return proxy
+
+
+# ---------------------------------------------------------------------------------------------
+# SotW
+
+
+def test_first_request_is_answered_with_the_full_set_and_a_plain_ack_is_not() -> None:
+    snap = snapshot(1, ["a", "b"])
+    proxy = SotwProxy(SotwStream(1, "node", "fleet", snap, NOW))
+    [response] = proxy.subscribe(CLUSTER)
+    assert names_of(response) == ["a", "b"]
+    assert response.version_info == snap.version(CLUSTER)
+    assert response.nonce
+    assert proxy.ack(CLUSTER) == []
+    assert proxy.stream.types[CLUSTER].acked_version == snap.version(CLUSTER)
+
+
+def test_version_is_the_content_hash_and_reconnecting_proxy_with_current_content_gets_nothing() -> None:
+    snap = snapshot(7, ["a"])
+    first = connected_proxy(snap)
+    versions = {t: first.accepted[t] for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)}
+    # A new stream (control plane restarted, same stored state -> same versions).
+    again = SotwProxy(SotwStream(2, "node", "fleet", snapshot(7, ["a"]), NOW))
+    again.accepted = dict(versions)
+    assert again.subscribe(CLUSTER) == []
+    assert again.subscribe(ENDPOINT, ["a"]) == []
+    assert again.subscribe(LISTENER) == []
+    assert again.subscribe(ROUTE, ["rt"]) == []
+    assert again.stream.converged()
+
+
+def test_reconnecting_proxy_with_other_content_is_answered() -> None:
+    again = SotwProxy(SotwStream(2, "node", "fleet", snapshot(7, ["a"]), NOW))
+    again.accepted = {CLUSTER: "some-old-version"}
+    [response] = again.subscribe(CLUSTER)
+    assert names_of(response) == ["a"]
+
+
+def test_stale_nonce_is_ignored() -> None:
+    proxy = connected_proxy(snapshot(1, ["a"]))
+    old_nonce = proxy.latest[CLUSTER].nonce
+    [cds] = proxy.push(snapshot(2, ["a"], cluster_timeouts={"a": 5}))
+    assert cds.type_url == CLUSTER and cds.nonce != old_nonce
+    before = (proxy.stream.types[CLUSTER].pending_nonce, proxy.stream.types[CLUSTER].acked_version)
+    stale = sotw_req(CLUSTER, version=proxy.accepted[CLUSTER], nonce=old_nonce, error="late NACK of an old response")
+    assert proxy.stream.on_request(stale, NOW) == []
+    state = proxy.stream.types[CLUSTER]
+    assert (state.pending_nonce, state.acked_version) == before
+    assert state.nacks == 0
+
+
+def test_nack_is_recorded_and_the_rejected_version_is_not_resent() -> None:
+    proxy = connected_proxy(snapshot(1, ["a"]))
+    good = proxy.accepted[CLUSTER]
+    bad = snapshot(2, ["a"], cluster_timeouts={"a": 9})
+    [cds] = proxy.push(bad)
+    rejected = cds.version_info
+    assert proxy.nack(CLUSTER, "invalid cluster") == []
+    state = proxy.stream.types[CLUSTER]
+    assert state.nacks == 1 and state.last_nack is not None
+    assert state.last_nack.message == "invalid cluster" and state.last_nack.version == rejected
+    assert state.acked_version == good  # the proxy keeps its last good config
+    assert not proxy.stream.converged()
+    # The same content again (e.g. an unrelated change elsewhere) is not re-sent...
+    assert [r.type_url for r in proxy.push(snapshot(3, ["a"], cluster_timeouts={"a": 9}, route_tag="x"))] == [ROUTE]
+    # ...nor is it answered when the proxy asks again with the NACK's nonce.
+    assert proxy.nack(CLUSTER, "invalid cluster") == []
+    # New content is sent.
+    [fixed] = [r for r in proxy.push(snapshot(4, ["a"], cluster_timeouts={"a": 2})) if r.type_url == CLUSTER]
+    assert fixed.version_info not in (rejected, good)
+
+
+def test_subscription_change_is_answered_even_at_an_unchanged_version() -> None:
+    snap = snapshot(1, ["a", "b"])
+    proxy = SotwProxy(SotwStream(1, "node", "fleet", snap, NOW))
+    [first] = proxy.subscribe(ENDPOINT, ["a"])
+    assert names_of(first) == ["a"]
+    proxy.ack(ENDPOINT)
+    [second] = proxy.subscribe(ENDPOINT, ["a", "b"])
+    assert names_of(second) == ["a", "b"]
+    proxy.ack(ENDPOINT)
+    assert proxy.subscribe(ENDPOINT, ["a", "b"]) == []  # same names, plain re-request
+
+
+def test_new_cluster_reaches_routes_only_after_its_cluster_and_endpoints_are_acked() -> None:
+    proxy = connected_proxy(snapshot(1, ["a"]))
+    out = proxy.push(snapshot(2, ["a", "b"]))
+    # Clusters go first; the route naming b is held back until b is warm.
+    assert [r.type_url for r in out] == [CLUSTER]
+    assert names_of(out[0]) == ["a", "b"]
+    assert proxy.ack(CLUSTER) == []
+    [eds] = proxy.subscribe(ENDPOINT, ["a", "b"])  # Envoy asks for the new cluster's endpoints
+    assert names_of(eds) == ["a", "b"]
+    [rds] = proxy.ack(ENDPOINT)
+    assert rds.type_url == ROUTE
+    proxy.ack(ROUTE)
+    assert proxy.stream.converged()
+
+
+def test_cluster_is_removed_only_after_routes_stop_naming_it() -> None:
+    proxy = connected_proxy(snapshot(1, ["a", "b"]))
+    out = proxy.push(snapshot(2, ["a"]))
+    # The route drops b first; the clusters stay while the proxy's routes may still name b.
+    assert [r.type_url for r in out] == [ROUTE]
+    cds, eds = proxy.ack(ROUTE)
+    assert cds.type_url == CLUSTER and names_of(cds) == ["a"]
+    assert eds.type_url == ENDPOINT and names_of(eds) == ["a"]
+    proxy.ack(CLUSTER)
+    proxy.ack(ENDPOINT)
+    # Envoy then drops b from its EDS subscription: fewer names, same content: no answer.
+    assert proxy.subscribe(ENDPOINT, ["a"]) == []
+    assert proxy.stream.converged()
+
+
+def test_route_referencing_cluster_being_removed_keeps_it_until_acked() -> None:
+    proxy = connected_proxy(snapshot(1, ["a", "b"]))
+    proxy.push(snapshot(2, ["a"]))  # RDS without b in flight
+    # Before the proxy ACKs the route, another change arrives: b must still not be removed.
+    out = proxy.push(snapshot(3, ["a"], cluster_timeouts={"a": 3}))
+    assert all(r.type_url != CLUSTER or "b" in names_of(r) for r in out)
+
+
+def test_changed_cluster_gets_an_eds_answer_even_if_endpoints_did_not_change() -> None:
+    proxy = connected_proxy(snapshot(1, ["a"]))
+    [cds] = proxy.push(snapshot(2, ["a"], cluster_timeouts={"a": 4}))
+    assert cds.type_url == CLUSTER
+    proxy.ack(CLUSTER)
+    # The changed cluster warms and Envoy re-requests its endpoints with the same names and the
+    # latest EDS nonce: a plain-looking request that must be answered or the cluster never warms.
+    [eds] = proxy.subscribe(ENDPOINT, ["a"])
+    assert eds.type_url == ENDPOINT and names_of(eds) == ["a"]
+    proxy.ack(ENDPOINT)
+    assert proxy.subscribe(ENDPOINT, ["a"]) == []  # and only once
+
+
+def test_push_order_is_cds_eds_lds_rds() -> None:
+    proxy = connected_proxy(snapshot(1, ["a"]))
+    out = proxy.push(snapshot(2, ["a"], cluster_timeouts={"a": 2}, cla_tags={"a": "x"}, route_tag="y"))
+    assert [r.type_url for r in out] == [CLUSTER, ENDPOINT, ROUTE]
+
+
+def test_one_response_per_type_in_flight_and_bursts_coalesce() -> None:
+    proxy = connected_proxy(snapshot(1, ["a"]))
+    [first] = proxy.push(snapshot(2, ["a"], route_tag="1"))
+    assert proxy.push(snapshot(3, ["a"], route_tag="2")) == []
+    assert proxy.push(snapshot(4, ["a"], route_tag="3")) == []
+    [latest] = proxy.ack(ROUTE)  # the ACK releases one response with the newest content
+    assert latest.version_info == snapshot(4, ["a"], route_tag="3").version(ROUTE, frozenset({"rt"}))
+    proxy.ack(ROUTE)
+    assert proxy.stream.converged()
+    assert proxy.stream.types[ROUTE].responses == 3  # initial + 2, not 4
+
+
+def test_converged_needs_every_type_and_the_warmed_subscriptions() -> None:
+    snap = snapshot(1, ["a"])
+    proxy = SotwProxy(SotwStream(1, "node", "fleet", snap, NOW))
+    proxy.subscribe(CLUSTER)
+    assert not proxy.stream.converged()  # in flight
+    proxy.ack(CLUSTER)
+    proxy.subscribe(LISTENER)
+    proxy.ack(LISTENER)
+    assert not proxy.stream.converged()  # has not subscribed to EDS or RDS yet
+    proxy.subscribe(ENDPOINT, ["a"])
+    proxy.ack(ENDPOINT)
+    proxy.subscribe(ROUTE, ["rt"])
+    assert not proxy.stream.converged()
+    proxy.ack(ROUTE)
+    assert proxy.stream.converged()
+    proxy.push(snapshot(2, ["a"], route_tag="z"))
+    assert not proxy.stream.converged()
+    proxy.ack(ROUTE)
+    assert proxy.stream.converged()
+
+
+def test_unchanged_types_do_not_resend_when_an_unrelated_type_changes() -> None:
+    base = snapshot(1, ["a"])
+    proxy = connected_proxy(base)
+    nxt = snapshot(2, ["a"], route_tag="q").with_generation(2, base)
+    assert nxt.resources[CLUSTER] is base.resources[CLUSTER]
+    out = proxy.push(nxt)
+    assert [r.type_url for r in out] == [ROUTE]
+    assert proxy.stream.types[CLUSTER].synced_generation == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Delta
+
+
+def delta_req(type_url: str, *, subscribe: list[str] = (), unsubscribe: list[str] = (), nonce: str = "",  # type: ignore[assignment]
+              error: str | None = None, initial: dict[str, str] | None = None) -> discovery_pb2.DeltaDiscoveryRequest:
+    req = discovery_pb2.DeltaDiscoveryRequest(
+        type_url=type_url, resource_names_subscribe=list(subscribe), resource_names_unsubscribe=list(unsubscribe),
+        response_nonce=nonce, initial_resource_versions=initial or {},
+    )
+    if error is not None:
+        req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+    return req
+
+
+def ddecode(outs: list[Outgoing]) -> list[discovery_pb2.DeltaDiscoveryResponse]:
+    return [discovery_pb2.DeltaDiscoveryResponse.FromString(o.payload) for o in outs]
+
+
+def dnames(response: discovery_pb2.DeltaDiscoveryResponse) -> list[str]:
+    return sorted(r.name for r in response.resources)
+
+
+def delta_connected(snap: Snapshot) -> DeltaStream:
+    stream = DeltaStream(1, "node", "fleet", snap, NOW)
+    for type_url, subscribe in ((CLUSTER, []), (ENDPOINT, sorted(snap.of_type(ENDPOINT))), (LISTENER, []), (ROUTE, ["rt"])):
+        [resp] = ddecode(stream.on_request(delta_req(type_url, subscribe=subscribe), NOW))
+        assert ddecode(stream.on_request(delta_req(type_url, nonce=resp.nonce), NOW)) == []
+    assert stream.converged()
+    return stream
+
+
+def test_delta_sends_only_changes_and_removals() -> None:
+    stream = delta_connected(snapshot(1, ["a", "b"]))
+    out = ddecode(stream.on_snapshot(snapshot(2, ["a", "b"], cla_tags={"b": "new"})))
+    assert [(r.type_url, dnames(r), list(r.removed_resources)) for r in out] == [(ENDPOINT, ["b"], [])]
+    stream.on_request(delta_req(ENDPOINT, nonce=out[0].nonce), NOW)
+    # Removing c-less: drop b entirely: routes first, then clusters, then endpoints.
+    [rds] = ddecode(stream.on_snapshot(snapshot(3, ["a"])))
+    assert rds.type_url == ROUTE
+    out = ddecode(stream.on_request(delta_req(ROUTE, nonce=rds.nonce), NOW))
+    assert [(r.type_url, list(r.removed_resources)) for r in out] == [(CLUSTER, ["b"]), (ENDPOINT, ["b"])]
+
+
+def test_delta_nack_is_not_resent_until_content_changes() -> None:
+    stream = delta_connected(snapshot(1, ["a"]))
+    cds, eds = ddecode(stream.on_snapshot(snapshot(2, ["a"], cluster_timeouts={"a": 7})))
+    assert (cds.type_url, eds.type_url) == (CLUSTER, ENDPOINT)  # a changed cluster gets its endpoints again
+    stream.on_request(delta_req(ENDPOINT, nonce=eds.nonce), NOW)
+    assert ddecode(stream.on_request(delta_req(CLUSTER, nonce=cds.nonce, error="bad cluster"), NOW)) == []
+    state = stream.types[CLUSTER]
+    assert state.nacks == 1 and state.last_nack is not None and state.last_nack.message == "bad cluster"
+    assert not stream.converged()
+    assert [r.type_url for r in ddecode(stream.on_snapshot(snapshot(3, ["a"], cluster_timeouts={"a": 7}, route_tag="r")))] == [ROUTE]
+    fixed = ddecode(stream.on_snapshot(snapshot(4, ["a"], cluster_timeouts={"a": 8})))
+    assert [(r.type_url, dnames(r)) for r in fixed] == [(CLUSTER, ["a"]), (ENDPOINT, ["a"])]
+
+
+def test_delta_initial_versions_that_match_need_no_response() -> None:
+    snap = snapshot(1, ["a"])
+    stream = DeltaStream(2, "node", "fleet", snap, NOW)
+    held = {n: r.version for n, r in snap.of_type(CLUSTER).items()}
+    assert stream.on_request(delta_req(CLUSTER, initial=held), NOW) == []
+    stale = {"a": "0000"}
+    other = DeltaStream(3, "node", "fleet", snap, NOW)
+    [resp] = ddecode(other.on_request(delta_req(CLUSTER, initial=stale), NOW))
+    assert dnames(resp) == ["a"]
+
+
+def test_delta_resubscribe_resends_and_subscription_changes_are_never_ignored() -> None:
+    stream = delta_connected(snapshot(1, ["a", "b"]))
+    # A subscribe with no nonce (Envoy sends subscription changes without one) is honoured.
+    [resp] = ddecode(stream.on_request(delta_req(ENDPOINT, subscribe=["a"]), NOW))
+    assert dnames(resp) == ["a"]
+    stream.on_request(delta_req(ENDPOINT, nonce=resp.nonce), NOW)
+    assert ddecode(stream.on_request(delta_req(ENDPOINT, unsubscribe=["b"]), NOW)) == []
+    assert "b" not in stream.types[ENDPOINT].names
+
+
+def test_delta_changed_cluster_resends_its_endpoints() -> None:
+    stream = delta_connected(snapshot(1, ["a"]))
+    out = ddecode(stream.on_snapshot(snapshot(2, ["a"], cluster_timeouts={"a": 3})))
+    # Endpoints unchanged, but the changed cluster warms and needs them: sent right after it.
+    assert [(r.type_url, dnames(r)) for r in out] == [(CLUSTER, ["a"]), (ENDPOINT, ["a"])]
+
+
+def test_delta_new_cluster_gates_routes() -> None:
+    stream = delta_connected(snapshot(1, ["a"]))
+    out = ddecode(stream.on_snapshot(snapshot(2, ["a", "b"])))
+    assert [r.type_url for r in out] == [CLUSTER]
+    out = ddecode(stream.on_request(delta_req(CLUSTER, nonce=out[0].nonce), NOW))
+    assert out == []  # b's endpoints are not subscribed yet, so nothing else may move
+    [eds] = ddecode(stream.on_request(delta_req(ENDPOINT, subscribe=["b"]), NOW))
+    assert dnames(eds) == ["b"]
+    [rds] = ddecode(stream.on_request(delta_req(ENDPOINT, nonce=eds.nonce), NOW))
+    assert rds.type_url == ROUTE
