@@ -143,6 +143,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from .sandbox import SandboxOptions, run_sandbox
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = SandboxOptions(
+        listener_port=args.port, preview_port=args.preview_port, xds=args.xds, admin=args.admin,
+        envoy_admin_port=args.envoy_admin_port, state_path=Path(args.state) if args.state else None, delta=args.delta,
+    )
+    asyncio.run(run_sandbox(options))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bluegreen", description="Blue-green deployment control plane for Envoy.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin", default="127.0.0.1:18001", help="admin HTTP listen address (default 127.0.0.1:18001)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("sandbox", help="run a control plane, a real Envoy and blue/green demo apps locally")
+    p.add_argument("--port", type=int, default=10000, help="Envoy listener port (default 10000)")
+    p.add_argument("--preview-port", type=int, default=10001, help="Envoy preview listener port (default 10001)")
+    p.add_argument("--xds", default="127.0.0.1:18000")
+    p.add_argument("--admin", default="127.0.0.1:18001")
+    p.add_argument("--envoy-admin-port", type=int, default=9901)
+    p.add_argument("--state", help="SQLite state file (default: a temporary one)")
+    p.add_argument("--delta", action="store_true", help="Envoy uses Delta xDS")
+    p.set_defaults(func=cmd_sandbox)
 
     p = sub.add_parser("envoy-bootstrap", help="print an Envoy bootstrap that connects to this control plane")
     p.add_argument("--node-id", required=True)

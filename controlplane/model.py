@@ -68,8 +68,13 @@ _PREFIX = re.compile(r"^/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]{0,127}$")
 
 
+def _is_port(text: str) -> bool:
+    # ASCII digits only: str.isdigit() is also true for '²' and full-width digits.
+    return text.isascii() and text.isdigit() and 0 < int(text) < 65536
+
+
 def validate_service_name(name: object) -> str:
-    if not isinstance(name, str) or not _SERVICE_NAME.match(name):
+    if not isinstance(name, str) or not _SERVICE_NAME.fullmatch(name):
         raise ValidationError(
             f"invalid service name {name!r}: use 1-48 lowercase letters, digits and '-', "
             "starting and ending with a letter or digit"
@@ -84,8 +89,8 @@ def validate_domain(domain: object) -> str:
         raise ValidationError(f"invalid domain {domain!r}: must be a non-empty string")
     if domain == "*":
         return domain
-    host, _, port = domain.partition(":")
-    if port and (not port.isdigit() or not 0 < int(port) < 65536):
+    host, sep, port = domain.partition(":")
+    if sep and not _is_port(port):
         raise ValidationError(f"invalid domain {domain!r}: port must be 1-65535")
     core = host
     if host.startswith("*"):
@@ -96,7 +101,7 @@ def validate_domain(domain: object) -> str:
         core = host[:-1].rstrip(".-")
         if not core:
             raise ValidationError(f"invalid domain {domain!r}: wildcard needs a prefix, e.g. 'example.*'")
-    if len(domain) > 253 or not _DOMAIN_LABELS.match(core):
+    if len(domain) > 253 or not _DOMAIN_LABELS.fullmatch(core):
         raise ValidationError(
             f"invalid domain {domain!r}: expected a host name such as 'shop.example.com', "
             "'*.example.com', 'shop.*' or '*'"
@@ -105,7 +110,7 @@ def validate_domain(domain: object) -> str:
 
 
 def validate_prefix(prefix: object) -> str:
-    if not isinstance(prefix, str) or len(prefix) > 1024 or not _PREFIX.match(prefix):
+    if not isinstance(prefix, str) or len(prefix) > 1024 or not _PREFIX.fullmatch(prefix):
         raise ValidationError(
             f"invalid prefix {prefix!r}: must start with '/' and contain only URL path characters"
         )
@@ -113,7 +118,7 @@ def validate_prefix(prefix: object) -> str:
 
 
 def validate_version(version: object) -> str:
-    if not isinstance(version, str) or not _VERSION.match(version):
+    if not isinstance(version, str) or not _VERSION.fullmatch(version):
         raise ValidationError(
             f"invalid version {version!r}: use 1-128 letters, digits, '.', '_', '+' or '-', "
             "starting with a letter or digit"
@@ -153,7 +158,7 @@ class Endpoint:
                 f"invalid endpoint {text!r}: host must be an IPv4 or IPv6 address "
                 "(EDS endpoints are not resolved through DNS)"
             ) from None
-        if not port.isdigit() or not 0 < int(port) < 65536:
+        if not _is_port(port):
             raise ValidationError(f"invalid endpoint {text!r}: port must be 1-65535")
         if address.version == 6 and not text.startswith("["):
             raise ValidationError(f"invalid endpoint {text!r}: write IPv6 addresses as '[ADDR]:PORT'")
@@ -405,7 +410,9 @@ def set_environment(
             records.append(replace(previous, status=DeploymentStatus.DECOMMISSIONED, updated_at=now))
         seq = service.deployment_seq + 1
         new_service = replace(new_service, deployment_seq=seq)
-        status = DeploymentStatus.ACTIVE if live else DeploymentStatus.READY
+        # Status follows the weight: the first version of a new service takes blue's 100 % at once.
+        takes_traffic = service.traffic.weight(env) > 0
+        status = DeploymentStatus.ACTIVE if takes_traffic else DeploymentStatus.READY
         records.append(
             Deployment(
                 id=f"{service.name}-{seq}",
@@ -414,7 +421,7 @@ def set_environment(
                 environment=env,
                 status=status,
                 deployed_at=now,
-                activated_at=now if live else None,
+                activated_at=now if takes_traffic else None,
                 updated_at=now,
             )
         )

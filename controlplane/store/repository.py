@@ -124,10 +124,3 @@ class Repository:
                     continue  # another replica wrote first: re-read and re-apply
                 return Committed(revision, change, self._clock())
         raise RevisionConflict(f"service {name!r}: gave up after {MAX_ATTEMPTS} conflicting concurrent updates")
-
-    async def delete(self, name: str) -> int:
-        entry = await self.kv.get(service_key(name))
-        if entry is None:
-            raise NotFoundError(f"unknown service {name!r}")
-        txn = Txn().expect(service_key(name), entry.mod_revision).delete(service_key(name))
-        return await self.kv.commit(txn)
