@@ -111,6 +111,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_traffic(args: argparse.Namespace) -> int:
     if (args.green is None) == (args.blue is None):
         raise ConfigError("give exactly one of --green N or --blue N (the other gets 100 - N)")
+    flag, value = ("--green", args.green) if args.green is not None else ("--blue", args.blue)
+    if not 0 <= value <= 100:
+        raise ConfigError(f"{flag} must be between 0 and 100, got {value}")
     green = args.green if args.green is not None else 100 - args.blue
     return _mutation(args, "PUT", f"/v1/services/{args.service}/traffic", {"weights": {"blue": 100 - green, "green": green}})
 

@@ -379,12 +379,14 @@ async def test_blue_green_lifecycle(api: Api) -> None:
     assert put["convergence"]["converged"] is True
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "controlplane bug: the first version registered into blue of a new service gets status 'ready' "
-    "(set_environment treats blue as not live because it had no endpoints), so set_weights never "
-    "moves it to 'standby' when traffic switches away; see the report"))
 async def test_first_switch_leaves_previous_version_standby(api: Api) -> None:
-    await setup_state(api, "seeded")
+    """The first version of a new service takes blue's 100 % at once: it is recorded active, and
+    the first switch away from it leaves it standby (regression: it was recorded 'ready')."""
+    await setup_state(api, "blue_only")
+    records = await api.ok("GET", "/v1/services/shop/deployments")
+    assert _statuses(records) == {("blue", "v1"): "active"}
+    assert records["deployments"][0]["activated_at"] is not None
+    await api.ok("PUT", "/v1/services/shop/environments/green", GREEN_V2)
     await api.ok("POST", "/v1/services/shop/switch")
     statuses = _statuses(await api.ok("GET", "/v1/services/shop/deployments"))
     assert statuses == {("green", "v2"): "active", ("blue", "v1"): "standby"}
@@ -475,8 +477,9 @@ BAD_CASES = [
     bad("ep-port-0", "PUT", ENV_G, ep("1.2.3.4:0"), 400, "'1.2.3.4:0'", "port must be 1-65535"),
     bad("ep-port-70000", "PUT", ENV_G, ep("1.2.3.4:70000"), 400, "'1.2.3.4:70000'", "port must be 1-65535"),
     bad("ep-port-sign", "PUT", ENV_G, ep("1.2.3.4:+80"), 400, "port must be 1-65535"),
-    bad("ep-port-superscript", "PUT", ENV_G, ep("1.2.3.4:\u00b2"), 400, "port must be 1-65535", marks=pytest.mark.xfail(
-        strict=True, reason="controlplane bug: '\u00b2'.isdigit() is True but int('\u00b2') raises ValueError -> 500")),
+    bad("ep-port-superscript", "PUT", ENV_G, ep("1.2.3.4:\u00b2"), 400, "port must be 1-65535"),  # '²'.isdigit()
+    bad("ep-port-fullwidth", "PUT", ENV_G, ep("1.2.3.4:\uff18\uff10"), 400, "port must be 1-65535"),
+    bad("ep-trailing-newline", "PUT", ENV_G, ep("1.2.3.4:80\n"), 400, "invalid endpoint"),
     bad("ep-ipv6-unbracketed", "PUT", ENV_G, ep("::1:80"), 400, "'::1:80'", "[ADDR]:PORT"),
     bad("ep-ipv6-bracket-no-port", "PUT", ENV_G, ep("[::1]"), 400, "IP:PORT"),
     bad("ep-empty-string", "PUT", ENV_G, ep(""), 400, "invalid endpoint ''"),
@@ -489,6 +492,7 @@ BAD_CASES = [
     bad("env-missing-endpoints", "PUT", ENV_G, {"version": "v3"}, 400, "'endpoints' is required"),
     bad("env-bad-version", "PUT", ENV_G, {"version": "v 3", "endpoints": ["1.2.3.4:80"]}, 400, "invalid version 'v 3'"),
     bad("env-empty-version", "PUT", ENV_G, {"version": "", "endpoints": ["1.2.3.4:80"]}, 400, "invalid version ''"),
+    bad("env-version-newline", "PUT", ENV_G, {"version": "v3\n", "endpoints": ["1.2.3.4:80"]}, 400, "invalid version"),
     bad("env-int-version", "PUT", ENV_G, {"version": 3, "endpoints": ["1.2.3.4:80"]}, 400, "invalid version 3"),
     bad("env-unknown-field", "PUT", ENV_G, {**GREEN_V2, "replicas": 3}, 400, "unknown field(s) in environment: replicas"),
     bad("env-array-body", "PUT", ENV_G, [GREEN_V2], 400, "environment must be a JSON object", "list"),
@@ -508,6 +512,7 @@ BAD_CASES = [
     bad("name-slash", "PUT", "/v1/services/a%2Fb", {}, 400, "invalid service name 'a/b'"),
     bad("name-leading-dash", "PUT", "/v1/services/-shop", {}, 400, "invalid service name '-shop'"),
     bad("name-trailing-dash", "PUT", "/v1/services/shop-", {}, 400, "invalid service name 'shop-'"),
+    bad("name-trailing-newline", "PUT", "/v1/services/shop%0A", {}, 400, "invalid service name 'shop\\n'"),
     bad("name-underscore", "PUT", "/v1/services/my_shop", {}, 400, "invalid service name 'my_shop'"),
     bad("domain-empty", "PUT", SVC, {"domains": [""]}, 400, "invalid domain ''"),
     bad("domain-space", "PUT", SVC, {"domains": ["a b"]}, 400, "invalid domain 'a b'"),
@@ -515,12 +520,16 @@ BAD_CASES = [
     bad("domain-inner-wildcard", "PUT", SVC, {"domains": ["foo*bar"]}, 400, "invalid domain 'foo*bar'"),
     bad("domain-bare-wildcard-suffix", "PUT", SVC, {"domains": ["*."]}, 400, "invalid domain '*.'"),
     bad("domain-bad-port", "PUT", SVC, {"domains": ["shop.example.com:0"]}, 400, "port must be 1-65535"),
+    bad("domain-empty-port", "PUT", SVC, {"domains": ["shop.example.com:"]}, 400, "port must be 1-65535"),
+    bad("domain-superscript-port", "PUT", SVC, {"domains": ["shop.example.com:\u00b2"]}, 400, "port must be 1-65535"),
+    bad("domain-trailing-newline", "PUT", SVC, {"domains": ["shop.example.com\n"]}, 400, "invalid domain"),
     bad("domain-not-string", "PUT", SVC, {"domains": [5]}, 400, "invalid domain 5"),
     bad("domains-empty-list", "PUT", SVC, {"domains": []}, 400, "domains must be a non-empty list"),
     bad("domains-string", "PUT", SVC, {"domains": SHOP_DOMAIN}, 400, "domains must be a non-empty list"),
     bad("domains-repeat", "PUT", SVC, {"domains": ["a.example.com", "A.example.com"]}, 400, "domains must not repeat"),
     bad("prefix-no-slash", "PUT", SVC, {"prefix": "no-slash"}, 400, "invalid prefix 'no-slash'", "start with '/'"),
     bad("prefix-space", "PUT", SVC, {"prefix": "/with space"}, 400, "invalid prefix '/with space'"),
+    bad("prefix-trailing-newline", "PUT", SVC, {"prefix": "/api\n"}, 400, "invalid prefix"),
     bad("prefix-empty", "PUT", SVC, {"prefix": ""}, 400, "invalid prefix ''"),
     bad("prefix-not-string", "PUT", SVC, {"prefix": 1}, 400, "invalid prefix 1"),
     bad("drain-negative", "PUT", SVC, {"drain_seconds": -1}, 400, "drain_seconds must be between 0 and", "-1"),

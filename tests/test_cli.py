@@ -1,0 +1,115 @@
+"""The `bluegreen` command line, as a user runs it: real subprocesses, real Envoy."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.harness import ManagedProcess, envoy_binary, free_port, sample_environments, wait_for
+
+
+def bluegreen(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "controlplane", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_envoy_bootstrap_is_accepted_by_envoy(tmp_path: Path, delta: bool) -> None:
+    out = tmp_path / "bootstrap.yaml"
+    args = ["envoy-bootstrap", "--node-id", "edge-1", "--fleet", "edge", "--xds", "127.0.0.1:18000", "--admin-port", "9911", "-o", str(out)]
+    result = bluegreen(*(args + ["--delta"] if delta else args))
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert ("DELTA_GRPC" in text) == delta
+    check = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(out)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and "OK" in check.stdout + check.stderr, check.stdout + check.stderr
+
+
+def test_envoy_bootstrap_for_a_dns_named_control_plane_uses_strict_dns(tmp_path: Path) -> None:
+    result = bluegreen("envoy-bootstrap", "--node-id", "n", "--xds", "controlplane:18000")
+    assert result.returncode == 0, result.stderr
+    assert "STRICT_DNS" in result.stdout and 'address: "controlplane"' in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["envoy-bootstrap", "--node-id", "bad id"], "invalid node id"),
+        (["envoy-bootstrap", "--node-id", "n", "--xds", "nohost"], "--xds"),
+        (["serve", "--admin", "0.0.0.0:18001", "--state", "/nonexistent/x.db"], "refusing to bind the admin API"),
+        (["traffic", "shop"], "exactly one of --green"),
+    ],
+)
+def test_bad_usage_exits_2_with_a_message(args: list[str], message: str) -> None:
+    result = bluegreen(*args)
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert message in result.stderr
+
+
+def test_serve_refuses_a_broken_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("fleets:\n  edge:\n    listeners: []\n")
+    result = bluegreen("serve", "--config", str(config), "--state", str(tmp_path / "s.db"))
+    assert result.returncode == 2
+    assert "fleets.edge.listeners" in result.stderr
+
+
+def test_client_commands_report_an_unreachable_api() -> None:
+    result = bluegreen("status", "--admin", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 4 and "cannot reach the admin API" in result.stderr
+
+
+async def test_sandbox_then_move_traffic_with_the_cli(tmp_path: Path) -> None:
+    """The README's quick start: `bluegreen sandbox`, then curl and the CLI."""
+    port, preview, xds, admin, envoy_admin = (free_port() for _ in range(5))
+    admin_url = f"http://127.0.0.1:{admin}"
+    proc = await ManagedProcess.start(
+        [sys.executable, "-m", "controlplane", "sandbox", "--port", str(port), "--preview-port", str(preview),
+         "--xds", f"127.0.0.1:{xds}", "--admin", f"127.0.0.1:{admin}", "--envoy-admin-port", str(envoy_admin)],
+        name="sandbox", log_dir=tmp_path,
+    )
+    try:
+        await proc.expect_log("bluegreen sandbox is up", timeout=60)
+        url = f"http://127.0.0.1:{port}/"
+        assert await sample_environments(url, 20) == {"blue": 20}
+        assert await sample_environments(f"http://127.0.0.1:{preview}/", 5) == {"green": 5}
+
+        async def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return await asyncio.to_thread(bluegreen, *args, "--admin", admin_url)
+
+        result = await cli("switch", "demo")
+        assert result.returncode == 0, result.stderr
+        assert "1/1 proxies on the current config, converged in" in result.stdout
+        assert await sample_environments(url, 20) == {"green": 20}
+
+        result = await cli("rollback", "demo")
+        assert result.returncode == 0, result.stderr
+        assert await sample_environments(url, 20) == {"blue": 20}
+
+        result = await cli("traffic", "demo", "--green", "101")
+        assert result.returncode == 2 and "--green must be between 0 and 100, got 101" in result.stderr
+        result = await cli("switch", "demo", "--to", "blue")  # already at 100 %: the API refuses
+        assert result.returncode == 1 and "blue already takes 100% of traffic" in result.stderr
+
+        result = await cli("status")
+        assert result.returncode == 0, result.stderr
+        assert "sandbox-envoy fleet=default sotw converged" in result.stdout
+        assert "blue  100%  active version=v1" in result.stdout
+
+        proc.kill(signal.SIGINT)  # Ctrl-C
+        assert await proc.wait(timeout=30) == 0
+        log = proc.log_text()
+        assert "stopping the sandbox" in log
+
+        async def envoy_gone() -> bool:
+            return subprocess.run(["pgrep", "-f", f"--envoy-admin-port {envoy_admin}|sandbox-envoy"], capture_output=True).returncode != 0
+
+        await wait_for(envoy_gone, timeout=10, message="sandbox children stopped")
+        gone = await sample_environments(url, 1)
+        assert gone == {"error": 1}, "Envoy still answering after the sandbox stopped"
+    finally:
+        await proc.stop()
