@@ -36,6 +36,10 @@ def render_bootstrap(
         raise ValidationError(f"invalid node id {node_id!r}: use letters, digits, '.', '_', ':' or '-'")
     if not _NODE_ID.match(fleet):
         raise ValidationError(f"invalid fleet name {fleet!r}")
+    try:
+        ipaddress.ip_address(admin_address)
+    except ValueError:
+        raise ValidationError(f"invalid admin address {admin_address!r}: expected an IP address") from None
     if not 0 < admin_port < 65536:
         raise ValidationError(f"invalid admin port {admin_port}")
     host, port = parse_host_port(xds, what="--xds")

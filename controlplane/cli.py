@@ -128,7 +128,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    text = render_bootstrap(node_id=args.node_id, fleet=args.fleet, xds=args.xds, admin_port=args.admin_port, delta=args.delta)
+    text = render_bootstrap(node_id=args.node_id, fleet=args.fleet, xds=args.xds, admin_address=args.admin_address,
+                            admin_port=args.admin_port, delta=args.delta)
     if args.output:
         Path(args.output).write_text(text)
     else:
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fleet", default="default", help="fleet name, sent as node.cluster (default: default)")
     p.add_argument("--xds", default="127.0.0.1:18000", help="control plane xDS address (default 127.0.0.1:18000)")
     p.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (default 9901)")
+    p.add_argument("--admin-address", default="127.0.0.1", help="Envoy admin bind address (default 127.0.0.1)")
     p.add_argument("--delta", action="store_true", help="use incremental (Delta) xDS instead of State of the World")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_bootstrap)

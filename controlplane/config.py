@@ -138,6 +138,19 @@ def parse_settings(data: object) -> Settings:
     return Settings(fleets=fleets, admin_token=token)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Refuses repeated keys: PyYAML would silently keep the last one (e.g. a fleet defined twice)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_settings(path: str | Path | None) -> Settings:
     if path is None:
         return Settings()
@@ -146,7 +159,7 @@ def load_settings(path: str | Path | None) -> Settings:
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
     return parse_settings(data)

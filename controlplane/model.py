@@ -160,6 +160,8 @@ class Endpoint:
             ) from None
         if not _is_port(port):
             raise ValidationError(f"invalid endpoint {text!r}: port must be 1-65535")
+        if getattr(address, "scope_id", None):
+            raise ValidationError(f"invalid endpoint {text!r}: IPv6 zone ids ('%...') are not supported by Envoy")
         if address.version == 6 and not text.startswith("["):
             raise ValidationError(f"invalid endpoint {text!r}: write IPv6 addresses as '[ADDR]:PORT'")
         return cls(str(address), int(port))
@@ -411,7 +413,7 @@ def set_environment(
         seq = service.deployment_seq + 1
         new_service = replace(new_service, deployment_seq=seq)
         # Status follows the weight: the first version of a new service takes blue's 100 % at once.
-        takes_traffic = service.traffic.weight(env) > 0
+        takes_traffic = service.traffic.weight(env) > 0 and state.registered
         status = DeploymentStatus.ACTIVE if takes_traffic else DeploymentStatus.READY
         records.append(
             Deployment(

@@ -471,7 +471,8 @@ def fleet_states(draw: st.DrawFn) -> tuple[Fleet, list[Service]]:
     """A fleet and the services the control plane holds. Services are created one by one, as
     through the API: one that claims a (domain, prefix) an earlier one routes on the fleet is
     refused (``route_conflict``), so it is not part of the state."""
-    names = draw(st.lists(SERVICE_NAMES, min_size=1, max_size=8, unique=True))
+    count = draw(st.integers(1, 8))
+    names = draw(st.lists(SERVICE_NAMES, min_size=count, max_size=count, unique=True))
     fleet = draw(fleets(names))
     accepted: list[Service] = []
     for name in names:

@@ -96,6 +96,8 @@ async def _json_body(request: web.Request, *, optional: bool = False) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValidationError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ValidationError("request body is not valid JSON: nested too deeply") from None
 
 
 def _wait_params(request: web.Request) -> float | None:
