@@ -31,18 +31,22 @@ from .store.repository import Repository
 from .workflow import Operations
 from .xds.server import AdsServer, SnapshotCache, UnknownGroup
 from .xds.snapshot import Resource, Snapshot, content_version
-from .xds.stream import Outgoing, StreamState
+from .xds.stream import Nack, Outgoing, StreamState
 
 log = logging.getLogger(__name__)
 
 
 class SnapshotBuilder:
-    """Builds each fleet's snapshot from stored state. Per-service resources are cached by the
-    service's value, so a weight change rebuilds only the route configurations."""
+    """Builds each fleet's snapshot from stored state, serializing each resource once: per-service
+    resources are cached by the service's value, route tables by the set of services they
+    route, and listeners once (they depend on the config only). A weight change therefore
+    rebuilds exactly the two route tables of the fleets serving that service."""
 
     def __init__(self, fleets: tuple[Fleet, ...]) -> None:
         self.fleets = fleets
         self._per_service: dict[Service, list[Resource]] = {}
+        self._routes: dict[str, tuple[tuple[Service, ...], list[Resource]]] = {}
+        self._listeners = {fleet.name: resources.fleet_listeners(fleet) for fleet in fleets}
 
     def build(self, generation: int, services: tuple[Service, ...], previous: dict[str, Snapshot]) -> dict[str, Snapshot]:
         cache: dict[Service, list[Resource]] = {}
@@ -51,8 +55,11 @@ class SnapshotBuilder:
         self._per_service = cache  # drop entries of services that changed or left
         out = {}
         for fleet in self.fleets:
-            served = [s for s in services if fleet.serves(s.name)]
-            fleet_resources = [r for s in served for r in cache[s]] + resources.fleet_resources(fleet, served)
+            served = tuple(sorted((s for s in services if fleet.serves(s.name)), key=lambda s: s.name))
+            cached = self._routes.get(fleet.name)
+            if cached is None or cached[0] != served:
+                cached = self._routes[fleet.name] = (served, resources.fleet_routes(fleet, served))
+            fleet_resources = [r for s in served for r in cache[s]] + cached[1] + self._listeners[fleet.name]
             snapshot = Snapshot.build(generation, fleet_resources)
             out[fleet.name] = snapshot.with_generation(generation, previous.get(fleet.name))
         return out
@@ -142,18 +149,19 @@ class Convergence:
         self.metrics.responses.labels(response.type_url).inc()
         self.metrics.response_bytes.labels(response.type_url).inc(len(response.payload))
 
-    def request_received(self, stream: StreamState, type_url: str, nack: str | None) -> None:
-        state = stream.types.get(type_url)
-        if nack is not None and state is not None and state.pending_nonce is not None:
-            self.metrics.nacks.labels(type_url).inc()
-            self.metrics.proxy_rejecting.labels(stream.node_id, stream.fleet, type_url).set(1)
-        elif nack is None and state is not None and state.last_nack is not None:
-            self.metrics.proxy_rejecting.labels(stream.node_id, stream.fleet, type_url).set(0)
+    def nack_received(self, stream: StreamState, type_url: str, nack: Nack) -> None:
+        self.metrics.nacks.labels(type_url).inc()
+        self.metrics.proxy_rejecting.labels(stream.node_id, stream.fleet, type_url).set(1)
+        log.warning("proxy %s (fleet %s) rejected %s version %s: %s", stream.node_id, stream.fleet,
+                    typeurls.SHORT_NAMES.get(type_url, type_url), nack.version, nack.message)
 
     def stream_changed(self, stream: StreamState) -> None:
         progress = self.fleet(stream.fleet)
         if stream.stream_id not in progress.streams:
             return
+        for type_url, state in stream.types.items():
+            if state.last_nack is not None and not state.rejecting:
+                self.metrics.proxy_rejecting.labels(stream.node_id, stream.fleet, type_url).set(0)
         if self._is_converged(stream):
             progress.converged.add(stream.stream_id)
         else:

@@ -228,15 +228,21 @@ def _requires_clusters(services: Iterable[Service]) -> list[tuple[str, str]]:
     return refs
 
 
-def fleet_resources(fleet: Fleet, services: Sequence[Service]) -> list[Resource]:
-    """Listeners and route configurations of a fleet, for the services it serves."""
+def fleet_routes(fleet: Fleet, services: Sequence[Service]) -> list[Resource]:
+    """The fleet's production and preview route configurations, for the services it serves."""
     served = sorted((s for s in services if fleet.serves(s.name)), key=lambda s: s.name)
     requires = _requires_clusters(served)
     main, preview = routes_name(fleet), preview_routes_name(fleet)
-    out = [
+    return [
         Resource.from_message(main, build_route_configuration(main, served, preview=False), requires=requires),
         Resource.from_message(preview, build_route_configuration(preview, served, preview=True), requires=requires),
     ]
+
+
+def fleet_listeners(fleet: Fleet) -> list[Resource]:
+    """The fleet's listeners: they depend on the fleet's config only, never on services."""
+    main, preview = routes_name(fleet), preview_routes_name(fleet)
+    out = []
     for spec in fleet.listeners:
         out.append(
             Resource.from_message(
@@ -251,6 +257,11 @@ def fleet_resources(fleet: Fleet, services: Sequence[Service]) -> list[Resource]
                 )
             )
     return out
+
+
+def fleet_resources(fleet: Fleet, services: Sequence[Service]) -> list[Resource]:
+    """Listeners and route configurations of a fleet, for the services it serves."""
+    return fleet_routes(fleet, services) + fleet_listeners(fleet)
 
 
 def all_resources(fleet: Fleet, services: Sequence[Service]) -> list[Resource]:

@@ -22,7 +22,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from .snapshot import EMPTY, Snapshot
-from .stream import DeltaStream, Outgoing, SotwStream, StreamState
+from .stream import DeltaStream, Nack, Outgoing, SotwStream, StreamState
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,9 @@ class Callbacks(TypingProtocol):
 
     def response_sent(self, stream: StreamState, response: Outgoing) -> None: ...
 
-    def request_received(self, stream: StreamState, type_url: str, nack: str | None) -> None: ...
+    def nack_received(self, stream: StreamState, type_url: str, nack: Nack) -> None:
+        """The proxy rejected our latest response of ``type_url`` (stale NACKs are not reported)."""
+        ...
 
     def stream_changed(self, stream: StreamState) -> None:
         """After every event that may have changed what the proxy holds (ACK, NACK, push)."""
@@ -60,7 +62,7 @@ class NoCallbacks:
     def response_sent(self, stream: StreamState, response: Outgoing) -> None:
         pass
 
-    def request_received(self, stream: StreamState, type_url: str, nack: str | None) -> None:
+    def nack_received(self, stream: StreamState, type_url: str, nack: Nack) -> None:
         pass
 
     def stream_changed(self, stream: StreamState) -> None:
@@ -202,9 +204,13 @@ class AdsServer:
             self._notify(self.callbacks.stream_closed, stream)
 
     async def _handle(self, stream: StreamState, request: object, context: grpc.aio.ServicerContext) -> None:
-        nack = request.error_detail.message if request.HasField("error_detail") else None  # type: ignore[attr-defined]
-        self._notify(self.callbacks.request_received, stream, request.type_url, nack)  # type: ignore[attr-defined]
+        type_url = request.type_url  # type: ignore[attr-defined]
+        state = stream.types.get(type_url)
+        nacks_before = state.nacks if state is not None else 0
         out = stream.on_request(request, self._clock())  # type: ignore[attr-defined]
+        state = stream.types.get(type_url)
+        if state is not None and state.nacks > nacks_before and state.last_nack is not None:
+            self._notify(self.callbacks.nack_received, stream, type_url, state.last_nack)
         await self._write(stream, out, context)
 
     async def _write(self, stream: StreamState, out: list[Outgoing], context: grpc.aio.ServicerContext) -> None:

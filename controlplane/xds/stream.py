@@ -84,6 +84,7 @@ class TypeState:
     responses: int = 0
     nacks: int = 0
     last_nack: Nack | None = None
+    rejecting: bool = False  # the proxy's answer to our latest response of this type was a NACK
 
     def wants(self, name: str) -> bool:
         return self.wildcard or name in self.names
@@ -282,6 +283,7 @@ class SotwStream(StreamState):
         return added
 
     def _ack(self, state: TypeState) -> None:
+        state.rejecting = False
         state.acked = dict(state.sent)
         state.acked_version = state.sent_version
         state.pending_nonce = None
@@ -293,6 +295,7 @@ class SotwStream(StreamState):
     def _nack(self, state: TypeState, message: str, now: float) -> None:
         state.rejected_version = state.sent_version
         state.nacks += 1
+        state.rejecting = True
         state.last_nack = Nack(state.sent_version, message, now)
         state.sent = dict(state.acked)  # the proxy keeps its last good config
         state.sent_version = state.acked_version
@@ -404,6 +407,7 @@ class DeltaStream(StreamState):
                 state.force_names.discard(name)
 
     def _ack(self, state: TypeState) -> None:
+        state.rejecting = False
         state.acked = dict(state.sent)
         state.acked_version = state.sent_version
         state.pending_nonce = None
@@ -415,6 +419,7 @@ class DeltaStream(StreamState):
     def _nack(self, state: TypeState, message: str, now: float) -> None:
         state.rejected.update((r.name, r.version) for r in state.pending_updates)
         state.nacks += 1
+        state.rejecting = True
         state.last_nack = Nack(state.sent_version, message, now)
         state.sent = dict(state.acked)
         state.sent_version = state.acked_version
