@@ -128,12 +128,14 @@ class Convergence:
     # -- xDS callbacks ---------------------------------------------------------------------
 
     def stream_opened(self, stream: StreamState) -> None:
+        log.info("proxy %s connected (fleet %s, %s, stream %s)", stream.node_id, stream.fleet, stream.protocol.value, stream.stream_id)
         progress = self.fleet(stream.fleet)
         progress.streams[stream.stream_id] = stream
         self.metrics.connected_proxies.labels(stream.fleet).set(len(progress.streams))
         self._update(stream.fleet)
 
     def stream_closed(self, stream: StreamState) -> None:
+        log.info("proxy %s disconnected (fleet %s, stream %s)", stream.node_id, stream.fleet, stream.stream_id)
         progress = self.fleet(stream.fleet)
         progress.streams.pop(stream.stream_id, None)
         progress.converged.discard(stream.stream_id)
@@ -230,6 +232,7 @@ class Publisher:
         self.clock = clock
         self.generation = -1
         self.state_services: tuple[Service, ...] = ()
+        self.last_error: str | None = None  # set while the newest stored state could not be published
         self._accepted: dict[int, float] = {}
         self._published = asyncio.Condition()
 
@@ -281,7 +284,9 @@ class Publisher:
             if revision > self.generation:
                 try:
                     await self.publish_once()
-                except Exception:
+                    self.last_error = None
+                except Exception as exc:
+                    self.last_error = f"publishing store revision {revision} failed: {exc!r}"
                     log.exception("publishing revision %s failed; proxies keep the last published config", revision)
 
 

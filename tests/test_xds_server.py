@@ -127,3 +127,29 @@ async def test_streams_share_the_serialized_resources(control_plane: ControlPlan
         for proxy in proxies:
             await proxy.close()
 
+
+
+async def test_healthz_reports_a_failing_publisher(control_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If building snapshots fails, proxies keep the last config and /healthz says why."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from controlplane.admin.api import build_admin_app
+
+    cp = control_plane
+    before = cp.cache.get("default")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("simulated build failure")
+
+    monkeypatch.setattr(cp.builder, "build", broken)
+    async with TestClient(TestServer(build_admin_app(cp, None))) as client:
+        await cp.operations.put_service("cart", {"prefix": "/cart"})
+        await wait_for(lambda: cp.publisher.last_error is not None, timeout=10, message="publisher error recorded")
+        response = await client.get("/healthz")
+        body = await response.json()
+        assert response.status == 503 and "simulated build failure" in body["error"]
+        assert cp.cache.get("default") is before  # nothing half-built was served
+        monkeypatch.undo()
+        await cp.operations.put_service("cart", {"prefix": "/cart2"})
+        await wait_for(lambda: cp.publisher.last_error is None, timeout=10, message="publisher recovered")
+        assert (await client.get("/healthz")).status == 200

@@ -214,8 +214,14 @@ async def _respond_with_state(request: web.Request, committed: Committed | None,
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """200 while the newest stored state is what the proxies are being served; 503 (with the
+    reason) while publishing it fails. Proxies keep their last config either way."""
     cp = request.app[CONTROL_PLANE]
-    return web.json_response({"status": "ok", "published_revision": cp.publisher.generation})
+    body: dict[str, Any] = {"status": "ok", "published_revision": cp.publisher.generation}
+    if cp.publisher.last_error is not None:
+        body.update(status="degraded", error=cp.publisher.last_error)
+        return web.json_response(body, status=503)
+    return web.json_response(body)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -222,7 +222,10 @@ OPENAPI: dict[str, Any] = {
             "get": {
                 "summary": "Liveness; never needs the token.",
                 "security": [],
-                "responses": {"200": _json({"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}, "published_revision": {"type": "integer"}}}, "Serving.")},
+                "responses": {
+                    "200": _json({"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}, "published_revision": {"type": "integer"}}}, "Serving the newest stored state."),
+                    "503": _json({"type": "object", "required": ["status", "error"], "properties": {"status": {"type": "string"}, "published_revision": {"type": "integer"}, "error": {"type": "string"}}}, "The newest stored state could not be published; proxies keep their last config."),
+                },
             }
         },
         "/metrics": {"get": {"summary": "Prometheus exposition.", "responses": {"200": {"description": "text/plain; version=0.0.4"}}}},
