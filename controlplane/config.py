@@ -71,9 +71,11 @@ def _listener(where: str, raw: object) -> ListenerSpec:
         raise ConfigError(f"{where}.name: expected a name of letters, digits, '_' or '-' (not ending in '-preview'), got {name!r}")
     address = data.get("address", "127.0.0.1")
     try:
-        ipaddress.ip_address(address)
+        parsed = ipaddress.ip_address(address)
     except ValueError:
         raise ConfigError(f"{where}.address: expected an IP address, got {address!r}") from None
+    if getattr(parsed, "scope_id", None):
+        raise ConfigError(f"{where}.address: IPv6 zone ids ('%...') are not supported by Envoy, got {address!r}")
     port = _port(f"{where}.port", data.get("port"))
     preview = data.get("preview_port")
     preview_port = _port(f"{where}.preview_port", preview) if preview is not None else None

@@ -98,6 +98,10 @@ def validate_domain(domain: object) -> str:
         if not core:
             raise ValidationError(f"invalid domain {domain!r}: wildcard needs a suffix, e.g. '*.example.com'")
     elif host.endswith("*"):
+        if sep:
+            # Envoy treats '*' as a wildcard only at the very end of the domain: 'x.*:8080'
+            # would be an exact domain that no Host header ever matches.
+            raise ValidationError(f"invalid domain {domain!r}: a trailing wildcard cannot have a port; use 'x.*'")
         core = host[:-1].rstrip(".-")
         if not core:
             raise ValidationError(f"invalid domain {domain!r}: wildcard needs a prefix, e.g. 'example.*'")

@@ -836,3 +836,12 @@ def test_route_conflict_ignores_the_service_itself() -> None:
     shop = _svc("shop", ("example.com",))
     assert route_conflict((DEFAULT_FLEET,), [shop], dataclasses.replace(shop, drain_seconds=1)) is None
     assert route_conflict((DEFAULT_FLEET,), [], shop) is None
+
+
+def test_trailing_wildcard_domain_with_a_port_is_refused() -> None:
+    """Envoy only treats a final '*' as a wildcard; 'shop.*:8080' would never match a Host."""
+    from controlplane.model import validate_domain
+
+    with pytest.raises(ValidationError, match="trailing wildcard cannot have a port"):
+        validate_domain("shop.*:8080")
+    assert validate_domain("*.shop.com:8080") == "*.shop.com:8080"

@@ -1,0 +1,256 @@
+"""What a deployment request asks for: strategy, smoke tests, analysis. Pure parsing and validation.
+
+Parsing takes the JSON-decoded body of ``POST /v1/services/{name}/deployments`` and returns frozen
+values, or raises :class:`~controlplane.errors.ValidationError` naming the field (as a path such
+as ``smoke.checks[0].expect_status``) and the problem. Defaults are filled in here, once, so the
+stored spec says exactly what will happen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from .errors import ValidationError
+from .model import EnvironmentState, parse_environment_spec
+
+MAX_STEPS = 20
+MAX_SECONDS = 7 * 86_400
+HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+NO_DATA_POLICIES = ("wait", "fail", "pass")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    steps: tuple[int, ...] = (100,)  # [100] is the atomic switch
+    step_seconds: float = 30.0
+    bake_seconds: float = 60.0
+    auto_promote: bool = True  # False: wait at the last step before 100 for an explicit promote
+
+
+@dataclass(frozen=True)
+class HttpCheck:
+    method: str = "GET"
+    path: str = "/"
+    headers: tuple[tuple[str, str], ...] = ()
+    expect_status: int = 200
+    body_contains: str | None = None
+    timeout_seconds: float = 2.0
+    retries: int = 3
+
+
+@dataclass(frozen=True)
+class Webhook:
+    url: str
+    timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class Smoke:
+    checks: tuple[HttpCheck, ...] = ()
+    commands: tuple[tuple[str, ...], ...] = ()
+    webhooks: tuple[Webhook, ...] = ()
+    command_timeout_seconds: float = 60.0
+
+    @property
+    def empty(self) -> bool:
+        return not (self.checks or self.commands or self.webhooks)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    interval_seconds: float = 5.0
+    max_error_rate: float = 0.01
+    max_p99_ms: float | None = 500.0
+    min_requests: int = 20
+    no_data: str = "wait"  # wait | fail | pass
+    failure_limit: int = 2
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    version: str
+    endpoints: EnvironmentState
+    strategy: Strategy = field(default_factory=Strategy)
+    smoke: Smoke = field(default_factory=Smoke)
+    analysis: Analysis | None = None  # None: no automated analysis
+    decommission_webhooks: tuple[Webhook, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _obj(path: str, value: object) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValidationError(f"{path} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _only(path: str, body: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ValidationError(f"unknown field(s) in {path}: {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _number(path: str, value: object, *, minimum: float, maximum: float, integer: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        kind = "an integer" if integer else "a number"
+        raise ValidationError(f"{path} must be {kind}, got {value!r}")
+    if value != value or not minimum <= value <= maximum:  # value != value: NaN
+        raise ValidationError(f"{path} must be between {minimum:g} and {maximum:g}, got {value!r}")
+    return value
+
+
+def _bool(path: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValidationError(f"{path} must be true or false, got {value!r}")
+    return value
+
+
+def _string(path: str, value: object, *, max_len: int = 4096) -> str:
+    if not isinstance(value, str) or not value or len(value) > max_len:
+        raise ValidationError(f"{path} must be a non-empty string of at most {max_len} characters")
+    return value
+
+
+def _url(path: str, value: object) -> str:
+    text = _string(path, value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValidationError(f"{path} must be an http(s) URL, got {text!r}")
+    return text
+
+
+def parse_strategy(body: object) -> Strategy:
+    spec = _obj("strategy", body)
+    _only("strategy", spec, {"steps", "step_seconds", "bake_seconds", "auto_promote"})
+    default = Strategy()
+    steps = spec.get("steps", list(default.steps))
+    if not isinstance(steps, list) or not steps or len(steps) > MAX_STEPS:
+        raise ValidationError(f"strategy.steps must be a list of 1 to {MAX_STEPS} percentages ending at 100, e.g. [10, 50, 100]")
+    checked = [int(_number(f"strategy.steps[{i}]", s, minimum=1, maximum=100, integer=True)) for i, s in enumerate(steps)]
+    if any(b <= a for a, b in zip(checked, checked[1:])):
+        raise ValidationError(f"strategy.steps must increase strictly, got {checked}")
+    if checked[-1] != 100:
+        raise ValidationError(f"strategy.steps must end at 100, got {checked}")
+    return Strategy(
+        steps=tuple(checked),
+        step_seconds=_number("strategy.step_seconds", spec.get("step_seconds", default.step_seconds), minimum=0, maximum=MAX_SECONDS),
+        bake_seconds=_number("strategy.bake_seconds", spec.get("bake_seconds", default.bake_seconds), minimum=0, maximum=MAX_SECONDS),
+        auto_promote=_bool("strategy.auto_promote", spec.get("auto_promote", default.auto_promote)),
+    )
+
+
+def _parse_check(path: str, body: object) -> HttpCheck:
+    spec = _obj(path, body)
+    _only(path, spec, {"method", "path", "headers", "expect_status", "body_contains", "timeout_seconds", "retries"})
+    default = HttpCheck()
+    method = spec.get("method", default.method)
+    if not isinstance(method, str) or method.upper() not in HTTP_METHODS:
+        raise ValidationError(f"{path}.method must be one of {', '.join(sorted(HTTP_METHODS))}, got {method!r}")
+    request_path = spec.get("path", default.path)
+    if not isinstance(request_path, str) or not request_path.startswith("/") or any(c.isspace() for c in request_path):
+        raise ValidationError(f"{path}.path must start with '/' and contain no whitespace, got {request_path!r}")
+    headers = spec.get("headers", {})
+    if not isinstance(headers, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+        raise ValidationError(f"{path}.headers must be an object of string values")
+    body_contains = spec.get("body_contains")
+    if body_contains is not None:
+        body_contains = _string(f"{path}.body_contains", body_contains)
+    return HttpCheck(
+        method=method.upper(),
+        path=request_path,
+        headers=tuple(sorted(headers.items())),
+        expect_status=int(_number(f"{path}.expect_status", spec.get("expect_status", default.expect_status), minimum=100, maximum=599, integer=True)),
+        body_contains=body_contains,
+        timeout_seconds=_number(f"{path}.timeout_seconds", spec.get("timeout_seconds", default.timeout_seconds), minimum=0.01, maximum=300),
+        retries=int(_number(f"{path}.retries", spec.get("retries", default.retries), minimum=0, maximum=100, integer=True)),
+    )
+
+
+def _parse_webhook(path: str, body: object) -> Webhook:
+    spec = _obj(path, body)
+    _only(path, spec, {"url", "timeout_seconds"})
+    if "url" not in spec:
+        raise ValidationError(f"{path}.url is required")
+    return Webhook(
+        url=_url(f"{path}.url", spec["url"]),
+        timeout_seconds=_number(f"{path}.timeout_seconds", spec.get("timeout_seconds", 5.0), minimum=0.01, maximum=300),
+    )
+
+
+def _list(path: str, value: object, limit: int = 50) -> list[Any]:
+    if not isinstance(value, list) or len(value) > limit:
+        raise ValidationError(f"{path} must be a list of at most {limit} entries")
+    return value
+
+
+def parse_smoke(body: object) -> Smoke:
+    spec = _obj("smoke", body)
+    _only("smoke", spec, {"checks", "commands", "webhooks", "command_timeout_seconds"})
+    checks = tuple(_parse_check(f"smoke.checks[{i}]", c) for i, c in enumerate(_list("smoke.checks", spec.get("checks", []))))
+    commands = []
+    for i, command in enumerate(_list("smoke.commands", spec.get("commands", []))):
+        if not isinstance(command, list) or not command or not all(isinstance(a, str) and a for a in command):
+            raise ValidationError(f"smoke.commands[{i}] must be a non-empty list of strings (program and arguments; no shell)")
+        commands.append(tuple(command))
+    webhooks = tuple(_parse_webhook(f"smoke.webhooks[{i}]", w) for i, w in enumerate(_list("smoke.webhooks", spec.get("webhooks", []))))
+    timeout = _number("smoke.command_timeout_seconds", spec.get("command_timeout_seconds", 60.0), minimum=0.1, maximum=3600)
+    return Smoke(checks=checks, commands=tuple(commands), webhooks=webhooks, command_timeout_seconds=timeout)
+
+
+def parse_analysis(body: object) -> Analysis:
+    spec = _obj("analysis", body)
+    _only("analysis", spec, {"interval_seconds", "max_error_rate", "max_p99_ms", "min_requests", "no_data", "failure_limit"})
+    default = Analysis()
+    max_p99 = spec.get("max_p99_ms", default.max_p99_ms)
+    no_data = spec.get("no_data", default.no_data)
+    if no_data not in NO_DATA_POLICIES:
+        raise ValidationError(f"analysis.no_data must be one of {', '.join(NO_DATA_POLICIES)}, got {no_data!r}")
+    return Analysis(
+        interval_seconds=_number("analysis.interval_seconds", spec.get("interval_seconds", default.interval_seconds), minimum=0.1, maximum=3600),
+        max_error_rate=_number("analysis.max_error_rate", spec.get("max_error_rate", default.max_error_rate), minimum=0, maximum=1),
+        max_p99_ms=None if max_p99 is None else _number("analysis.max_p99_ms", max_p99, minimum=0.001, maximum=3_600_000),
+        min_requests=int(_number("analysis.min_requests", spec.get("min_requests", default.min_requests), minimum=0, maximum=10**9, integer=True)),
+        no_data=no_data,
+        failure_limit=int(_number("analysis.failure_limit", spec.get("failure_limit", default.failure_limit), minimum=1, maximum=1000, integer=True)),
+    )
+
+
+def parse_deployment_spec(body: object) -> DeploymentSpec:
+    spec = _obj("deployment", body)
+    _only("deployment", spec, {"version", "endpoints", "strategy", "smoke", "analysis", "decommission"})
+    state = parse_environment_spec({k: spec[k] for k in ("version", "endpoints") if k in spec})
+    if not state.endpoints:
+        raise ValidationError("endpoints must list at least one 'IP:PORT': a deployment needs something to send traffic to")
+    decommission = _obj("decommission", spec.get("decommission", {}))
+    _only("decommission", decommission, {"webhooks"})
+    hooks = tuple(_parse_webhook(f"decommission.webhooks[{i}]", w)
+                  for i, w in enumerate(_list("decommission.webhooks", decommission.get("webhooks", []))))
+    return DeploymentSpec(
+        version=state.version,
+        endpoints=state,
+        strategy=parse_strategy(spec.get("strategy", {})),
+        smoke=parse_smoke(spec.get("smoke", {})),
+        analysis=parse_analysis(spec["analysis"]) if spec.get("analysis") is not None else None,
+        decommission_webhooks=hooks,
+    )
+
+
+def spec_to_dict(spec: DeploymentSpec) -> dict[str, Any]:
+    """A JSON-ready form; parse_deployment_spec(spec_to_dict(s)) == s."""
+    smoke = asdict(spec.smoke)
+    smoke["checks"] = [dict(asdict(c), headers=dict(c.headers)) for c in spec.smoke.checks]
+    smoke["commands"] = [list(c) for c in spec.smoke.commands]
+    smoke["webhooks"] = [asdict(w) for w in spec.smoke.webhooks]
+    strategy = asdict(spec.strategy)
+    strategy["steps"] = list(spec.strategy.steps)
+    return {
+        "version": spec.version,
+        "endpoints": [str(e) for e in spec.endpoints.endpoints],
+        "strategy": strategy,
+        "smoke": smoke,
+        "analysis": asdict(spec.analysis) if spec.analysis else None,
+        "decommission": {"webhooks": [asdict(w) for w in spec.decommission_webhooks]},
+    }
