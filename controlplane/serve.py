@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import signal
@@ -82,6 +83,11 @@ async def serve(options: ServeOptions) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with running(options) as (cp, admin_port):
+        # Long-lived start-up objects (protobuf modules, the first snapshot) leave the collector's
+        # view, and young collections run less often: measured in bench/ to remove ~40 ms of
+        # collection per switch at 100 services and 1000 proxies.
+        gc.freeze()
+        gc.set_threshold(20_000, 10, 10)
         log.info(
             "serving xDS (ADS, SotW and Delta) on %s, admin API on %s; state %s; fleets: %s",
             options.xds, options.admin, options.state_path, ", ".join(f.name for f in options.settings.fleets),

@@ -423,3 +423,16 @@ def test_delta_new_cluster_gates_routes() -> None:
     assert dnames(eds) == ["b"]
     [rds] = ddecode(stream.on_request(delta_req(ENDPOINT, nonce=eds.nonce), NOW))
     assert rds.type_url == ROUTE
+
+
+def test_routes_requested_before_their_clusters_are_acked_get_no_empty_answer() -> None:
+    """An RDS response without the subscribed route table could let Envoy finish warming a
+    listener with no routes (404s). The answer waits until the clusters are warm."""
+    snap = snapshot(1, ["a"])
+    proxy = SotwProxy(SotwStream(1, "node", "fleet", snap, NOW))
+    proxy.subscribe(CLUSTER)
+    assert proxy.subscribe(ROUTE, ["rt"]) == []  # clusters sent but not ACKed yet
+    proxy.ack(CLUSTER)
+    [eds] = proxy.subscribe(ENDPOINT, ["a"])
+    out = proxy.ack(ENDPOINT)
+    assert [r.type_url for r in out] == [ROUTE] and names_of(out[0]) == ["rt"]

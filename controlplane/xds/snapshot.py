@@ -61,6 +61,8 @@ class Resource:
     warms_with: frozenset[Ref]
     sotw_field: bytes
     delta_field: bytes
+    # ``requires`` grouped by type, so a stream checks them with one set operation per type.
+    requires_by_type: tuple[tuple[str, frozenset[str]], ...] = ()
 
     @classmethod
     def from_message(
@@ -71,15 +73,20 @@ class Resource:
         any_bytes = packed.SerializeToString(deterministic=True)
         version = hashlib.sha256(any_bytes).hexdigest()[:16]
         delta = length_delimited(3, name.encode()) + length_delimited(1, version.encode()) + length_delimited(2, any_bytes)
+        requires = frozenset(requires)
+        grouped: dict[str, set[str]] = {}
+        for type_url, required in requires:
+            grouped.setdefault(type_url, set()).add(required)
         return cls(
             type_url=packed.type_url,
             name=name,
             version=version,
             any_bytes=any_bytes,
-            requires=frozenset(requires),
+            requires=requires,
             warms_with=frozenset(warms_with),
             sotw_field=length_delimited(2, any_bytes),
             delta_field=length_delimited(2, delta),
+            requires_by_type=tuple((t, frozenset(n)) for t, n in sorted(grouped.items())),
         )
 
 

@@ -85,6 +85,7 @@ class TypeState:
     nacks: int = 0
     last_nack: Nack | None = None
     rejecting: bool = False  # the proxy's answer to our latest response of this type was a NACK
+    unknown: bool = False  # acked holds entries of unknown content (Delta initial_resource_versions)
 
     def wants(self, name: str) -> bool:
         return self.wildcard or name in self.names
@@ -161,9 +162,15 @@ class StreamState:
             return dict(pool)
         return {name: pool[name] for name in state.names if name in pool}
 
-    def _has_applied(self, ref: Ref) -> bool:
-        state = self.types.get(ref[0])
-        return state is not None and state.acked.get(ref[1]) is not None
+    def _has_applied_all(self, resource: Resource) -> bool:
+        """Has the proxy ACKed every resource ``resource`` requires, with known content?"""
+        for type_url, names in resource.requires_by_type:
+            state = self.types.get(type_url)
+            if state is None or not state.acked.keys() >= names:
+                return False
+            if state.unknown and any(state.acked[n] is None for n in names):
+                return False
+        return True
 
     def _held_requirements(self, extra: Iterable[Resource | None]) -> tuple[set[Ref], bool]:
         """Everything required by what the proxy holds or is about to hold. The flag is True if
@@ -196,7 +203,7 @@ class StreamState:
             old = current.get(name)
             if old is not None and old.version == resource.version:
                 content[name] = resource
-            elif all(self._has_applied(ref) for ref in resource.requires):
+            elif self._has_applied_all(resource):
                 content[name] = resource
             elif name in current:
                 content[name] = old
@@ -321,6 +328,11 @@ class SotwStream(StreamState):
             state.synced_generation = self.snapshot.generation  # nothing of this type changed
             return []
         content, complete = self._plan(state)
+        if not state.wildcard and any(name not in content for name in self._desired(state)):
+            # A subscribed resource is held back (it waits for its clusters). Envoy takes a
+            # response without it as "no such resource" and may finish warming a listener with
+            # no routes; send nothing until every subscribed resource can go.
+            return []
         version = self._version_of(state, content, complete=complete)
         if version == state.sent_version and not force:
             if complete:
@@ -388,6 +400,7 @@ class DeltaStream(StreamState):
                 known = pool.get(name)
                 held = known if known is not None and known.version == version else None
                 state.acked[name] = state.sent[name] = held
+                state.unknown = state.unknown or held is None
         for name in subscribe:
             if name == "*":
                 state.wildcard = True
