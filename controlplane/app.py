@@ -26,6 +26,7 @@ from . import resources, typeurls
 from .config import Settings
 from .metrics import Metrics
 from .model import Environment, Fleet, Service
+from .rollout_driver import Rollouts, Telemetry
 from .store.base import KVStore
 from .store.repository import Repository
 from .workflow import Operations
@@ -320,6 +321,8 @@ class ControlPlane:
         self.builder = SnapshotBuilder(settings.fleets)
         self.publisher = Publisher(self.repo, self.builder, self.cache, self.convergence, self.metrics)
         self.ads = AdsServer(self.cache, self.convergence)
+        self.telemetry: Telemetry | None = None
+        self.rollouts = Rollouts(self.repo, settings.fleets, self.metrics, self.wait_converged)
         self.grpc_server: grpc.aio.Server | None = None
         self.xds_port: int | None = None
         self._publisher_task: asyncio.Task[None] | None = None
@@ -345,9 +348,23 @@ class ControlPlane:
             raise OSError(f"cannot listen for xDS on {xds_address}")
         await server.start()
         self.grpc_server = server
+        self.rollouts.telemetry = self.telemetry
+        await self.rollouts.start()  # resumes deployments that were under way
+
+    async def wait_converged(self, fleets: tuple[str, ...], revision: int, timeout: float) -> bool:
+        """Wait until ``revision`` is published and every connected proxy of ``fleets`` holds it."""
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(self.publisher.wait_published(revision), timeout)
+            remaining = max(0.0, timeout - (time.monotonic() - started))
+            await asyncio.wait_for(self.convergence.wait(fleets, revision, started), remaining)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     async def stop(self, grace: float = 2.0) -> None:
         errors: list[BaseException] = []
+        await self.rollouts.stop()
         if self.grpc_server is not None:
             try:
                 await self.grpc_server.stop(grace)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from importlib import resources
 from string import Template
@@ -31,7 +32,11 @@ def render_bootstrap(
     admin_address: str = "127.0.0.1",
     admin_port: int = 9901,
     delta: bool = False,
+    stats_flush_seconds: float = 1.0,
 ) -> str:
+    """The bootstrap text. ``stats_flush_seconds`` is Envoy's ``stats_flush_interval``: how often
+    it streams its stats to the control plane's metrics service (the deployment analysis reads
+    them); rounded to whole milliseconds, within [1 ms, 300 s)."""
     if not _NODE_ID.match(node_id):
         raise ValidationError(f"invalid node id {node_id!r}: use letters, digits, '.', '_', ':' or '-'")
     if not _NODE_ID.match(fleet):
@@ -42,6 +47,7 @@ def render_bootstrap(
         raise ValidationError(f"invalid admin address {admin_address!r}: expected an IP address") from None
     if not 0 < admin_port < 65536:
         raise ValidationError(f"invalid admin port {admin_port}")
+    stats_flush = format_flush_interval(stats_flush_seconds)
     host, port = parse_host_port(xds, what="--xds")
     try:
         ipaddress.ip_address(host)
@@ -58,4 +64,17 @@ def render_bootstrap(
         xds_cluster_type=cluster_type,
         xds_host=host,
         xds_port=port,
+        stats_flush=stats_flush,
     )
+
+
+def format_flush_interval(seconds: float) -> str:
+    """``seconds`` as an Envoy duration with millisecond precision: 1 -> '1s', 0.5 -> '0.5s'.
+
+    Envoy accepts a stats flush interval from 1 ms up to (excluding) 300 s."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+        raise ValidationError(f"invalid stats flush interval {seconds!r}: expected a number of seconds")
+    millis = round(seconds * 1000)
+    if not 1 <= millis < 300_000:
+        raise ValidationError(f"invalid stats flush interval {seconds!r}: must be at least 0.001 s and less than 300 s")
+    return f"{millis / 1000:g}s"

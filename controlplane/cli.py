@@ -100,6 +100,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("no services registered")
     for view in views:
         _print_service(view)
+        _, listing = _request(args, "GET", f"/v1/services/{view['name']}/deployments")
+        for d in listing["deployments"][:3]:
+            if d.get("spec") or d["status"] in ("draining", "standby"):
+                print(f"  deployment {_deployment_line(d)}")
     print(f"{len(proxies['proxies'])} proxies connected")
     for proxy in proxies["proxies"]:
         nacks = [f"{t}: {v['last_nack']['message']}" for t, v in proxy["types"].items() if v["last_nack"]]
@@ -125,6 +129,65 @@ def cmd_switch(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     return _mutation(args, "POST", f"/v1/services/{args.service}/rollback")
+
+
+def _deployment_line(d: dict[str, Any]) -> str:
+    steps = (d.get("spec") or {}).get("strategy", {}).get("steps", [])
+    text = f"{d['id']} {d['version']} -> {d['environment']}: {d['status']}"
+    if d.get("step", -1) >= 0 and steps:
+        text += f" at step {d['step'] + 1}/{len(steps)} ({steps[d['step']]}%)"
+    if d.get("baking"):
+        text += " baking"
+    if d.get("paused_remaining") is not None:
+        text += f" PAUSED ({d['paused_remaining']:.0f}s left)"
+    if d.get("awaiting_promote"):
+        text += " waiting for promote"
+    if d.get("deadline"):
+        text += f" until {d['deadline'][11:19]}Z"
+    analysis = d.get("analysis") or {}
+    if analysis:
+        rate = analysis.get("error_rate")
+        p99 = analysis.get("p99_ms")
+        text += f"  [{analysis.get('requests', 0)} req, errors {rate if rate is not None else '-'}, p99 {p99 if p99 is not None else '-'} ms, {analysis.get('verdict')}]"
+    if d.get("reason"):
+        text += f"  reason: {d['reason']}"
+    return text
+
+
+_SETTLED = {"active", "failed", "rolled_back"}
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    import time as _time
+
+    body: dict[str, Any] = {"version": args.version, "endpoints": args.endpoint,
+                            "strategy": {"steps": [int(x) for x in args.steps.split(",")], "step_seconds": args.step_seconds,
+                                         "bake_seconds": args.bake_seconds, "auto_promote": not args.manual_promote}}
+    if args.smoke_path:
+        body["smoke"] = {"checks": [{"path": p} for p in args.smoke_path]}
+    if args.max_error_rate is not None or args.max_p99_ms is not None:
+        body["analysis"] = {k: v for k, v in (("max_error_rate", args.max_error_rate), ("max_p99_ms", args.max_p99_ms)) if v is not None}
+    _, created = _request(args, "POST", f"/v1/services/{args.service}/deployments", body)
+    print(f"deployment {created['id']} accepted")
+    if not args.watch:
+        return 0
+    last = ""
+    while True:
+        _, d = _request(args, "GET", f"/v1/deployments/{created['id']}")
+        line = _deployment_line(d)
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if d["status"] in _SETTLED and not d.get("baking"):
+            return 0 if d["status"] == "active" else 1
+        _time.sleep(0.5)  # a person watching; the API has no push channel
+
+
+def cmd_deployment_action(args: argparse.Namespace) -> int:
+    query = "full=true" if getattr(args, "full", False) else ""
+    _, d = _request(args, "POST", f"/v1/deployments/{args.id}/{args.action}", None, query)
+    print(json.dumps(d, indent=2) if args.json else _deployment_line(d))
+    return 0
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
@@ -214,7 +277,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["blue", "green"])
     p.set_defaults(func=cmd_switch)
 
-    p = client("rollback", "send 100%% back to the previously active environment")
+    p = client("deploy", "deploy a version to the idle environment: smoke tests, shift, analysis, drain, standby")
+    p.add_argument("service")
+    p.add_argument("--version", required=True)
+    p.add_argument("--endpoint", action="append", required=True, help="IP:PORT of the new version (repeat)")
+    p.add_argument("--steps", default="100", help="comma-separated weights ending at 100, e.g. 10,50,100 (default 100: atomic)")
+    p.add_argument("--step-seconds", type=float, default=30.0)
+    p.add_argument("--bake-seconds", type=float, default=60.0)
+    p.add_argument("--manual-promote", action="store_true", help="hold before 100%% until `bluegreen promote ID`")
+    p.add_argument("--smoke-path", action="append", help="HTTP GET smoke check through the preview entry, expecting 200 (repeat)")
+    p.add_argument("--max-error-rate", type=float, help="enable analysis: roll back above this 5xx share")
+    p.add_argument("--max-p99-ms", type=float, help="enable analysis: roll back above this p99 latency")
+    p.add_argument("--watch", action="store_true", help="print progress until the deployment settles")
+    p.set_defaults(func=cmd_deploy)
+
+    for action, text in (("promote", "advance a deployment to its next step (--full: to 100%%)"), ("pause", "pause a deployment's timer"),
+                         ("resume", "resume a paused deployment"), ("abort", "abort a deployment (rolls back if it took traffic)"),
+                         ("decommission", "end the standby of the environment a deployment replaced")):
+        p = client(action, text)
+        p.add_argument("id", help="deployment id, e.g. shop-3")
+        if action == "promote":
+            p.add_argument("--full", action="store_true")
+        p.set_defaults(func=cmd_deployment_action, action=action)
+
+    p = client("rollback", "send 100%% back to the previously active environment (rolls back a deployment in progress)")
     p.add_argument("service")
     p.set_defaults(func=cmd_rollback)
     return parser

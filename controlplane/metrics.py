@@ -48,3 +48,27 @@ class Metrics:
             "bluegreen_snapshot_build_seconds", "Time to build and serialize all fleets' snapshots after a change",
             buckets=CONVERGENCE_BUCKETS, registry=r,
         )
+        self.deployment_phase = Gauge(
+            "bluegreen_deployment_phase", "1 for the phase the service's deployment is in (idle when none runs)",
+            ["service", "phase"], registry=r,
+        )
+        self.deployments = Counter(
+            "bluegreen_deployments_total", "Deployments that ended, by result (succeeded, failed, rolled_back)",
+            ["service", "result"], registry=r,
+        )
+        self.rollbacks = Counter(
+            "bluegreen_rollbacks_total", "Rollbacks of deployments, by who decided (automatic analysis or api)",
+            ["service", "reason"], registry=r,
+        )
+        self.cutover = Histogram(
+            "bluegreen_cutover_seconds", "From the start of a deployment's shift to every proxy holding 100 % on the new environment",
+            ["service"], buckets=CONVERGENCE_BUCKETS + (60.0, 300.0, 900.0, 3600.0), registry=r,
+        )
+        self.analysis_error_rate = Gauge(
+            "bluegreen_analysis_error_rate", "5xx share of the environment's requests in the last analysis interval",
+            ["service", "environment"], registry=r,
+        )
+        self.analysis_p99_ms = Gauge(
+            "bluegreen_analysis_p99_ms", "p99 upstream latency (ms) of the environment in the last analysis interval",
+            ["service", "environment"], registry=r,
+        )

@@ -227,8 +227,22 @@ class Service:
 
 
 @dataclass(frozen=True)
+class Event:
+    """One transition in a deployment's history."""
+
+    at: float
+    status: str
+    actor: str  # "api" (a person or pipeline) or "automatic" (timers, smoke tests, analysis)
+    reason: str
+
+
+@dataclass(frozen=True)
 class Deployment:
-    """One version placed in one environment of a service, and what became of it."""
+    """One version placed in one environment of a service, and what became of it.
+
+    The fields after ``updated_at`` belong to the deployment workflow (``rollout.py``); a version
+    registered by hand (``PUT .../environments/...``) leaves them at their defaults.
+    """
 
     id: str
     service: str
@@ -238,6 +252,26 @@ class Deployment:
     deployed_at: float
     activated_at: float | None = None
     updated_at: float | None = None
+    spec: Mapping[str, Any] | None = None  # the deployment request, defaults filled in
+    step: int = -1  # index into strategy.steps of the weight in force; -1 before the shift
+    deadline: float | None = None  # end of the current timed phase: step, bake, drain or standby
+    paused_remaining: float | None = None  # seconds left of the phase when paused; None: running
+    awaiting_promote: bool = False
+    baking: bool = False  # at 100 %, analysis continues until the bake deadline
+    failures: int = 0  # consecutive analysis intervals that breached a threshold
+    analysis: Mapping[str, Any] | None = None  # the latest analysis figures
+    reason: str | None = None  # why it failed or was rolled back
+    counterpart: str | None = None  # the other environment's deployment this one replaces or serves
+    hooks_pending: bool = False  # decommission webhooks still to be called
+    history: tuple[Event, ...] = ()
+
+    @property
+    def in_progress(self) -> bool:
+        """A workflow deployment that has not settled: a second one must wait."""
+        return self.spec is not None and (
+            self.status in (DeploymentStatus.DEPLOYING, DeploymentStatus.READY, DeploymentStatus.SHIFTING)
+            or (self.status is DeploymentStatus.ACTIVE and self.baking)
+        )
 
 
 @dataclass(frozen=True)
@@ -570,6 +604,18 @@ def deployment_to_dict(d: Deployment) -> dict[str, Any]:
         "deployed_at": d.deployed_at,
         "activated_at": d.activated_at,
         "updated_at": d.updated_at,
+        "spec": dict(d.spec) if d.spec is not None else None,
+        "step": d.step,
+        "deadline": d.deadline,
+        "paused_remaining": d.paused_remaining,
+        "awaiting_promote": d.awaiting_promote,
+        "baking": d.baking,
+        "failures": d.failures,
+        "analysis": dict(d.analysis) if d.analysis is not None else None,
+        "reason": d.reason,
+        "counterpart": d.counterpart,
+        "hooks_pending": d.hooks_pending,
+        "history": [{"at": e.at, "status": e.status, "actor": e.actor, "reason": e.reason} for e in d.history],
     }
 
 
@@ -583,4 +629,16 @@ def deployment_from_dict(data: Mapping[str, Any]) -> Deployment:
         deployed_at=data["deployed_at"],
         activated_at=data.get("activated_at"),
         updated_at=data.get("updated_at"),
+        spec=data.get("spec"),
+        step=data.get("step", -1),
+        deadline=data.get("deadline"),
+        paused_remaining=data.get("paused_remaining"),
+        awaiting_promote=data.get("awaiting_promote", False),
+        baking=data.get("baking", False),
+        failures=data.get("failures", 0),
+        analysis=data.get("analysis"),
+        reason=data.get("reason"),
+        counterpart=data.get("counterpart"),
+        hooks_pending=data.get("hooks_pending", False),
+        history=tuple(Event(e["at"], e["status"], e["actor"], e["reason"]) for e in data.get("history", ())),
     )

@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Mapping
 
 from .errors import ConflictError
+from . import rollout
 from .model import (
     Change,
     Deployment,
+    DeploymentStatus,
     Environment,
     Fleet,
     Service,
@@ -30,6 +32,15 @@ from .model import (
 from .store.repository import Committed, Repository
 
 Current = Mapping[Environment, Deployment | None]
+
+
+def _not_during_deployment(service: Service, current: Current) -> None:
+    for record in current.values():
+        if record is not None and record.in_progress:
+            raise ConflictError(
+                f"deployment {record.id} of {service.name} is in progress ({record.status.value}); "
+                f"steer it with /v1/deployments/{record.id}/{{promote,pause,resume,rollback,abort}}"
+            )
 
 
 class Operations:
@@ -59,6 +70,7 @@ class Operations:
 
         def mutation(service: Service | None, current: Current, now: float) -> Change:
             assert service is not None
+            _not_during_deployment(service, current)
             return set_environment(service, env, state, current, now)
 
         return await self.repo.mutate(name, mutation)
@@ -68,6 +80,7 @@ class Operations:
 
         def mutation(service: Service | None, current: Current, now: float) -> Change:
             assert service is not None
+            _not_during_deployment(service, current)
             return set_weights(service, weights, current, now)
 
         return await self.repo.mutate(name, mutation)
@@ -77,6 +90,7 @@ class Operations:
 
         def mutation(service: Service | None, current: Current, now: float) -> Change:
             assert service is not None
+            _not_during_deployment(service, current)
             target = switch_target(service, target_env)
             return set_weights(service, full_weights(target), current, now)
 
@@ -85,6 +99,13 @@ class Operations:
     async def rollback(self, name: str) -> Committed:
         def mutation(service: Service | None, current: Current, now: float) -> Change:
             assert service is not None
+            # A deployment made by the workflow is rolled back by the workflow, so its records
+            # and the replaced environment's go where the history expects them.
+            live = current.get(service.traffic.active if service.traffic.weight(service.traffic.active) == 100 else service.traffic.idle)
+            for record in (live, *current.values()):
+                if record is not None and record.spec is not None and record.status in (DeploymentStatus.SHIFTING, DeploymentStatus.ACTIVE):
+                    if service.environment(record.environment.other).registered:
+                        return rollout.rollback(service, current, record.id, now, rollout.API, "rollback requested")
             target = rollback_target(service)
             return set_weights(service, full_weights(target), current, now, rollback=True)
 

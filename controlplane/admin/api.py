@@ -133,8 +133,10 @@ def _deployment_view(d: Deployment | None) -> dict[str, Any] | None:
     if d is None:
         return None
     view = deployment_to_dict(d)
-    for key in ("deployed_at", "activated_at", "updated_at"):
+    for key in ("deployed_at", "activated_at", "updated_at", "deadline"):
         view[key] = _iso(view[key])
+    for event in view["history"]:
+        event["at"] = _iso(event["at"])
     return view
 
 
@@ -310,6 +312,40 @@ async def list_deployments(request: web.Request) -> web.Response:
     return web.json_response({"deployments": [_deployment_view(d) for d in reversed(records)]})
 
 
+async def create_deployment(request: web.Request) -> web.Response:
+    cp = request.app[CONTROL_PLANE]
+    body = await _json_body(request)
+    committed = await cp.rollouts.deploy(request.match_info["name"], body)
+    request.app[CONTROL_PLANE].publisher.accepted(committed.revision, time.monotonic())
+    created = next(d for d in committed.change.deployments if d.status.value == "deploying")
+    return web.json_response({"id": created.id, "deployment": _deployment_view(created)}, status=202)
+
+
+async def get_deployment(request: web.Request) -> web.Response:
+    cp = request.app[CONTROL_PLANE]
+    record = await cp.repo.deployment(request.match_info["id"])
+    return web.json_response(_deployment_view(record))
+
+
+def _deployment_action(action: str) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        cp = request.app[CONTROL_PLANE]
+        body = await _json_body(request, optional=True)
+        if body != {}:
+            raise ValidationError(f"{action} takes no body")
+        full = request.query.get("full", "false")
+        if full not in ("true", "false") or (full == "true" and action != "promote"):
+            raise ValidationError("full=true is only for promote (skip the remaining steps)")
+        committed = await cp.rollouts.command(request.match_info["id"], action, full=full == "true")
+        request.app[CONTROL_PLANE].publisher.accepted(committed.revision, time.monotonic())
+        await asyncio.wait_for(cp.publisher.wait_published(committed.revision), PUBLISH_TIMEOUT)
+        record = await cp.repo.deployment(request.match_info["id"])
+        return web.json_response(_deployment_view(record))
+
+    handler.__name__ = f"deployment_{action}"
+    return handler
+
+
 def _proxy_view(cp: ControlPlane, stream: Any) -> dict[str, Any]:
     types = {}
     for type_url, state in sorted(stream.types.items(), key=lambda kv: typeurls.PUSH_ORDER.index(kv[0]) if kv[0] in typeurls.PUSH_ORDER else 99):
@@ -354,6 +390,10 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/v1/services/{name}/switch", switch),
     ("POST", "/v1/services/{name}/rollback", rollback),
     ("GET", "/v1/services/{name}/deployments", list_deployments),
+    ("POST", "/v1/services/{name}/deployments", create_deployment),
+    ("GET", "/v1/deployments/{id}", get_deployment),
+    *[("POST", f"/v1/deployments/{{id}}/{action}", _deployment_action(action))
+      for action in ("promote", "pause", "resume", "rollback", "abort", "decommission")],
     ("GET", "/v1/proxies", list_proxies),
 ]
 

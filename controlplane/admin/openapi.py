@@ -44,6 +44,7 @@ _WAIT_PARAMS = [
 ]
 
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,46}[a-z0-9])?$"}}
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}, "description": "Deployment id, '<service>-<n>'."}
 _ENV = {"name": "env", "in": "path", "required": True, "schema": {"type": "string", "enum": ["blue", "green"]}}
 
 
@@ -88,6 +89,30 @@ OPENAPI: dict[str, Any] = {
                     "deployed_at": {"type": "string", "format": "date-time"},
                     "activated_at": {"type": ["string", "null"], "format": "date-time"},
                     "updated_at": {"type": ["string", "null"], "format": "date-time"},
+                    "spec": {"type": ["object", "null"], "description": "The deployment request with defaults filled in (null for a version registered by hand)."},
+                    "step": {"type": "integer", "description": "Index into strategy.steps of the weight in force; -1 before the shift."},
+                    "deadline": {"type": ["string", "null"], "format": "date-time", "description": "End of the current timed phase (step, bake, drain, standby)."},
+                    "paused_remaining": {"type": ["number", "null"], "description": "Seconds left of the phase while paused."},
+                    "awaiting_promote": {"type": "boolean"},
+                    "baking": {"type": "boolean"},
+                    "failures": {"type": "integer", "description": "Consecutive analysis intervals that breached a threshold."},
+                    "analysis": {"type": ["object", "null"], "description": "Latest analysis figures."},
+                    "reason": {"type": ["string", "null"]},
+                    "counterpart": {"type": ["string", "null"], "description": "Deployment id of the other environment this one replaces or serves as standby for."},
+                    "hooks_pending": {"type": "boolean"},
+                    "history": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["at", "status", "actor", "reason"],
+                            "properties": {
+                                "at": {"type": "string", "format": "date-time"},
+                                "status": {"type": "string"},
+                                "actor": {"type": "string", "enum": ["api", "automatic"]},
+                                "reason": {"type": "string"},
+                            },
+                        },
+                    },
                 },
             },
             "Environment": {
@@ -178,6 +203,54 @@ OPENAPI: dict[str, Any] = {
                 "properties": {
                     "version": {"type": "string"},
                     "endpoints": {"type": "array", "items": {"type": "string", "description": "IP:PORT or [IPv6]:PORT"}, "maxItems": 1000},
+                },
+            },
+            "DeploymentRequest": {
+                "type": "object",
+                "required": ["version", "endpoints"],
+                "additionalProperties": False,
+                "properties": {
+                    "version": {"type": "string"},
+                    "endpoints": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                    "strategy": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "steps": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 100}, "default": [100],
+                                      "description": "Strictly increasing, ending at 100. [100] is the atomic switch."},
+                            "step_seconds": {"type": "number", "default": 30},
+                            "bake_seconds": {"type": "number", "default": 60},
+                            "auto_promote": {"type": "boolean", "default": True},
+                        },
+                    },
+                    "smoke": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "checks": {"type": "array", "items": {"type": "object", "properties": {
+                                "method": {"type": "string", "default": "GET"}, "path": {"type": "string", "default": "/"},
+                                "headers": {"type": "object"}, "expect_status": {"type": "integer", "default": 200},
+                                "body_contains": {"type": "string"}, "timeout_seconds": {"type": "number", "default": 2},
+                                "retries": {"type": "integer", "default": 3}}}},
+                            "commands": {"type": "array", "items": {"type": "array", "items": {"type": "string"}},
+                                         "description": "argv lists; run with BLUEGREEN_PREVIEW_URL in the environment; exit 0 passes."},
+                            "webhooks": {"type": "array", "items": {"type": "object", "required": ["url"], "properties": {"url": {"type": "string"}, "timeout_seconds": {"type": "number"}}}},
+                            "command_timeout_seconds": {"type": "number", "default": 60},
+                        },
+                    },
+                    "analysis": {
+                        "type": ["object", "null"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "interval_seconds": {"type": "number", "default": 5},
+                            "max_error_rate": {"type": "number", "default": 0.01},
+                            "max_p99_ms": {"type": ["number", "null"], "default": 500},
+                            "min_requests": {"type": "integer", "default": 20},
+                            "no_data": {"type": "string", "enum": ["wait", "fail", "pass"], "default": "wait"},
+                            "failure_limit": {"type": "integer", "default": 2},
+                        },
+                    },
+                    "decommission": {"type": "object", "properties": {"webhooks": {"type": "array", "items": {"type": "object"}}}},
                 },
             },
             "Proxy": {
@@ -278,6 +351,16 @@ OPENAPI: dict[str, Any] = {
             )
         },
         "/v1/services/{name}/deployments": {
+            "post": {
+                "summary": "Deploy a version to the idle environment: smoke tests through the preview entry, then the shift "
+                "(steps, analysis, automatic rollback), drain, standby and decommission of the old environment.",
+                "parameters": [_NAME],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/DeploymentRequest"}}}},
+                "responses": {
+                    "202": _json({"type": "object", "required": ["id", "deployment"], "properties": {"id": {"type": "string"}, "deployment": {"$ref": "#/components/schemas/Deployment"}}}, "Accepted; the workflow runs in the background."),
+                    **_ERRORS,
+                },
+            },
             "get": {
                 "summary": "Deployment records of a service, newest first.",
                 "parameters": [_NAME],
@@ -285,6 +368,55 @@ OPENAPI: dict[str, Any] = {
                     "200": _json({"type": "object", "required": ["deployments"], "properties": {"deployments": {"type": "array", "items": {"$ref": "#/components/schemas/Deployment"}}}}, "Records."),
                     **_ERRORS,
                 },
+            }
+        },
+        "/v1/deployments/{id}": {
+            "get": {
+                "summary": "One deployment with its history (time, actor, reason of every transition), timers and analysis figures.",
+                "parameters": [_ID],
+                "responses": {"200": _json({"$ref": "#/components/schemas/Deployment"}, "The deployment."), **_ERRORS},
+            }
+        },
+        "/v1/deployments/{id}/promote": {
+            "post": {
+                "summary": 'Skip the remaining steps and go to 100 % (also ends a hold before 100 % when auto_promote is false).',
+                "parameters": [_ID],
+                "responses": {"200": _json({"$ref": "#/components/schemas/Deployment"}, "The deployment after the command."), **_ERRORS},
+            }
+        },
+        "/v1/deployments/{id}/pause": {
+            "post": {
+                "summary": 'Stop the step or bake timer (analysis also pauses); idempotent.',
+                "parameters": [_ID],
+                "responses": {"200": _json({"$ref": "#/components/schemas/Deployment"}, "The deployment after the command."), **_ERRORS},
+            }
+        },
+        "/v1/deployments/{id}/resume": {
+            "post": {
+                "summary": 'Restart the timer with the time that was left; idempotent.',
+                "parameters": [_ID],
+                "responses": {"200": _json({"$ref": "#/components/schemas/Deployment"}, "The deployment after the command."), **_ERRORS},
+            }
+        },
+        "/v1/deployments/{id}/rollback": {
+            "post": {
+                "summary": '100 % back to the environment the deployment replaced, at once.',
+                "parameters": [_ID],
+                "responses": {"200": _json({"$ref": "#/components/schemas/Deployment"}, "The deployment after the command."), **_ERRORS},
+            }
+        },
+        "/v1/deployments/{id}/abort": {
+            "post": {
+                "summary": 'Before production traffic: mark failed. After: roll back.',
+                "parameters": [_ID],
+                "responses": {"200": _json({"$ref": "#/components/schemas/Deployment"}, "The deployment after the command."), **_ERRORS},
+            }
+        },
+        "/v1/deployments/{id}/decommission": {
+            "post": {
+                "summary": 'End the standby of the replaced environment now (id of the deployment or of its standby record).',
+                "parameters": [_ID],
+                "responses": {"200": _json({"$ref": "#/components/schemas/Deployment"}, "The deployment after the command."), **_ERRORS},
             }
         },
         "/v1/proxies": {

@@ -124,3 +124,26 @@ class Repository:
                     continue  # another replica wrote first: re-read and re-apply
                 return Committed(revision, change, self._clock())
         raise RevisionConflict(f"service {name!r}: gave up after {MAX_ATTEMPTS} conflicting concurrent updates")
+
+    async def update_record(self, service: str, deployment_id: str, update: Callable[[Deployment, float], Deployment]) -> int:
+        """Rewrite one deployment record (any status) with compare-and-set on that record alone."""
+        key = deployment_key(service, _seq(deployment_id))
+        for _ in range(MAX_ATTEMPTS):
+            entry = await self.kv.get(key)
+            if entry is None:
+                raise NotFoundError(f"unknown deployment {deployment_id!r}")
+            record = update(deployment_from_dict(entry.value), self._clock())
+            try:
+                return await self.kv.commit(Txn().expect(key, entry.mod_revision).put(key, deployment_to_dict(record)))
+            except RevisionConflict:
+                continue
+        raise RevisionConflict(f"deployment {deployment_id!r}: gave up after {MAX_ATTEMPTS} conflicting concurrent updates")
+
+    async def deployment(self, deployment_id: str) -> Deployment:
+        service, _, seq = deployment_id.rpartition("-")
+        if not service or not seq.isdigit():
+            raise NotFoundError(f"unknown deployment {deployment_id!r}: ids look like '<service>-<number>'")
+        entry = await self.kv.get(deployment_key(service, int(seq)))
+        if entry is None:
+            raise NotFoundError(f"unknown deployment {deployment_id!r}")
+        return deployment_from_dict(entry.value)

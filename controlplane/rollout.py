@@ -1,0 +1,297 @@
+"""The deployment workflow as pure transitions: deploy, verify, shift, bake, drain, standby,
+decommission, and the commands that steer it (promote, pause, resume, rollback, abort).
+
+Every function takes the service, its current deployment records and ``now``, checks that the
+transition is allowed *in that state*, and returns a :class:`~controlplane.model.Change` with a
+history event, or raises. The driver (``rollout_driver.py``) and the API call them inside
+:meth:`Repository.mutate`, so a command and a timer racing on the same deployment are applied
+one after the other on fresh state, and the second one sees what the first did (a promote that
+arrives after an automatic rollback is refused, not applied on top of it).
+
+Lifecycle of the deployment in the idle environment::
+
+    deploying ──smoke ok──► ready ──► shifting (step 0 … n) ──► active (baking) ──► active
+        │                               │  ▲ pause/resume            │
+        └──smoke failed/abort──► failed └──┴── rollback/abort/analysis ──► rolled_back
+
+and of the environment it replaces: active ──(weight 0)──► draining ──► standby ──► decommissioned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Mapping
+
+from .deployspec import DeploymentSpec, Strategy, parse_deployment_spec, spec_to_dict
+from .errors import ConflictError
+from .model import (
+    Change,
+    Deployment,
+    DeploymentStatus as S,
+    Environment,
+    EnvironmentState,
+    Event,
+    Service,
+    Traffic,
+)
+
+Current = Mapping[Environment, Deployment | None]
+
+API = "api"
+AUTOMATIC = "automatic"
+
+
+def _event(d: Deployment, status: S, now: float, actor: str, reason: str, **changes: object) -> Deployment:
+    return replace(d, status=status, updated_at=now, history=d.history + (Event(now, status.value, actor, reason),), **changes)  # type: ignore[arg-type]
+
+
+def spec_of(d: Deployment) -> DeploymentSpec:
+    assert d.spec is not None, f"{d.id} is not a workflow deployment"
+    return parse_deployment_spec(d.spec)
+
+
+def in_progress(current: Current) -> Deployment | None:
+    for record in current.values():
+        if record is not None and record.in_progress:
+            return record
+    return None
+
+
+def _traffic(service: Service, env: Environment, weight: int) -> Traffic:
+    """Weights with ``weight`` on ``env``; at 100 the environment becomes active."""
+    old = service.traffic
+    weights = {env: weight, env.other: 100 - weight}
+    active, previous = old.active, old.previous
+    if weight == 100 and old.active is not env:
+        active, previous = env, old.active
+    return Traffic(active=active, previous=previous, blue=weights[Environment.BLUE], green=weights[Environment.GREEN])
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting
+
+
+def start(service: Service, current: Current, spec: DeploymentSpec, now: float, actor: str = API) -> Change:
+    """Register the new version in the idle environment (status deploying)."""
+    busy = in_progress(current)
+    if busy is not None:
+        raise ConflictError(f"deployment {busy.id} of {service.name} is in progress ({busy.status.value}); finish, roll back or abort it first")
+    traffic = service.traffic
+    if traffic.weight(traffic.active) != 100:
+        raise ConflictError(
+            f"{service.name} has a manual split in progress ({traffic.blue}/{traffic.green}); "
+            "finish it (switch) or roll it back before deploying"
+        )
+    target = traffic.idle
+    stable = current.get(target.other)
+    records: list[Deployment] = []
+    replaced = current.get(target)
+    was_live = replaced is not None and replaced.status in (S.STANDBY, S.DRAINING)
+    seq = service.deployment_seq + 1
+    if replaced is not None:
+        records.append(_event(replaced, S.DECOMMISSIONED, now, actor, f"replaced by {service.name}-{seq} ({spec.version})",
+                              deadline=None, hooks_pending=was_live, counterpart=f"{service.name}-{seq}"))
+    new = Deployment(
+        id=f"{service.name}-{seq}",
+        service=service.name,
+        version=spec.version,
+        environment=target,
+        status=S.DEPLOYING,
+        deployed_at=now,
+        updated_at=now,
+        spec=spec_to_dict(spec),
+        counterpart=stable.id if stable is not None and service.environment(target.other).registered else None,
+        history=(Event(now, S.DEPLOYING.value, actor, f"deploy {spec.version} to {target.value}"),),
+    )
+    records.append(new)
+    updated = replace(service.with_environment(target, spec.endpoints), deployment_seq=seq)
+    return Change(updated, tuple(records))
+
+
+def _find(current: Current, deployment_id: str) -> Deployment:
+    for record in current.values():
+        if record is not None and record.id == deployment_id:
+            return record
+    raise ConflictError(f"deployment {deployment_id} is no longer current")
+
+
+def smoke_passed(service: Service, current: Current, deployment_id: str, now: float, detail: str) -> Change:
+    d = _find(current, deployment_id)
+    if d.status is not S.DEPLOYING:
+        raise ConflictError(f"deployment {d.id} is {d.status.value}, not deploying")
+    return Change(service, (_event(d, S.READY, now, AUTOMATIC, detail),))
+
+
+def smoke_failed(service: Service, current: Current, deployment_id: str, now: float, reason: str) -> Change:
+    d = _find(current, deployment_id)
+    if d.status is not S.DEPLOYING:
+        raise ConflictError(f"deployment {d.id} is {d.status.value}, not deploying")
+    return Change(service, (_event(d, S.FAILED, now, AUTOMATIC, f"smoke tests failed: {reason}", reason=reason),))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shifting
+
+
+def _steps(service: Service, d: Deployment) -> tuple[int, ...]:
+    # With nothing to shift from (the first version of a service), there is no gradual shift.
+    return spec_of(d).strategy.steps if d.counterpart is not None else (100,)
+
+
+def shift(service: Service, current: Current, deployment_id: str, step: int, now: float, actor: str, reason: str) -> Change:
+    """Put the weight of ``step`` on the new environment. Reaching 100 starts the bake and the
+    old environment's drain."""
+    d = _find(current, deployment_id)
+    if d.status not in (S.READY, S.SHIFTING):
+        raise ConflictError(f"deployment {d.id} is {d.status.value}; only a ready or shifting deployment can shift")
+    steps = _steps(service, d)
+    if not 0 <= step < len(steps) or step <= d.step:
+        raise ConflictError(f"deployment {d.id}: step {step} is not ahead of step {d.step} of {list(steps)}")
+    weight = steps[step]
+    strategy: Strategy = spec_of(d).strategy
+    updated = replace(service, traffic=_traffic(service, d.environment, weight))
+    records: list[Deployment] = []
+    if weight < 100:
+        records.append(_event(d, S.SHIFTING, now, actor, reason, step=step, deadline=now + strategy.step_seconds,
+                              paused_remaining=None, awaiting_promote=False))
+    else:
+        records.append(_event(d, S.ACTIVE, now, actor, reason, step=step, deadline=now + strategy.bake_seconds,
+                              baking=True, activated_at=now, paused_remaining=None, awaiting_promote=False))
+        old = current.get(d.environment.other)
+        if old is not None and old.status not in (S.DECOMMISSIONED, S.FAILED):
+            records.append(_event(old, S.DRAINING, now, AUTOMATIC, f"replaced by {d.id}; in-flight requests finish",
+                                  deadline=now + service.drain_seconds, counterpart=d.id))
+    return Change(updated, tuple(records))
+
+
+def step_due(service: Service, current: Current, deployment_id: str, now: float) -> Change:
+    """The step's time is up: advance, or wait for a promote before 100 %."""
+    d = _find(current, deployment_id)
+    if d.status is not S.SHIFTING or d.paused_remaining is not None or d.awaiting_promote:
+        raise ConflictError(f"deployment {d.id} is not running a timed step")
+    if d.deadline is None or d.deadline > now:
+        raise ConflictError(f"deployment {d.id}: step {d.step} is not over yet")
+    steps = _steps(service, d)
+    nxt = d.step + 1
+    if steps[nxt] == 100 and not spec_of(d).strategy.auto_promote:
+        waiting = _event(d, S.SHIFTING, now, AUTOMATIC, f"holding at {steps[d.step]}%: waiting for promote",
+                         awaiting_promote=True, deadline=None)
+        return Change(service, (waiting,))
+    return shift(service, current, deployment_id, nxt, now, AUTOMATIC, f"step {nxt}: {steps[nxt]}% after {spec_of(d).strategy.step_seconds:g}s")
+
+
+def promote(service: Service, current: Current, deployment_id: str, now: float, *, full: bool = False) -> Change:
+    """Advance to the next step now (``full``: straight to 100 %). At the hold before 100 %
+    (auto_promote false) the next step is 100 %."""
+    d = _find(current, deployment_id)
+    if d.status is not S.SHIFTING:
+        raise ConflictError(f"deployment {d.id} is {d.status.value}; only a shifting deployment can be promoted")
+    steps = _steps(service, d)
+    target = len(steps) - 1 if full else d.step + 1
+    return shift(service, current, deployment_id, target, now, API, f"promoted to {steps[target]}%")
+
+
+def bake_due(service: Service, current: Current, deployment_id: str, now: float) -> Change:
+    d = _find(current, deployment_id)
+    if d.status is not S.ACTIVE or not d.baking or d.paused_remaining is not None:
+        raise ConflictError(f"deployment {d.id} is not baking")
+    if d.deadline is None or d.deadline > now:
+        raise ConflictError(f"deployment {d.id}: bake is not over yet")
+    return Change(service, (_event(d, S.ACTIVE, now, AUTOMATIC, "bake finished; deployment complete", baking=False, deadline=None),))
+
+
+def pause(service: Service, current: Current, deployment_id: str, now: float) -> Change:
+    d = _find(current, deployment_id)
+    if not (d.status is S.SHIFTING or (d.status is S.ACTIVE and d.baking)):
+        raise ConflictError(f"deployment {d.id} is {d.status.value}; only a shifting or baking deployment can be paused")
+    if d.paused_remaining is not None:
+        return Change(service)  # already paused: idempotent
+    remaining = max(0.0, d.deadline - now) if d.deadline is not None else 0.0
+    return Change(service, (_event(d, d.status, now, API, "paused", paused_remaining=remaining, deadline=None),))
+
+
+def resume(service: Service, current: Current, deployment_id: str, now: float) -> Change:
+    d = _find(current, deployment_id)
+    if d.paused_remaining is None:
+        if d.status is S.SHIFTING or d.baking:
+            return Change(service)  # not paused: idempotent
+        raise ConflictError(f"deployment {d.id} is {d.status.value}, not paused")
+    deadline = None if d.awaiting_promote else now + d.paused_remaining
+    return Change(service, (_event(d, d.status, now, API, "resumed", paused_remaining=None, deadline=deadline),))
+
+
+def rollback(service: Service, current: Current, deployment_id: str, now: float, actor: str, reason: str) -> Change:
+    """100 % back to the environment the deployment replaced, pushed at once."""
+    d = _find(current, deployment_id)
+    if d.status in (S.DEPLOYING, S.READY):
+        raise ConflictError(f"deployment {d.id} has taken no production traffic ({d.status.value}); abort it instead")
+    if d.status not in (S.SHIFTING, S.ACTIVE):
+        raise ConflictError(f"deployment {d.id} is {d.status.value}; nothing to roll back")
+    back = d.environment.other
+    if not service.environment(back).registered:
+        raise ConflictError(f"cannot roll back {d.id}: {back.value} has no endpoints (was it decommissioned?)")
+    updated = replace(service, traffic=_traffic(service, back, 100))
+    records = [_event(d, S.ROLLED_BACK, now, actor, reason, reason=reason, deadline=None, paused_remaining=None,
+                      awaiting_promote=False, baking=False)]
+    old = current.get(back)
+    if old is not None:
+        records.append(_event(old, S.ACTIVE, now, actor, f"rollback of {d.id}: {reason}", deadline=None))
+    return Change(updated, tuple(records))
+
+
+def abort(service: Service, current: Current, deployment_id: str, now: float) -> Change:
+    d = _find(current, deployment_id)
+    if d.status in (S.DEPLOYING, S.READY):
+        return Change(service, (_event(d, S.FAILED, now, API, "aborted before taking production traffic", reason="aborted"),))
+    return rollback(service, current, deployment_id, now, API, "aborted")
+
+
+def analysis_result(service: Service, current: Current, deployment_id: str, now: float, figures: Mapping[str, object],
+                    breach: str | None, failure_limit: int) -> Change:
+    """Record one analysis interval; ``failure_limit`` consecutive breaches roll back."""
+    d = _find(current, deployment_id)
+    if not (d.status is S.SHIFTING or (d.status is S.ACTIVE and d.baking)):
+        raise ConflictError(f"deployment {d.id} is not under analysis")
+    if breach is None:
+        return Change(service, (replace(d, analysis=dict(figures), failures=0, updated_at=now),))
+    failures = d.failures + 1
+    if failures >= failure_limit:
+        rolled = rollback(service, current, deployment_id, now, AUTOMATIC, f"analysis: {breach} ({failures} consecutive)")
+        first = replace(rolled.deployments[0], analysis=dict(figures), failures=failures)
+        return Change(rolled.service, (first,) + rolled.deployments[1:])
+    breached = _event(d, d.status, now, AUTOMATIC, f"analysis breach {failures}/{failure_limit}: {breach}",
+                      analysis=dict(figures), failures=failures)
+    return Change(service, (breached,))
+
+
+def analysis_wait(service: Service, current: Current, deployment_id: str, now: float, figures: Mapping[str, object]) -> Change:
+    """Not enough traffic to judge, and the policy says wait: record the figures only."""
+    d = _find(current, deployment_id)
+    return Change(service, (replace(d, analysis=dict(figures), updated_at=now),))
+
+
+# ---------------------------------------------------------------------------------------------
+# The environment that was replaced: drain, standby, decommission
+
+
+def drain_due(service: Service, current: Current, deployment_id: str, now: float) -> Change:
+    d = _find(current, deployment_id)
+    if d.status is not S.DRAINING or d.deadline is None or d.deadline > now:
+        raise ConflictError(f"deployment {d.id} is not at the end of its drain")
+    return Change(service, (_event(d, S.STANDBY, now, AUTOMATIC, f"drained; standby for instant rollback ({service.standby_seconds}s)",
+                                   deadline=now + service.standby_seconds),))
+
+
+def decommission(service: Service, current: Current, deployment_id: str, now: float, actor: str, reason: str) -> Change:
+    """Retire a drained or standby environment: it leaves the fleet config (its endpoints are
+    removed) and the decommission webhooks are called."""
+    d = _find(current, deployment_id)
+    if d.status not in (S.STANDBY, S.DRAINING):
+        raise ConflictError(f"deployment {d.id} is {d.status.value}; only a draining or standby environment can be decommissioned")
+    if actor == AUTOMATIC and (d.deadline is None or d.deadline > now):
+        raise ConflictError(f"deployment {d.id}: standby is not over yet")
+    if service.traffic.weight(d.environment) > 0:
+        raise ConflictError(f"deployment {d.id}: {d.environment.value} still takes traffic")
+    updated = service.with_environment(d.environment, EnvironmentState())
+    updated = replace(updated, traffic=replace(updated.traffic, previous=None))
+    return Change(updated, (_event(d, S.DECOMMISSIONED, now, actor, reason, deadline=None, hooks_pending=True),))

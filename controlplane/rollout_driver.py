@@ -1,0 +1,364 @@
+"""Drives deployments: runs smoke tests, moves through the steps on their deadlines, analyses each
+interval, drains, keeps the standby, decommissions and calls the hooks.
+
+One task per service that needs attention, started on demand (a deployment request, a command)
+and at start-up for every service with unfinished work, which is what makes a restart safe: all
+deadlines are stored as wall-clock times, so a control plane killed mid-shift resumes the step
+it was in, with the time that was left, and never repeats a weight change.
+
+Every change goes through a pure transition of ``rollout.py`` inside ``Repository.mutate``; a
+transition that no longer applies (a command got there first) raises ConflictError, and the loop
+simply looks again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable, Mapping, Protocol
+
+import aiohttp
+
+from . import rollout
+from .deployspec import Analysis, parse_deployment_spec
+from .errors import ConflictError, NotFoundError
+from .metrics import Metrics
+from .model import Change, Deployment, DeploymentStatus as S, Environment, Fleet, Service
+from .resources import cluster_name
+from .smoke import call_webhook, preview_target, run_smoke
+from .store.repository import Committed, Repository
+
+log = logging.getLogger(__name__)
+
+CONVERGE_BEFORE_SMOKE_SECONDS = 30.0
+
+
+class Telemetry(Protocol):
+    """Per-cluster request figures measured by the proxies (see telemetry.py)."""
+
+    def snapshot(self) -> object: ...
+
+    def since(self, snapshot: object, cluster: str) -> Mapping[str, Any]:
+        """Figures for ``cluster`` since ``snapshot``: requests, errors, error_rate, p99_ms."""
+        ...
+
+
+class Waiter(Protocol):
+    def __call__(self, fleets: tuple[str, ...], revision: int, timeout: float) -> Any: ...
+
+
+def judge(analysis: Analysis, figures: Mapping[str, Any]) -> tuple[str, str | None]:
+    """('ok' | 'breach' | 'wait', reason). Pure."""
+    requests = int(figures.get("requests") or 0)
+    if requests < analysis.min_requests:
+        reason = f"only {requests} requests in {analysis.interval_seconds:g}s (min_requests {analysis.min_requests})"
+        if analysis.no_data == "fail":
+            return "breach", reason
+        if analysis.no_data == "wait":
+            return "wait", reason
+        return "ok", None
+    error_rate = figures.get("error_rate")
+    if error_rate is not None and error_rate > analysis.max_error_rate:
+        return "breach", f"error rate {error_rate:.3f} > max_error_rate {analysis.max_error_rate:g}"
+    p99 = figures.get("p99_ms")
+    if analysis.max_p99_ms is not None and p99 is not None and p99 > analysis.max_p99_ms:
+        return "breach", f"p99 {p99:.1f} ms > max_p99_ms {analysis.max_p99_ms:g}"
+    return "ok", None
+
+
+class Rollouts:
+    def __init__(self, repo: Repository, fleets: tuple[Fleet, ...], metrics: Metrics, wait_converged: Waiter,
+                 telemetry: Telemetry | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.repo = repo
+        self.fleets = fleets
+        self.metrics = metrics
+        self.wait_converged = wait_converged
+        self.telemetry = telemetry
+        self.clock = clock
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._events: dict[str, asyncio.Event] = {}
+        self._windows: dict[str, tuple[str, object, float]] = {}  # service -> (deployment id, snapshot, started)
+        self._session: aiohttp.ClientSession | None = None
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession()
+        for service in (await self.repo.state()).services:
+            records = await self.repo.deployments(service.name)
+            if any(r.deadline is not None or r.in_progress or r.hooks_pending for r in records):
+                self.poke(service.name)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    def poke(self, service: str) -> None:
+        """Look at ``service`` now (after a command, or to resume its work)."""
+        if self._stopping:
+            return
+        self._events.setdefault(service, asyncio.Event()).set()
+        task = self._tasks.get(service)
+        if task is None or task.done():
+            self._tasks[service] = asyncio.create_task(self._loop(service), name=f"rollout-{service}")
+
+    # -- commands (called by the admin API) -----------------------------------------------------
+
+    async def deploy(self, name: str, body: object) -> Committed:
+        spec = parse_deployment_spec(body)
+        committed = await self.repo.mutate(name, lambda s, c, now: rollout.start(_require(s), c, spec, now))
+        self.poke(name)
+        return committed
+
+    async def command(self, deployment_id: str, action: str, *, full: bool = False) -> Committed:
+        record = await self.repo.deployment(deployment_id)
+        name = record.service
+        transitions: dict[str, Callable[[Service, Any, float], Change]] = {
+            "promote": lambda s, c, now: rollout.promote(s, c, deployment_id, now, full=full),
+            "pause": lambda s, c, now: rollout.pause(s, c, deployment_id, now),
+            "resume": lambda s, c, now: rollout.resume(s, c, deployment_id, now),
+            "rollback": lambda s, c, now: rollout.rollback(s, c, deployment_id, now, rollout.API, "rollback requested"),
+            "abort": lambda s, c, now: rollout.abort(s, c, deployment_id, now),
+            "decommission": lambda s, c, now: rollout.decommission(s, c, _standby_of(c, deployment_id), now, rollout.API,
+                                                                   "decommissioned on request, ending standby early"),
+        }
+        transition = transitions[action]
+        committed = await self.repo.mutate(name, lambda s, c, now: transition(_require(s), c, now))
+        self._count(committed)
+        self.poke(name)
+        return committed
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def _loop(self, name: str) -> None:
+        event = self._events.setdefault(name, asyncio.Event())
+        while not self._stopping:
+            event.clear()
+            try:
+                acted, wake_at = await self._step(name)
+            except asyncio.CancelledError:
+                raise
+            except NotFoundError:
+                return
+            except ConflictError as exc:
+                log.debug("%s: transition no longer applies (%s); looking again", name, exc)
+                continue
+            except Exception:
+                log.exception("deployment driver for %s failed; retrying in 1s", name)
+                acted, wake_at = False, self.clock() + 1.0
+            if acted:
+                continue
+            if wake_at is None:
+                self._tasks.pop(name, None)
+                return
+            try:
+                await asyncio.wait_for(event.wait(), max(0.0, wake_at - self.clock()))
+            except asyncio.TimeoutError:
+                pass
+
+    async def _step(self, name: str) -> tuple[bool, float | None]:
+        """Do the next due thing for ``name``. Returns (did something, when to look again)."""
+        service = await self.repo.service(name)
+        records = await self.repo.deployments(name)
+        current = await self.repo.current_deployments(name)
+        now = self.clock()
+        self._export_phase(service, current)
+
+        for record in records:
+            if record.hooks_pending:
+                await self._decommission_hooks(record)
+                return True, None
+
+        d = rollout.in_progress(current)
+        if d is not None:
+            if d.status is S.DEPLOYING:
+                await self._smoke(service, d)
+                return True, None
+            if d.status is S.READY:
+                await self._mutate(name, lambda s, c, t: rollout.shift(s, c, d.id, 0, t, rollout.AUTOMATIC, "smoke tests passed; shifting"))
+                return True, None
+            paused = d.paused_remaining is not None
+            analysis = parse_deployment_spec(d.spec).analysis if d.spec else None
+            if analysis is not None and not paused:
+                window = self._windows.get(name)
+                if window is None or window[0] != d.id:
+                    self._start_window(name, d)
+                elif now >= window[2] + analysis.interval_seconds:
+                    await self._analyse(service, d, analysis, window[1])
+                    return True, None
+            if not paused and d.deadline is not None and d.deadline <= now:
+                if d.status is S.SHIFTING:
+                    await self._mutate(name, lambda s, c, t: rollout.step_due(s, c, d.id, t))
+                else:
+                    await self._mutate(name, lambda s, c, t: rollout.bake_due(s, c, d.id, t))
+                self._windows.pop(name, None)  # a new step starts a new analysis interval
+                return True, None
+
+        for record in current.values():
+            if record is None or record.deadline is None or record.deadline > now or record is d:
+                continue
+            if record.status is S.DRAINING:
+                await self._mutate(name, lambda s, c, t, rid=record.id: rollout.drain_due(s, c, rid, t))
+                return True, None
+            if record.status is S.STANDBY:
+                await self._mutate(name, lambda s, c, t, rid=record.id: rollout.decommission(
+                    s, c, rid, t, rollout.AUTOMATIC, f"standby of {s.standby_seconds}s is over"))
+                return True, None
+
+        wakes = [r.deadline for r in current.values() if r is not None and r.deadline is not None and r.paused_remaining is None]
+        window = self._windows.get(name)
+        if d is not None and window is not None and window[0] == d.id and d.paused_remaining is None and d.spec:
+            analysis = parse_deployment_spec(d.spec).analysis
+            if analysis is not None:
+                wakes.append(window[2] + analysis.interval_seconds)
+        if d is not None and not wakes:
+            return False, now + 3600.0  # paused or awaiting promote: a command will poke us
+        return False, min(wakes) if wakes else None
+
+    async def _mutate(self, name: str, transition: Callable[[Service, Any, float], Change]) -> Committed:
+        committed = await self.repo.mutate(name, lambda s, c, now: transition(_require(s), c, now))
+        self._count(committed)
+        for record in committed.change.deployments:
+            if record.status is S.ACTIVE and record.baking and record.history and record.history[-1].status == S.ACTIVE.value:
+                self._observe_cutover(record, committed.revision)
+        return committed
+
+    def _observe_cutover(self, record: Deployment, revision: int) -> None:
+        """bluegreen_cutover_seconds: first weight change of the shift -> every proxy at 100 %."""
+        shifted = [e.at for e in record.history if e.status in (S.SHIFTING.value, S.ACTIVE.value)]
+        fleets = tuple(f.name for f in self.fleets if f.serves(record.service))
+
+        async def observe() -> None:
+            if await self.wait_converged(fleets, revision, 60.0):
+                self.metrics.cutover.labels(record.service).observe(max(0.0, self.clock() - shifted[0]))
+
+        if shifted:
+            asyncio.create_task(observe(), name=f"cutover-{record.id}")
+
+    def _count(self, committed: Committed) -> None:
+        for record in committed.change.deployments:
+            if record.spec is None or not record.history:
+                continue
+            last = record.history[-1]
+            if last.status in (S.FAILED.value, S.ROLLED_BACK.value) and record.status.value == last.status:
+                result = "failed" if record.status is S.FAILED else "rolled_back"
+                self.metrics.deployments.labels(record.service, result).inc()
+                if record.status is S.ROLLED_BACK:
+                    self.metrics.rollbacks.labels(record.service, "automatic" if last.actor == rollout.AUTOMATIC else "api").inc()
+            elif last.status == S.ACTIVE.value and not record.baking and last.reason.startswith("bake finished"):
+                self.metrics.deployments.labels(record.service, "succeeded").inc()
+
+    def _export_phase(self, service: Service, current: Mapping[Environment, Deployment | None]) -> None:
+        d = rollout.in_progress(current)
+        phase = d.status.value if d is not None else "idle"
+        if d is not None and d.baking:
+            phase = "baking"
+        if d is not None and d.paused_remaining is not None:
+            phase = "paused"
+        for known in ("idle", "deploying", "ready", "shifting", "baking", "paused"):
+            self.metrics.deployment_phase.labels(service.name, known).set(1 if known == phase else 0)
+
+    # -- smoke tests ---------------------------------------------------------------------------
+
+    async def _smoke(self, service: Service, d: Deployment) -> None:
+        spec = parse_deployment_spec(d.spec)
+        fleets = tuple(f for f in self.fleets if f.serves(service.name))
+        revision = (await self.repo.kv.revision())
+        converged = await self.wait_converged(tuple(f.name for f in fleets), revision, CONVERGE_BEFORE_SMOKE_SECONDS)
+        if not converged:
+            await self._mutate(service.name, lambda s, c, t: rollout.smoke_failed(
+                s, c, d.id, t, f"the proxies did not ACK the new endpoints within {CONVERGE_BEFORE_SMOKE_SECONDS:g}s"))
+            return
+        if not fleets:
+            await self._mutate(service.name, lambda s, c, t: rollout.smoke_failed(s, c, d.id, t, "no fleet serves this service"))
+            return
+        target = preview_target(fleets[0], service)
+        context = {"service": service.name, "deployment": d.id, "version": d.version, "environment": d.environment.value}
+        assert self._session is not None
+        passed, summary = await run_smoke(self._session, spec.smoke, target, context)
+        if passed:
+            await self._mutate(service.name, lambda s, c, t: rollout.smoke_passed(s, c, d.id, t, summary))
+        else:
+            await self._mutate(service.name, lambda s, c, t: rollout.smoke_failed(s, c, d.id, t, summary))
+
+    # -- analysis ------------------------------------------------------------------------------
+
+    def _start_window(self, name: str, d: Deployment) -> None:
+        if self.telemetry is not None:
+            self._windows[name] = (d.id, self.telemetry.snapshot(), self.clock())
+
+    async def _analyse(self, service: Service, d: Deployment, analysis: Analysis, snapshot: object) -> None:
+        assert self.telemetry is not None
+        figures = dict(self.telemetry.since(snapshot, cluster_name(service.name, d.environment)))
+        figures["interval_seconds"] = analysis.interval_seconds
+        self._start_window(service.name, d)
+        for key, gauge in (("error_rate", self.metrics.analysis_error_rate), ("p99_ms", self.metrics.analysis_p99_ms)):
+            if figures.get(key) is not None:
+                gauge.labels(service.name, d.environment.value).set(figures[key])
+        verdict, reason = judge(analysis, figures)
+        figures["verdict"] = verdict
+        if reason:
+            figures["reason"] = reason
+        if verdict == "wait":
+            await self._mutate(service.name, lambda s, c, t: rollout.analysis_wait(s, c, d.id, t, figures))
+        else:
+            await self._mutate(service.name, lambda s, c, t: rollout.analysis_result(
+                s, c, d.id, t, figures, reason if verdict == "breach" else None, analysis.failure_limit))
+
+    # -- decommission hooks ----------------------------------------------------------------------
+
+    async def _decommission_hooks(self, record: Deployment) -> None:
+        """Call the decommission webhooks of the deployment that replaced ``record`` (that is
+        where the user said what to do with the old version), or else its own."""
+        owner = record
+        if record.counterpart is not None:
+            try:
+                owner = await self.repo.deployment(record.counterpart)
+            except NotFoundError:
+                owner = record
+        hooks = parse_deployment_spec(owner.spec).decommission_webhooks if owner.spec else ()
+        if not hooks and owner is not record and record.spec:
+            hooks = parse_deployment_spec(record.spec).decommission_webhooks
+        assert self._session is not None
+        problems = []
+        for hook in hooks:
+            problem = await call_webhook(self._session, hook, {
+                "event": "decommission", "service": record.service, "deployment": record.id,
+                "version": record.version, "environment": record.environment.value,
+            })
+            if problem:
+                problems.append(problem)
+        reason = "decommission hooks: " + ("; ".join(problems) if problems else f"{len(hooks)} called") if hooks else "no decommission hooks"
+        await self.repo.update_record(record.service, record.id, lambda r, now: _hooks_done(r, now, reason))
+
+
+def _hooks_done(record: Deployment, now: float, reason: str) -> Deployment:
+    from dataclasses import replace
+
+    from .model import Event
+
+    return replace(record, hooks_pending=False, updated_at=now, history=record.history + (Event(now, record.status.value, rollout.AUTOMATIC, reason),))
+
+
+def _require(service: Service | None) -> Service:
+    if service is None:
+        raise NotFoundError("service disappeared")
+    return service
+
+
+def _standby_of(current: Mapping[Environment, Deployment | None], deployment_id: str) -> str:
+    """`decommission` accepts the standby record's id or the id of the deployment it serves."""
+    for record in current.values():
+        if record is not None and record.id == deployment_id and record.status in (S.STANDBY, S.DRAINING):
+            return record.id
+    for record in current.values():
+        if record is not None and record.counterpart == deployment_id and record.status in (S.STANDBY, S.DRAINING):
+            return record.id
+    raise ConflictError(f"deployment {deployment_id} has no draining or standby environment to decommission")
