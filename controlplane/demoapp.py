@@ -32,6 +32,7 @@ from aiohttp import web
 ENVIRONMENT_HEADER = "x-bluegreen-environment"
 VERSION_HEADER = "x-bluegreen-version"
 MAX_SLOW_SECONDS = 120.0
+PREVIEW_HEADER = "x-bluegreen-preview"
 
 
 def build_app(environment: str, version: str, error_rate: float = 0.0) -> web.Application:
@@ -39,8 +40,12 @@ def build_app(environment: str, version: str, error_rate: float = 0.0) -> web.Ap
     if not 0.0 <= error_rate <= 1.0:
         raise ValueError(f"error_rate must be within [0, 1], got {error_rate}")
     identity = {ENVIRONMENT_HEADER: environment, VERSION_HEADER: version}
+    # Requests by entry: Envoy marks what came through the preview entry with the preview
+    # header, so tests can prove an unverified version never saw production traffic.
+    seen = {"preview": 0, "production": 0}
 
     def respond(request: web.Request) -> web.Response:
+        seen["preview" if request.headers.get(PREVIEW_HEADER) == "1" else "production"] += 1
         body: dict[str, object] = {
             "environment": environment,
             "version": version,
@@ -54,7 +59,11 @@ def build_app(environment: str, version: str, error_rate: float = 0.0) -> web.Ap
         return web.json_response(body, headers=identity)
 
     async def healthz(request: web.Request) -> web.Response:
+        seen["preview" if request.headers.get(PREVIEW_HEADER) == "1" else "production"] += 1
         return web.Response(text="ok")
+
+    async def requests_seen(request: web.Request) -> web.Response:
+        return web.json_response(seen)
 
     async def slow(request: web.Request) -> web.Response:
         try:
@@ -76,6 +85,7 @@ def build_app(environment: str, version: str, error_rate: float = 0.0) -> web.Ap
     # Order matters: the dispatcher takes the first resource whose path and method match, so the
     # specific routes go first. A non-GET /healthz falls through to the catch-all.
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/_bluegreen/requests", requests_seen)
     app.router.add_route("*", "/slow", slow)
     app.router.add_route("*", "/{tail:.*}", catch_all)
     return app

@@ -111,6 +111,16 @@ def _route_to(service: Service, env: Environment) -> route_components_pb2.RouteA
     return route_components_pb2.RouteAction(cluster=cluster_name(service.name, env), retry_policy=_RETRY)
 
 
+# Preview routes mark the request for the application (the preview port adds no header of its
+# own), so an application and its smoke tests can tell preview traffic from production.
+_MARK_PREVIEW = [
+    base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=PREVIEW_HEADER, value=PREVIEW_VALUE),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+]
+
+
 def _weighted(service: Service) -> route_components_pb2.RouteAction:
     return route_components_pb2.RouteAction(
         weighted_clusters=route_components_pb2.WeightedCluster(
@@ -140,7 +150,8 @@ def _preview_match(service: Service) -> route_components_pb2.RouteMatch:
 def production_routes(service: Service) -> list[route_components_pb2.Route]:
     idle = service.traffic.idle
     return [
-        route_components_pb2.Route(name=f"{service.name}-preview", match=_preview_match(service), route=_route_to(service, idle)),
+        route_components_pb2.Route(name=f"{service.name}-preview", match=_preview_match(service), route=_route_to(service, idle),
+                                   request_headers_to_add=_MARK_PREVIEW),
         route_components_pb2.Route(
             name=service.name, match=route_components_pb2.RouteMatch(prefix=service.prefix), route=_weighted(service)
         ),
@@ -153,6 +164,7 @@ def preview_routes(service: Service) -> list[route_components_pb2.Route]:
             name=f"{service.name}-preview",
             match=route_components_pb2.RouteMatch(prefix=service.prefix),
             route=_route_to(service, service.traffic.idle),
+            request_headers_to_add=_MARK_PREVIEW,
         )
     ]
 
