@@ -26,7 +26,8 @@ from . import resources, typeurls
 from .config import Settings
 from .metrics import Metrics
 from .model import Environment, Fleet, Service
-from .rollout_driver import Rollouts, Telemetry
+from .rollout_driver import Rollouts
+from .telemetry import MetricsSink, add_metrics_service
 from .store.base import KVStore
 from .store.repository import Repository
 from .workflow import Operations
@@ -321,7 +322,7 @@ class ControlPlane:
         self.builder = SnapshotBuilder(settings.fleets)
         self.publisher = Publisher(self.repo, self.builder, self.cache, self.convergence, self.metrics)
         self.ads = AdsServer(self.cache, self.convergence)
-        self.telemetry: Telemetry | None = None
+        self.telemetry = MetricsSink()
         self.rollouts = Rollouts(self.repo, settings.fleets, self.metrics, self.wait_converged)
         self.grpc_server: grpc.aio.Server | None = None
         self.xds_port: int | None = None
@@ -343,6 +344,7 @@ class ControlPlane:
             ]
         )
         self.ads.add_to_server(server)
+        add_metrics_service(server, self.telemetry)  # Envoy pushes its stats here (analysis)
         self.xds_port = server.add_insecure_port(xds_address)
         if not self.xds_port:
             raise OSError(f"cannot listen for xDS on {xds_address}")

@@ -41,8 +41,10 @@ API = "api"
 AUTOMATIC = "automatic"
 
 
-def _event(d: Deployment, status: S, now: float, actor: str, reason: str, **changes: object) -> Deployment:
-    return replace(d, status=status, updated_at=now, history=d.history + (Event(now, status.value, actor, reason),), **changes)  # type: ignore[arg-type]
+def _event(d: Deployment, status: S, now: float, actor: str, why: str, **changes: object) -> Deployment:
+    """``d`` in ``status`` with one more history event; ``changes`` sets other fields (its
+    ``reason`` is the record's failure reason, ``why`` is the event's)."""
+    return replace(d, status=status, updated_at=now, history=d.history + (Event(now, status.value, actor, why),), **changes)  # type: ignore[arg-type]
 
 
 def spec_of(d: Deployment) -> DeploymentSpec:

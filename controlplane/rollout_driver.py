@@ -37,9 +37,9 @@ CONVERGE_BEFORE_SMOKE_SECONDS = 30.0
 class Telemetry(Protocol):
     """Per-cluster request figures measured by the proxies (see telemetry.py)."""
 
-    def snapshot(self) -> object: ...
+    def snapshot(self) -> Any: ...
 
-    def since(self, snapshot: object, cluster: str) -> Mapping[str, Any]:
+    def since(self, snapshot: Any, cluster: str) -> Mapping[str, Any]:
         """Figures for ``cluster`` since ``snapshot``: requests, errors, error_rate, p99_ms."""
         ...
 
@@ -296,7 +296,8 @@ class Rollouts:
 
     async def _analyse(self, service: Service, d: Deployment, analysis: Analysis, snapshot: object) -> None:
         assert self.telemetry is not None
-        figures = dict(self.telemetry.since(snapshot, cluster_name(service.name, d.environment)))
+        stats = self.telemetry.since(snapshot, cluster_name(service.name, d.environment))
+        figures = dict(stats.as_dict() if hasattr(stats, "as_dict") else stats)
         figures["interval_seconds"] = analysis.interval_seconds
         self._start_window(service.name, d)
         for key, gauge in (("error_rate", self.metrics.analysis_error_rate), ("p99_ms", self.metrics.analysis_p99_ms)):

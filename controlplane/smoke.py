@@ -101,6 +101,10 @@ async def _command(argv: tuple[str, ...], env: Mapping[str, str], timeout: float
         process.kill()
         await process.wait()
         return f"command {list(argv)} timed out after {timeout:g}s"
+    except asyncio.CancelledError:  # the control plane is stopping: leave no orphan behind
+        process.kill()
+        await process.wait()
+        raise
     if process.returncode != 0:
         tail = output.decode(errors="replace").strip().splitlines()[-3:]
         return f"command {list(argv)} exited {process.returncode}" + (f": {' | '.join(tail)}" if tail else "")

@@ -1,0 +1,123 @@
+"""Automated analysis with real Envoy: the proxies push their own per-cluster stats to the
+control plane (metrics-service sink), and a bad version is rolled back without a human."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import aiohttp
+
+from tests.harness import run_control_plane, run_upstream, sample_environments, wait_for
+from tests.test_envoy import Api, envoy_for, free_port, wait_proxies, write_config
+
+
+@contextlib.asynccontextmanager
+async def steady_load(url: str, stop: asyncio.Event, *, workers: int = 4) -> AsyncIterator[list[int]]:
+    """Requests through Envoy until ``stop`` is set (bounded: at most 20,000); yields statuses."""
+    statuses: list[int] = []
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while not stop.is_set() and len(statuses) < 20_000:
+            try:
+                async with session.get(url) as response:
+                    await response.read()
+                    statuses.append(response.status)
+            except aiohttp.ClientError:
+                statuses.append(-1)
+
+    async with aiohttp.ClientSession() as session:
+        tasks = [asyncio.create_task(worker(session)) for _ in range(workers)]
+        try:
+            yield statuses
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+
+
+async def test_green_answering_5xx_is_rolled_back_automatically(tmp_path: Path) -> None:
+    port, preview = free_port(), free_port()
+    config = write_config(tmp_path / "config.yaml", port, preview)
+    async with run_upstream("blue", "v1") as blue, run_upstream("green", "v2", error_rate=0.2) as green, \
+            run_control_plane(state_path=tmp_path / "state.db", config_path=config, log_dir=tmp_path) as cp, \
+            aiohttp.ClientSession() as session, envoy_for(cp, "edge-1") as envoy:
+        api = Api(session, cp.admin_url)
+        await api.call("PUT", "/v1/services/shop", {"drain_seconds": 1, "standby_seconds": 60})
+        await api.call("PUT", "/v1/services/shop/environments/blue", {"version": "v1", "endpoints": [blue.address]})
+        await wait_proxies(api, 1)
+        await envoy.wait_ready()
+        url = f"http://127.0.0.1:{port}/"
+
+        stop = asyncio.Event()
+        async with steady_load(url, stop):
+            created = await api.call("POST", "/v1/services/shop/deployments", {
+                "version": "v2", "endpoints": [green.address],
+                "strategy": {"steps": [50, 100], "step_seconds": 600, "bake_seconds": 0},
+                "smoke": {"checks": [{"path": "/healthz"}]},
+                "analysis": {"interval_seconds": 1, "max_error_rate": 0.05, "max_p99_ms": None,
+                             "min_requests": 20, "no_data": "wait", "failure_limit": 2},
+            }, expect=202)
+            deployment_id = created["id"]
+
+            async def settled() -> dict[str, Any] | None:
+                d = await api.call("GET", f"/v1/deployments/{deployment_id}")
+                return d if d["status"] in ("rolled_back", "failed", "active") else None
+
+            d = await wait_for(settled, timeout=60, message="the deployment rolled back")
+        assert d["status"] == "rolled_back", d
+        assert d["reason"].startswith("analysis: error rate"), d["reason"]
+        assert "(2 consecutive)" in d["reason"]
+        events = [(e["status"], e["actor"], e["reason"]) for e in d["history"]]
+        assert any(r.startswith("analysis breach 1/2: error rate") for _, _, r in events), events
+        assert events[-1][:2] == ("rolled_back", "automatic"), events
+        assert d["analysis"]["requests"] >= 20 and d["analysis"]["error_rate"] > 0.05, d["analysis"]
+
+        # All traffic is back on blue, pushed at once.
+        view = await api.call("GET", "/v1/services/shop", wait="converged", timeout="15")
+        assert view["traffic"]["weights"] == {"blue": 100, "green": 0}
+        counts = await sample_environments(url, 200)
+        assert counts == {"blue": 200}, dict(counts)
+
+        async with session.get(cp.admin_url + "/metrics") as response:
+            metrics = await response.text()
+        assert 'bluegreen_rollbacks_total{reason="automatic",service="shop"} 1.0' in metrics
+        assert 'bluegreen_deployments_total{result="rolled_back",service="shop"} 1.0' in metrics
+        rate_line = next(line for line in metrics.splitlines()
+                         if line.startswith('bluegreen_analysis_error_rate{environment="green",service="shop"}'))
+        assert float(rate_line.split()[-1]) > 0.05
+
+
+async def test_healthy_version_passes_analysis_and_records_figures(tmp_path: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "config.yaml", port, free_port())
+    async with run_upstream("blue", "v1") as blue, run_upstream("green", "v2") as green, \
+            run_control_plane(state_path=tmp_path / "state.db", config_path=config, log_dir=tmp_path) as cp, \
+            aiohttp.ClientSession() as session, envoy_for(cp, "edge-1") as envoy:
+        api = Api(session, cp.admin_url)
+        await api.call("PUT", "/v1/services/shop", {})
+        await api.call("PUT", "/v1/services/shop/environments/blue", {"version": "v1", "endpoints": [blue.address]})
+        await wait_proxies(api, 1)
+        await envoy.wait_ready()
+        stop = asyncio.Event()
+        async with steady_load(f"http://127.0.0.1:{port}/", stop) as statuses:
+            created = await api.call("POST", "/v1/services/shop/deployments", {
+                "version": "v2", "endpoints": [green.address],
+                "strategy": {"steps": [50, 100], "step_seconds": 600, "bake_seconds": 600},
+                "analysis": {"interval_seconds": 1, "max_error_rate": 0.05, "max_p99_ms": 1000, "min_requests": 5, "failure_limit": 1},
+            }, expect=202)
+
+            async def judged_ok() -> dict[str, Any] | None:
+                d = await api.call("GET", f"/v1/deployments/{created['id']}")
+                a = d["analysis"] or {}
+                return d if a.get("verdict") == "ok" and a.get("requests", 0) >= 5 else None
+
+            d = await wait_for(judged_ok, timeout=60, message="an analysis interval judged ok")
+            assert d["status"] == "shifting" and d["failures"] == 0
+            assert d["analysis"]["error_rate"] == 0 and 0 < d["analysis"]["p99_ms"] <= 1000
+            # Analysis continues through the bake at 100 %.
+            await api.call("POST", f"/v1/deployments/{created['id']}/promote")
+            baking = await api.call("GET", f"/v1/deployments/{created['id']}")
+            assert baking["status"] == "active" and baking["baking"]
+        assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
