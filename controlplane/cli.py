@@ -192,7 +192,7 @@ def cmd_deployment_action(args: argparse.Namespace) -> int:
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     text = render_bootstrap(node_id=args.node_id, fleet=args.fleet, xds=args.xds, admin_address=args.admin_address,
-                            admin_port=args.admin_port, delta=args.delta)
+                            admin_port=args.admin_port, delta=args.delta, stats_flush_seconds=args.stats_flush)
     if args.output:
         Path(args.output).write_text(text)
     else:
@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (default 9901)")
     p.add_argument("--admin-address", default="127.0.0.1", help="Envoy admin bind address (default 127.0.0.1)")
     p.add_argument("--delta", action="store_true", help="use incremental (Delta) xDS instead of State of the World")
+    p.add_argument("--stats-flush", type=float, default=1.0,
+                   help="seconds between Envoy's stats pushes to the control plane (analysis data; default 1)")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_bootstrap)
 
