@@ -2,12 +2,14 @@
 
 Per service ``S`` a fleet gets:
 
-* clusters ``S-blue`` and ``S-green`` (EDS over ADS) and their ClusterLoadAssignments, always
-  both, so that moving traffic only ever changes a route (DESIGN.md, fact 1);
+* clusters ``S-blue`` and ``S-green`` (EDS over ADS) and their ClusterLoadAssignments, both
+  while both environments are deployed, so that moving traffic only ever changes a route
+  (DESIGN.md, fact 1). An environment with no endpoints and no traffic (never deployed, or
+  decommissioned) has no cluster: it leaves the route first, then the cluster set;
 * in the fleet's RouteConfiguration ``<fleet>-routes`` (served over RDS, never inline): for each
   of the service's domains, a route for ``x-bluegreen-preview: 1`` to the idle environment,
-  then the production route with ``weighted_clusters`` listing both environments (weights sum
-  to 100);
+  then the production route with ``weighted_clusters`` listing the deployed environments
+  (weights sum to 100); with nothing in the idle environment the preview routes answer 503;
 * in ``<fleet>-preview-routes``: every request to the idle environment, for preview listeners.
 
 Services sharing a domain share one virtual host per domain; their routes are ordered longest
@@ -121,7 +123,15 @@ _MARK_PREVIEW = [
 ]
 
 
+def in_fleet(service: Service, env: Environment) -> bool:
+    """Whether the environment has a cluster in Envoy: it has endpoints or takes traffic. A
+    decommissioned (or never deployed) environment leaves the route and cluster set."""
+    return service.environment(env).registered or service.traffic.weight(env) > 0
+
+
 def _weighted(service: Service) -> route_components_pb2.RouteAction:
+    # Both environments are listed while both are in the fleet, the idle one at weight 0, so a
+    # switch only changes this route (DESIGN.md, fact 1).
     return route_components_pb2.RouteAction(
         weighted_clusters=route_components_pb2.WeightedCluster(
             clusters=[
@@ -130,10 +140,26 @@ def _weighted(service: Service) -> route_components_pb2.RouteAction:
                     weight=wrappers_pb2.UInt32Value(value=service.traffic.weight(env)),
                 )
                 for env in Environment
+                if in_fleet(service, env)
             ]
         ),
         retry_policy=_RETRY,
     )
+
+
+def _no_idle(service: Service) -> route_components_pb2.DirectResponseAction:
+    return route_components_pb2.DirectResponseAction(
+        status=503,
+        body=base_pb2.DataSource(inline_string=f"bluegreen: no version is deployed in the idle environment of {service.name}\n"),
+    )
+
+
+def _preview_route(service: Service, match: route_components_pb2.RouteMatch) -> route_components_pb2.Route:
+    idle = service.traffic.idle
+    if not in_fleet(service, idle):
+        return route_components_pb2.Route(name=f"{service.name}-preview", match=match, direct_response=_no_idle(service))
+    return route_components_pb2.Route(name=f"{service.name}-preview", match=match, route=_route_to(service, idle),
+                                      request_headers_to_add=_MARK_PREVIEW)
 
 
 def _preview_match(service: Service) -> route_components_pb2.RouteMatch:
@@ -148,10 +174,8 @@ def _preview_match(service: Service) -> route_components_pb2.RouteMatch:
 
 
 def production_routes(service: Service) -> list[route_components_pb2.Route]:
-    idle = service.traffic.idle
     return [
-        route_components_pb2.Route(name=f"{service.name}-preview", match=_preview_match(service), route=_route_to(service, idle),
-                                   request_headers_to_add=_MARK_PREVIEW),
+        _preview_route(service, _preview_match(service)),
         route_components_pb2.Route(
             name=service.name, match=route_components_pb2.RouteMatch(prefix=service.prefix), route=_weighted(service)
         ),
@@ -159,14 +183,7 @@ def production_routes(service: Service) -> list[route_components_pb2.Route]:
 
 
 def preview_routes(service: Service) -> list[route_components_pb2.Route]:
-    return [
-        route_components_pb2.Route(
-            name=f"{service.name}-preview",
-            match=route_components_pb2.RouteMatch(prefix=service.prefix),
-            route=_route_to(service, service.traffic.idle),
-            request_headers_to_add=_MARK_PREVIEW,
-        )
-    ]
+    return [_preview_route(service, route_components_pb2.RouteMatch(prefix=service.prefix))]
 
 
 def _virtual_hosts(services: Sequence[Service], preview: bool) -> list[route_components_pb2.VirtualHost]:
@@ -225,6 +242,8 @@ def service_resources(service: Service) -> list[Resource]:
     cache them by service value."""
     out: list[Resource] = []
     for env in Environment:
+        if not in_fleet(service, env):
+            continue
         name = cluster_name(service.name, env)
         out.append(Resource.from_message(name, build_cluster(service, env), warms_with=[(typeurls.ENDPOINT, name)]))
         out.append(Resource.from_message(name, build_load_assignment(service, env)))
@@ -235,6 +254,8 @@ def _requires_clusters(services: Iterable[Service]) -> list[tuple[str, str]]:
     refs = []
     for service in services:
         for env in Environment:
+            if not in_fleet(service, env):
+                continue
             name = cluster_name(service.name, env)
             refs += [(typeurls.CLUSTER, name), (typeurls.ENDPOINT, name)]
     return refs

@@ -182,14 +182,22 @@ def step_due(service: Service, current: Current, deployment_id: str, now: float)
     return shift(service, current, deployment_id, nxt, now, AUTOMATIC, f"step {nxt}: {steps[nxt]}% after {spec_of(d).strategy.step_seconds:g}s")
 
 
-def promote(service: Service, current: Current, deployment_id: str, now: float, *, full: bool = False) -> Change:
-    """Advance to the next step now (``full``: straight to 100 %). At the hold before 100 %
-    (auto_promote false) the next step is 100 %."""
+def promote(service: Service, current: Current, deployment_id: str, now: float, *, full: bool = False,
+            to_step: int | None = None) -> Change:
+    """Advance to the next step now (``full``: straight to 100 %; ``to_step``: to that step
+    index, a no-op if already there or past it, so a retried call cannot advance twice). At the
+    hold before 100 % (auto_promote false) the next step is 100 %."""
     d = _find(current, deployment_id)
+    steps = _steps(service, d)
+    if to_step is not None and not 0 <= to_step < len(steps):
+        raise ConflictError(f"deployment {d.id}: step {to_step} does not exist; steps are 0..{len(steps) - 1} of {list(steps)}")
+    if d.status is S.ACTIVE and (full or to_step is not None):
+        return Change(service)  # already at 100 %: the promote has happened
+    if to_step is not None and d.status is S.SHIFTING and d.step >= to_step:
+        return Change(service)
     if d.status is not S.SHIFTING:
         raise ConflictError(f"deployment {d.id} is {d.status.value}; only a shifting deployment can be promoted")
-    steps = _steps(service, d)
-    target = len(steps) - 1 if full else d.step + 1
+    target = len(steps) - 1 if full else (to_step if to_step is not None else d.step + 1)
     return shift(service, current, deployment_id, target, now, API, f"promoted to {steps[target]}%")
 
 
@@ -225,6 +233,8 @@ def resume(service: Service, current: Current, deployment_id: str, now: float) -
 def rollback(service: Service, current: Current, deployment_id: str, now: float, actor: str, reason: str) -> Change:
     """100 % back to the environment the deployment replaced, pushed at once."""
     d = _find(current, deployment_id)
+    if d.status is S.ROLLED_BACK:
+        return Change(service)  # already rolled back: idempotent
     if d.status in (S.DEPLOYING, S.READY):
         raise ConflictError(f"deployment {d.id} has taken no production traffic ({d.status.value}); abort it instead")
     if d.status not in (S.SHIFTING, S.ACTIVE):
@@ -243,6 +253,8 @@ def rollback(service: Service, current: Current, deployment_id: str, now: float,
 
 def abort(service: Service, current: Current, deployment_id: str, now: float) -> Change:
     d = _find(current, deployment_id)
+    if d.status in (S.FAILED, S.ROLLED_BACK):
+        return Change(service)  # already stopped: idempotent
     if d.status in (S.DEPLOYING, S.READY):
         return Change(service, (_event(d, S.FAILED, now, API, "aborted before taking production traffic", reason="aborted"),))
     return rollback(service, current, deployment_id, now, API, "aborted")

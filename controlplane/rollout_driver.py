@@ -117,11 +117,11 @@ class Rollouts:
         self.poke(name)
         return committed
 
-    async def command(self, deployment_id: str, action: str, *, full: bool = False) -> Committed:
+    async def command(self, deployment_id: str, action: str, *, full: bool = False, to_step: int | None = None) -> Committed:
         record = await self.repo.deployment(deployment_id)
         name = record.service
         transitions: dict[str, Callable[[Service, Any, float], Change]] = {
-            "promote": lambda s, c, now: rollout.promote(s, c, deployment_id, now, full=full),
+            "promote": lambda s, c, now: rollout.promote(s, c, deployment_id, now, full=full, to_step=to_step),
             "pause": lambda s, c, now: rollout.pause(s, c, deployment_id, now),
             "resume": lambda s, c, now: rollout.resume(s, c, deployment_id, now),
             "rollback": lambda s, c, now: rollout.rollback(s, c, deployment_id, now, rollout.API, "rollback requested"),

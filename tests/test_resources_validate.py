@@ -221,7 +221,7 @@ def _check_no_shadowing(vhost: route_components_pb2.VirtualHost) -> None:
 def _check_route_configuration(
     rc: route_pb2.RouteConfiguration, served: Sequence[Service], *, preview: bool
 ) -> None:
-    owners = {resources.cluster_name(s.name, env): (s, env) for s in served for env in Environment}
+    owners = {resources.cluster_name(s.name, env): (s, env) for s in served for env in Environment if resources.in_fleet(s, env)}
     by_name = {s.name: s for s in served}
     expected_domains = {d.lower() for s in served for d in s.domains}
     vhost_names = [vh.name for vh in rc.virtual_hosts]
@@ -241,13 +241,23 @@ def _check_route_configuration(
                 assert len(owner_names) == 1, f"{route.name}: weighted clusters of several services {owner_names}"
                 service = by_name[owner_names.pop()]
                 assert sorted(c.name for c in entries) == sorted(
-                    resources.cluster_name(service.name, env) for env in Environment
-                ), f"{route.name}: weighted_clusters must list both environments: {entries}"
+                    resources.cluster_name(service.name, env) for env in Environment if resources.in_fleet(service, env)
+                ), f"{route.name}: weighted_clusters must list every deployed environment: {entries}"
                 for entry in entries:
                     assert entry.weight.value == service.traffic.weight(owners[entry.name][1]), entry
                 assert sum(c.weight.value for c in entries) == 100, entries
                 assert not route.match.headers, route
                 kind = "production"
+            elif route.HasField("direct_response"):
+                # Nothing deployed in the idle environment: the preview entry says so with a 503.
+                service = by_name[route.name.removesuffix("-preview")]
+                assert not resources.in_fleet(service, service.traffic.idle), route
+                assert route.direct_response.status == 503, route
+                if preview:
+                    assert not route.match.headers, route
+                else:
+                    assert _headers(route) == {(resources.PREVIEW_HEADER, resources.PREVIEW_VALUE)}, route
+                kind = "preview"
             else:
                 assert action.WhichOneof("cluster_specifier") == "cluster", route
                 service, env = owners[action.cluster]
@@ -280,7 +290,7 @@ def check_structure(fleet: Fleet, services: Sequence[Service], generated: Sequen
     served = [s for s in services if fleet.serves(s.name)]
 
     names = {t: sorted(snapshot.of_type(t)) for t in typeurls.PUSH_ORDER}
-    expected_clusters = sorted(resources.cluster_name(s.name, env) for s in served for env in Environment)
+    expected_clusters = sorted(resources.cluster_name(s.name, env) for s in served for env in Environment if resources.in_fleet(s, env))
     assert names[typeurls.CLUSTER] == expected_clusters
     assert names[typeurls.ENDPOINT] == expected_clusters
     main, preview = resources.routes_name(fleet), resources.preview_routes_name(fleet)
@@ -668,7 +678,7 @@ def _broken_route_to_unknown_cluster() -> tuple[list[Resource], str]:
     ghost = model.apply_service_spec(None, "ghost", {"domains": ["ghost.example.com"]})
     name = resources.routes_name(fleet)
     rc = resources.build_route_configuration(name, [*services, ghost], preview=False)
-    return _replace_resource(generated, Resource.from_message(name, rc)), "unknown cluster 'ghost-"
+    return _replace_resource(generated, Resource.from_message(name, rc)), "unknown weighted cluster 'ghost-"
 
 
 def _broken_endpoint_address() -> tuple[list[Resource], str]:

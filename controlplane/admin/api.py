@@ -336,7 +336,13 @@ def _deployment_action(action: str) -> Handler:
         full = request.query.get("full", "false")
         if full not in ("true", "false") or (full == "true" and action != "promote"):
             raise ValidationError("full=true is only for promote (skip the remaining steps)")
-        committed = await cp.rollouts.command(request.match_info["id"], action, full=full == "true")
+        raw_step = request.query.get("step")
+        to_step = None
+        if raw_step is not None:
+            if action != "promote" or not raw_step.isascii() or not raw_step.isdigit():
+                raise ValidationError(f"step must be a step index (0, 1, ...) and is only for promote, got {raw_step!r}")
+            to_step = int(raw_step)
+        committed = await cp.rollouts.command(request.match_info["id"], action, full=full == "true", to_step=to_step)
         request.app[CONTROL_PLANE].publisher.accepted(committed.revision, time.monotonic())
         await asyncio.wait_for(cp.publisher.wait_published(committed.revision), PUBLISH_TIMEOUT)
         record = await cp.repo.deployment(request.match_info["id"])
