@@ -517,7 +517,12 @@ def set_weights(
             status = record.status
         if status is not record.status:
             activated = now if status is DeploymentStatus.ACTIVE and record.activated_at is None else record.activated_at
-            records.append(replace(record, status=status, activated_at=activated, updated_at=now))
+            # Timers belong to the status: a standby environment is decommissioned when its
+            # standby ends, whoever put it there; any other status has no timer.
+            deadline = now + service.standby_seconds if status is DeploymentStatus.STANDBY else None
+            history = record.history + (Event(now, status.value, "api", f"traffic set to blue {weights[Environment.BLUE]}% / green {weights[Environment.GREEN]}%"),)
+            records.append(replace(record, status=status, activated_at=activated, updated_at=now, deadline=deadline,
+                                   paused_remaining=None, awaiting_promote=False, baking=False, history=history))
     return Change(new_service, tuple(records))
 
 

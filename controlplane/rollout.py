@@ -242,10 +242,16 @@ def rollback(service: Service, current: Current, deployment_id: str, now: float,
     back = d.environment.other
     if not service.environment(back).registered:
         raise ConflictError(f"cannot roll back {d.id}: {back.value} has no endpoints (was it decommissioned?)")
+    old = current.get(back)
+    if old is not None and old.status not in (S.ACTIVE, S.DRAINING, S.STANDBY):
+        # e.g. a newer deployment is being verified there: never send traffic to it unverified
+        raise ConflictError(
+            f"cannot roll back {d.id}: {back.value} now holds {old.id} ({old.status.value}), "
+            f"not the version {d.id} replaced; abort {old.id} first"
+        )
     updated = replace(service, traffic=_traffic(service, back, 100))
     records = [_event(d, S.ROLLED_BACK, now, actor, reason, reason=reason, deadline=None, paused_remaining=None,
                       awaiting_promote=False, baking=False)]
-    old = current.get(back)
     if old is not None:
         records.append(_event(old, S.ACTIVE, now, actor, f"rollback of {d.id}: {reason}", deadline=None))
     return Change(updated, tuple(records))

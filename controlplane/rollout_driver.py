@@ -131,9 +131,17 @@ class Rollouts:
         }
         transition = transitions[action]
         committed = await self.repo.mutate(name, lambda s, c, now: transition(_require(s), c, now))
-        self._count(committed)
-        self.poke(name)
+        self.committed(committed)
         return committed
+
+    def committed(self, committed: Committed) -> None:
+        """Bookkeeping after any change to a service's deployments, whoever made it (a command,
+        a timer, a manual traffic change): metrics, cutover timing, and a look at its timers."""
+        self._count(committed)
+        for record in committed.change.deployments:
+            if record.status is S.ACTIVE and record.baking and record.history and record.history[-1].status == S.ACTIVE.value:
+                self._observe_cutover(record, committed.revision)
+        self.poke(committed.change.service.name)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -212,7 +220,9 @@ class Rollouts:
                     s, c, rid, t, rollout.AUTOMATIC, f"standby of {s.standby_seconds}s is over"))
                 return True, None
 
-        wakes = [r.deadline for r in current.values() if r is not None and r.deadline is not None and r.paused_remaining is None]
+        wakes = [r.deadline for r in current.values()
+                 if r is not None and r.deadline is not None and r.paused_remaining is None
+                 and (r is d or r.status in (S.DRAINING, S.STANDBY))]
         window = self._windows.get(name)
         if d is not None and window is not None and window[0] == d.id and d.paused_remaining is None and d.spec:
             analysis = parse_deployment_spec(d.spec).analysis
@@ -228,7 +238,7 @@ class Rollouts:
         for record in committed.change.deployments:
             if record.status is S.ACTIVE and record.baking and record.history and record.history[-1].status == S.ACTIVE.value:
                 self._observe_cutover(record, committed.revision)
-        return committed
+        return committed  # the loop that called us looks again by itself
 
     def _observe_cutover(self, record: Deployment, revision: int) -> None:
         """bluegreen_cutover_seconds: first weight change of the shift -> every proxy at 100 %."""

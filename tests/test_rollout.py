@@ -295,6 +295,28 @@ def test_promote_refuses_before_the_shift() -> None:
     service, current, did = started()
     with pytest.raises(ConflictError, match="deploying; only a shifting"):
         rollout.promote(service, current, did, T0 + 1)
+    with pytest.raises(ConflictError, match="deploying; only a shifting"):
+        rollout.promote(service, current, did, T0 + 1, full=True)
+
+
+def test_promote_to_a_step_is_idempotent() -> None:
+    service, current, did = shifting()
+    change = rollout.promote(service, current, did, T0 + 20, to_step=1)
+    assert_events(current, change, {did: ("shifting", "api")})
+    assert by_id(change)[did].step == 1
+    service, current = apply(service, current, change)
+    assert rollout.promote(service, current, did, T0 + 21, to_step=1) == Change(service)  # a retried call
+    assert rollout.promote(service, current, did, T0 + 21, to_step=0) == Change(service)
+    with pytest.raises(ConflictError, match="step 3 does not exist"):
+        rollout.promote(service, current, did, T0 + 21, to_step=3)
+    change = rollout.promote(service, current, did, T0 + 22, to_step=2)
+    assert_events(current, change, {did: ("active", "api"), "shop-1": ("draining", "automatic")})
+    service, current = apply(service, current, change)
+    # At 100 % a retried full or stepped promote is a no-op, a plain one is refused.
+    assert rollout.promote(service, current, did, T0 + 23, to_step=2) == Change(service)
+    assert rollout.promote(service, current, did, T0 + 23, full=True) == Change(service)
+    with pytest.raises(ConflictError, match="only a shifting deployment can be promoted"):
+        rollout.promote(service, current, did, T0 + 23)
 
 
 def test_bake_due_completes_the_deployment() -> None:
@@ -377,8 +399,11 @@ def test_rollback_during_the_shift_sends_everything_back() -> None:
     assert change.service.traffic == Traffic(active=BLUE, previous=None, blue=100, green=0)
     assert change.service.green == service.green  # stays registered (preview, inspection)
     service, current = apply(service, current, change)
-    with pytest.raises(ConflictError, match="rolled_back; nothing to roll back"):
-        rollout.rollback(service, current, did, T0 + 31, rollout.API, "again")
+    # Rolling back again (a retried call) changes nothing; abort likewise.
+    assert rollout.rollback(service, current, did, T0 + 31, rollout.API, "again") == Change(service)
+    assert rollout.abort(service, current, did, T0 + 31) == Change(service)
+    with pytest.raises(ConflictError, match="rolled_back; only a shifting deployment can be promoted"):
+        rollout.promote(service, current, did, T0 + 31)
 
 
 def test_rollback_after_100_reactivates_the_draining_environment() -> None:
@@ -574,3 +599,14 @@ def test_events_are_plain_values() -> None:
     service, current, did = started()
     [event] = current[GREEN].history  # type: ignore[union-attr]
     assert event == Event(T0, "deploying", "api", "deploy v2 to green")
+
+
+def test_rollback_of_a_completed_deployment_refuses_while_a_new_one_is_deploying_into_its_target() -> None:
+    service, current, did = completed()
+    service, current = apply(service, current, rollout.bake_due(service, current, did, T0 + 20))
+    service, current = apply(service, current, rollout.drain_due(service, current, "shop-1", T0 + 21))
+    # v3 goes into blue (the standby side): blue's endpoints are now v3's, not yet smoke-tested.
+    service, current = apply(service, current, rollout.start(service, current, spec(version="v3", endpoints=["127.0.0.1:9003"]), T0 + 22))
+    assert current[BLUE].status is S.DEPLOYING  # type: ignore[union-attr]
+    with pytest.raises(ConflictError, match="shop-3"):
+        rollout.rollback(service, current, did, T0 + 23, rollout.API, "rollback requested")

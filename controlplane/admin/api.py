@@ -254,6 +254,7 @@ async def _mutate(request: web.Request, operation: Callable[[], Awaitable[Commit
     timeout = _wait_params(request)
     committed = await operation()
     accepted = time.monotonic()
+    request.app[CONTROL_PLANE].rollouts.committed(committed)
     request.app[CONTROL_PLANE].publisher.accepted(committed.revision, accepted)
     return await _respond_with_state(request, committed, request.match_info["name"], timeout, accepted)
 
@@ -334,7 +335,9 @@ def _deployment_action(action: str) -> Handler:
         if body != {}:
             raise ValidationError(f"{action} takes no body")
         full = request.query.get("full", "false")
-        if full not in ("true", "false") or (full == "true" and action != "promote"):
+        if full not in ("true", "false"):
+            raise ValidationError(f"full must be true or false, got {full!r}")
+        if full == "true" and action != "promote":
             raise ValidationError("full=true is only for promote (skip the remaining steps)")
         raw_step = request.query.get("step")
         to_step = None
