@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from .errors import ValidationError
-from .model import EnvironmentState, parse_environment_spec
+from .model import EnvironmentState, parse_environment_spec, reject_unknown, require_object
 
 MAX_STEPS = 20
 MAX_SECONDS = 7 * 86_400
@@ -81,18 +81,6 @@ class DeploymentSpec:
 # ---------------------------------------------------------------------------------------------
 
 
-def _obj(path: str, value: object) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ValidationError(f"{path} must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _only(path: str, body: Mapping[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise ValidationError(f"unknown field(s) in {path}: {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-
-
 def _number(path: str, value: object, *, minimum: float, maximum: float, integer: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         kind = "an integer" if integer else "a number"
@@ -123,8 +111,8 @@ def _url(path: str, value: object) -> str:
 
 
 def parse_strategy(body: object) -> Strategy:
-    spec = _obj("strategy", body)
-    _only("strategy", spec, {"steps", "step_seconds", "bake_seconds", "auto_promote"})
+    spec = require_object("strategy", body)
+    reject_unknown("strategy", spec, {"steps", "step_seconds", "bake_seconds", "auto_promote"})
     default = Strategy()
     steps = spec.get("steps", list(default.steps))
     if not isinstance(steps, list) or not steps or len(steps) > MAX_STEPS:
@@ -143,8 +131,8 @@ def parse_strategy(body: object) -> Strategy:
 
 
 def _parse_check(path: str, body: object) -> HttpCheck:
-    spec = _obj(path, body)
-    _only(path, spec, {"method", "path", "headers", "expect_status", "body_contains", "timeout_seconds", "retries"})
+    spec = require_object(path, body)
+    reject_unknown(path, spec, {"method", "path", "headers", "expect_status", "body_contains", "timeout_seconds", "retries"})
     default = HttpCheck()
     method = spec.get("method", default.method)
     if not isinstance(method, str) or method.upper() not in HTTP_METHODS:
@@ -170,8 +158,8 @@ def _parse_check(path: str, body: object) -> HttpCheck:
 
 
 def _parse_webhook(path: str, body: object) -> Webhook:
-    spec = _obj(path, body)
-    _only(path, spec, {"url", "timeout_seconds"})
+    spec = require_object(path, body)
+    reject_unknown(path, spec, {"url", "timeout_seconds"})
     if "url" not in spec:
         raise ValidationError(f"{path}.url is required")
     return Webhook(
@@ -187,8 +175,8 @@ def _list(path: str, value: object, limit: int = 50) -> list[Any]:
 
 
 def parse_smoke(body: object) -> Smoke:
-    spec = _obj("smoke", body)
-    _only("smoke", spec, {"checks", "commands", "webhooks", "command_timeout_seconds"})
+    spec = require_object("smoke", body)
+    reject_unknown("smoke", spec, {"checks", "commands", "webhooks", "command_timeout_seconds"})
     checks = tuple(_parse_check(f"smoke.checks[{i}]", c) for i, c in enumerate(_list("smoke.checks", spec.get("checks", []))))
     commands = []
     for i, command in enumerate(_list("smoke.commands", spec.get("commands", []))):
@@ -201,8 +189,8 @@ def parse_smoke(body: object) -> Smoke:
 
 
 def parse_analysis(body: object) -> Analysis:
-    spec = _obj("analysis", body)
-    _only("analysis", spec, {"interval_seconds", "max_error_rate", "max_p99_ms", "min_requests", "no_data", "failure_limit"})
+    spec = require_object("analysis", body)
+    reject_unknown("analysis", spec, {"interval_seconds", "max_error_rate", "max_p99_ms", "min_requests", "no_data", "failure_limit"})
     default = Analysis()
     max_p99 = spec.get("max_p99_ms", default.max_p99_ms)
     no_data = spec.get("no_data", default.no_data)
@@ -219,13 +207,13 @@ def parse_analysis(body: object) -> Analysis:
 
 
 def parse_deployment_spec(body: object) -> DeploymentSpec:
-    spec = _obj("deployment", body)
-    _only("deployment", spec, {"version", "endpoints", "strategy", "smoke", "analysis", "decommission"})
+    spec = require_object("deployment", body)
+    reject_unknown("deployment", spec, {"version", "endpoints", "strategy", "smoke", "analysis", "decommission"})
     state = parse_environment_spec({k: spec[k] for k in ("version", "endpoints") if k in spec})
     if not state.endpoints:
         raise ValidationError("endpoints must list at least one 'IP:PORT': a deployment needs something to send traffic to")
-    decommission = _obj("decommission", spec.get("decommission", {}))
-    _only("decommission", decommission, {"webhooks"})
+    decommission = require_object("decommission", spec.get("decommission", {}))
+    reject_unknown("decommission", decommission, {"webhooks"})
     hooks = tuple(_parse_webhook(f"decommission.webhooks[{i}]", w)
                   for i, w in enumerate(_list("decommission.webhooks", decommission.get("webhooks", []))))
     return DeploymentSpec(

@@ -326,13 +326,13 @@ def route_conflict(fleets: tuple[Fleet, ...], services: list[Service], candidate
 # ---------------------------------------------------------------------------------------------
 # Parsing user input (already JSON-decoded) into model values.
 
-def _reject_unknown(kind: str, body: Mapping[str, Any], allowed: set[str]) -> None:
+def reject_unknown(kind: str, body: Mapping[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise ValidationError(f"unknown field(s) in {kind}: {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
 
 
-def _require_mapping(kind: str, body: object) -> Mapping[str, Any]:
+def require_object(kind: str, body: object) -> Mapping[str, Any]:
     if not isinstance(body, Mapping):
         raise ValidationError(f"{kind} must be a JSON object, got {type(body).__name__}")
     return body
@@ -342,8 +342,8 @@ def apply_service_spec(existing: Service | None, name: str, body: object) -> Ser
     """Create or update a service's settings from a request body. Fields not given keep their
     current value (or the default for a new service). Environments and traffic are untouched."""
     validate_service_name(name)
-    spec = _require_mapping("service", body)
-    _reject_unknown("service", spec, {"domains", "prefix", "drain_seconds", "standby_seconds"})
+    spec = require_object("service", body)
+    reject_unknown("service", spec, {"domains", "prefix", "drain_seconds", "standby_seconds"})
     base = existing or Service(name=name)
     changes: dict[str, Any] = {}
     if "domains" in spec:
@@ -366,8 +366,8 @@ def apply_service_spec(existing: Service | None, name: str, body: object) -> Ser
 
 
 def parse_environment_spec(body: object) -> EnvironmentState:
-    spec = _require_mapping("environment", body)
-    _reject_unknown("environment", spec, {"version", "endpoints"})
+    spec = require_object("environment", body)
+    reject_unknown("environment", spec, {"version", "endpoints"})
     if "version" not in spec:
         raise ValidationError("environment: 'version' is required")
     if "endpoints" not in spec:
@@ -385,8 +385,8 @@ def parse_environment_spec(body: object) -> EnvironmentState:
 
 
 def parse_weights(body: object) -> dict[Environment, int]:
-    spec = _require_mapping("traffic", body)
-    _reject_unknown("traffic", spec, {"weights"})
+    spec = require_object("traffic", body)
+    reject_unknown("traffic", spec, {"weights"})
     weights = spec.get("weights")
     if not isinstance(weights, Mapping):
         raise ValidationError('traffic: "weights" must be an object like {"blue": 90, "green": 10}')

@@ -218,6 +218,26 @@ class StreamState:
         )
         return content, complete
 
+    def _ack(self, state: TypeState) -> None:
+        """The proxy applied the response in flight: what was sent is what it holds."""
+        state.rejecting = False
+        state.acked = dict(state.sent)
+        state.acked_version = state.sent_version
+        state.pending_nonce = None
+        if state.pending_complete_at is not None:
+            state.synced_generation = state.pending_complete_at
+        state.pending_complete_at = None
+        state.pending_updates = ()
+
+    def _keep_last_good(self, state: TypeState) -> None:
+        """After a NACK: the proxy keeps its last good config, which is what it acked."""
+        state.sent = dict(state.acked)
+        state.sent_version = state.acked_version
+        state.pending_nonce = None
+        state.pending_complete_at = None
+        state.pending_updates = ()
+        state.synced_pool = None
+
     def _mark_warming(self, updates: Iterable[Resource]) -> None:
         for resource in updates:
             for type_url, name in resource.warms_with:
@@ -289,27 +309,12 @@ class SotwStream(StreamState):
             state.synced_pool = None
         return added
 
-    def _ack(self, state: TypeState) -> None:
-        state.rejecting = False
-        state.acked = dict(state.sent)
-        state.acked_version = state.sent_version
-        state.pending_nonce = None
-        if state.pending_complete_at is not None:
-            state.synced_generation = state.pending_complete_at
-        state.pending_complete_at = None
-        state.pending_updates = ()
-
     def _nack(self, state: TypeState, message: str, now: float) -> None:
         state.rejected_version = state.sent_version
         state.nacks += 1
         state.rejecting = True
         state.last_nack = Nack(state.sent_version, message, now)
-        state.sent = dict(state.acked)  # the proxy keeps its last good config
-        state.sent_version = state.acked_version
-        state.pending_nonce = None
-        state.pending_complete_at = None
-        state.pending_updates = ()
-        state.synced_pool = None
+        self._keep_last_good(state)
 
     def _version_of(self, state: TypeState, content: Mapping[str, Resource | None], *, complete: bool) -> str:
         if complete:
@@ -419,27 +424,12 @@ class DeltaStream(StreamState):
                 state.sent.pop(name, None)
                 state.force_names.discard(name)
 
-    def _ack(self, state: TypeState) -> None:
-        state.rejecting = False
-        state.acked = dict(state.sent)
-        state.acked_version = state.sent_version
-        state.pending_nonce = None
-        if state.pending_complete_at is not None:
-            state.synced_generation = state.pending_complete_at
-        state.pending_complete_at = None
-        state.pending_updates = ()
-
     def _nack(self, state: TypeState, message: str, now: float) -> None:
         state.rejected.update((r.name, r.version) for r in state.pending_updates)
         state.nacks += 1
         state.rejecting = True
         state.last_nack = Nack(state.sent_version, message, now)
-        state.sent = dict(state.acked)
-        state.sent_version = state.acked_version
-        state.pending_nonce = None
-        state.pending_complete_at = None
-        state.pending_updates = ()
-        state.synced_pool = None
+        self._keep_last_good(state)
 
     def _on_warm(self, state: TypeState, name: str) -> None:
         if state.subscribed and state.wants(name):
