@@ -156,8 +156,10 @@ class Rollouts:
             except NotFoundError:
                 return
             except ConflictError as exc:
+                # Someone else changed the deployment first; look again, but never spin on a
+                # transition that keeps refusing: wait a moment or for the next poke.
                 log.debug("%s: transition no longer applies (%s); looking again", name, exc)
-                continue
+                acted, wake_at = False, self.clock() + 0.2
             except Exception:
                 log.exception("deployment driver for %s failed; retrying in 1s", name)
                 acted, wake_at = False, self.clock() + 1.0
