@@ -6,7 +6,9 @@
      ├── ConflictError        the request is valid but contradicts current state (HTTP 409)
      │    └── RevisionConflict   a compare-and-set lost a race; callers normally retry (store layer)
      ├── ConfigError          the control plane's own configuration file is wrong (refuse to start)
-     └── StoreError           the state backend failed (I/O, corruption); nothing was changed
+     ├── StoreError           the state backend failed (I/O, corruption); nothing was changed
+     └── MigrationError       a migration set is malformed, fails lint, or failed to apply
+          └── ContractBlocked    contract refused: an environment that may need the old schema is still live
 
 Lower-layer errors (sqlite3, yaml, grpc) are translated at the boundary with ``raise ... from exc``.
 HTTP and exit-code mapping happens only at the edges (admin, cli).
@@ -41,3 +43,13 @@ class ConfigError(BlueGreenError):
 
 class StoreError(BlueGreenError):
     """The state backend failed. The operation did not change stored state."""
+
+
+class MigrationError(BlueGreenError):
+    """A migration set is malformed, fails lint, or could not be applied (the database keeps
+    every file that was applied before the failing one, each recorded)."""
+
+
+class ContractBlocked(MigrationError, ConflictError):
+    """Contract refused: an environment running a version that may need the old schema is
+    active, draining or in standby, so a rollback to it is still possible (HTTP 409)."""
