@@ -190,6 +190,58 @@ def cmd_deployment_action(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """lint: 0 clean, 1 errors found. expand/contract: 0 applied (or nothing to do), 1 refused
+    (contract while an old version can still take traffic) or failed; 2 malformed set."""
+    from .errors import ContractBlocked, MigrationError
+    from .migrations.files import Phase, load_migration_set
+
+    try:
+        migration_set = load_migration_set(args.directory)
+    except MigrationError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.migrate_command == "lint":
+        from .migrations.lint import format_text, lint, lint_exit_code
+
+        report = lint(migration_set, locking=args.locking)
+        print(json.dumps(report.to_dict(), indent=2) if args.json else format_text(report))
+        return lint_exit_code(report)
+    from .migrations.apply import apply_phase, redact
+
+    try:
+        if args.migrate_command == "contract":
+            from .migrations.gate import contract_blockers, refusal
+            from .model import deployment_from_dict
+            from .rollout_driver import expanded_by_deployment
+
+            _, listing = _request(args, "GET", f"/v1/services/{args.service}/deployments")
+            records = [deployment_from_dict(_stored_times(d)) for d in listing["deployments"]]
+            blockers = contract_blockers(records, expanded_by_deployment(migration_set, args.database))
+            if blockers:
+                raise ContractBlocked(refusal(args.service, blockers))
+            report = apply_phase(migration_set, Phase.CONTRACT, args.database)
+        else:
+            report = apply_phase(migration_set, Phase.EXPAND, args.database, deployment_id=args.deployment)
+    except MigrationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.migrate_command} on {redact(args.database)}: applied {len(report.applied)}"
+          + (f" ({', '.join(report.applied)})" if report.applied else "") + f", already applied {len(report.skipped)}")
+    return 0
+
+
+def _stored_times(view: dict[str, Any]) -> dict[str, Any]:
+    """The API shows times as ISO strings; the model stores epoch seconds."""
+    from datetime import datetime
+
+    out = dict(view)
+    for key in ("deployed_at", "activated_at", "updated_at", "deadline"):
+        if isinstance(out.get(key), str):
+            out[key] = datetime.fromisoformat(out[key]).timestamp()
+    out["history"] = [dict(e, at=datetime.fromisoformat(e["at"]).timestamp()) for e in out.get("history", [])]
+    return out
+
+
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     text = render_bootstrap(node_id=args.node_id, fleet=args.fleet, xds=args.xds, admin_address=args.admin_address,
                             admin_port=args.admin_port, delta=args.delta, stats_flush_seconds=args.stats_flush)
@@ -301,6 +353,27 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "promote":
             p.add_argument("--full", action="store_true")
         p.set_defaults(func=cmd_deployment_action, action=action)
+
+    p = sub.add_parser("migrate", help="expand/contract database migrations: lint, expand, contract")
+    msub = p.add_subparsers(dest="migrate_command", required=True)
+    m = msub.add_parser("lint", help="lint a migration set with Squawk; expand files must not break the old version")
+    m.add_argument("directory")
+    m.add_argument("--locking", choices=["warning", "error"], default="warning", help="severity of locking hazards")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_migrate)
+    m = msub.add_parser("expand", help="apply the expand files (idempotent, serialized by an advisory lock)")
+    m.add_argument("directory")
+    m.add_argument("--database", required=True, help="postgresql:// URL")
+    m.add_argument("--deployment", help="deployment id to record with the files")
+    m.set_defaults(func=cmd_migrate)
+    m = msub.add_parser("contract", help="apply the contract files, refused while an old version can take traffic")
+    m.add_argument("directory")
+    m.add_argument("--database", required=True, help="postgresql:// URL")
+    m.add_argument("--service", required=True, help="the service whose deployments decide whether contract may run")
+    m.add_argument("--admin", default=os.environ.get("BLUEGREEN_ADMIN", DEFAULT_ADMIN_URL), help="admin API URL")
+    m.add_argument("--token", help="bearer token (default: $BLUEGREEN_TOKEN)")
+    m.add_argument("--timeout", type=float, default=10.0)
+    m.set_defaults(func=cmd_migrate)
 
     p = client("rollback", "send 100%% back to the previously active environment (rolls back a deployment in progress)")
     p.add_argument("service")

@@ -69,6 +69,15 @@ class Analysis:
 
 
 @dataclass(frozen=True)
+class Migrations:
+    """An expand/contract migration set the deployment applies (expand before smoke tests)."""
+
+    directory: str
+    database: str  # postgresql:// URL; shown with its password hidden
+    locking: str = "warning"  # lint severity of locking hazards: warning | error
+
+
+@dataclass(frozen=True)
 class DeploymentSpec:
     version: str
     endpoints: EnvironmentState
@@ -76,6 +85,7 @@ class DeploymentSpec:
     smoke: Smoke = field(default_factory=Smoke)
     analysis: Analysis | None = None  # None: no automated analysis
     decommission_webhooks: tuple[Webhook, ...] = ()
+    migrations: Migrations | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,9 +216,24 @@ def parse_analysis(body: object) -> Analysis:
     )
 
 
+def parse_migrations(body: object) -> Migrations:
+    spec = require_object("migrations", body)
+    reject_unknown("migrations", spec, {"directory", "database", "locking"})
+    for key in ("directory", "database"):
+        if key not in spec:
+            raise ValidationError(f"migrations.{key} is required")
+    database = _string("migrations.database", spec["database"])
+    if urlsplit(database).scheme not in ("postgres", "postgresql"):
+        raise ValidationError("migrations.database must be a postgresql:// URL")
+    locking = spec.get("locking", "warning")
+    if locking not in ("warning", "error"):
+        raise ValidationError(f"migrations.locking must be 'warning' or 'error', got {locking!r}")
+    return Migrations(directory=_string("migrations.directory", spec["directory"]), database=database, locking=locking)
+
+
 def parse_deployment_spec(body: object) -> DeploymentSpec:
     spec = require_object("deployment", body)
-    reject_unknown("deployment", spec, {"version", "endpoints", "strategy", "smoke", "analysis", "decommission"})
+    reject_unknown("deployment", spec, {"version", "endpoints", "strategy", "smoke", "analysis", "decommission", "migrations"})
     state = parse_environment_spec({k: spec[k] for k in ("version", "endpoints") if k in spec})
     if not state.endpoints:
         raise ValidationError("endpoints must list at least one 'IP:PORT': a deployment needs something to send traffic to")
@@ -223,6 +248,7 @@ def parse_deployment_spec(body: object) -> DeploymentSpec:
         smoke=parse_smoke(spec.get("smoke", {})),
         analysis=parse_analysis(spec["analysis"]) if spec.get("analysis") is not None else None,
         decommission_webhooks=hooks,
+        migrations=parse_migrations(spec["migrations"]) if spec.get("migrations") is not None else None,
     )
 
 
@@ -241,4 +267,5 @@ def spec_to_dict(spec: DeploymentSpec) -> dict[str, Any]:
         "smoke": smoke,
         "analysis": asdict(spec.analysis) if spec.analysis else None,
         "decommission": {"webhooks": [asdict(w) for w in spec.decommission_webhooks]},
+        "migrations": asdict(spec.migrations) if spec.migrations else None,
     }

@@ -117,6 +117,21 @@ def _find(current: Current, deployment_id: str) -> Deployment:
     raise ConflictError(f"deployment {deployment_id} is no longer current")
 
 
+EXPAND_APPLIED = "expand migrations applied"
+
+
+def expand_applied(service: Service, current: Current, deployment_id: str, now: float, detail: str) -> Change:
+    """The deployment's expand files are in the database (before its smoke tests run)."""
+    d = _find(current, deployment_id)
+    if d.status is not S.DEPLOYING:
+        raise ConflictError(f"deployment {d.id} is {d.status.value}, not deploying")
+    return Change(service, (_event(d, S.DEPLOYING, now, AUTOMATIC, f"{EXPAND_APPLIED}: {detail}"),))
+
+
+def expand_done(d: Deployment) -> bool:
+    return any(e.reason.startswith(EXPAND_APPLIED) for e in d.history)
+
+
 def smoke_passed(service: Service, current: Current, deployment_id: str, now: float, detail: str) -> Change:
     d = _find(current, deployment_id)
     if d.status is not S.DEPLOYING:

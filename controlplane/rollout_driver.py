@@ -21,8 +21,10 @@ from typing import Any, Callable, Mapping, Protocol
 import aiohttp
 
 from . import rollout
-from .deployspec import Analysis, parse_deployment_spec
-from .errors import ConflictError, NotFoundError
+from .deployspec import Analysis, Migrations, parse_deployment_spec, parse_migrations
+from .errors import ConflictError, ContractBlocked, MigrationError, NotFoundError
+from .migrations.files import MigrationSet, Phase
+from .migrations.gate import contract_blockers, refusal
 from .metrics import Metrics
 from .model import Change, Deployment, DeploymentStatus as S, Environment, Fleet, Service
 from .resources import cluster_name
@@ -113,6 +115,8 @@ class Rollouts:
 
     async def deploy(self, name: str, body: object) -> Committed:
         spec = parse_deployment_spec(body)
+        if spec.migrations is not None:
+            await asyncio.to_thread(check_migrations, spec.migrations)  # bad set or lint errors: 400, nothing stored
         committed = await self.repo.mutate(name, lambda s, c, now: rollout.start(_require(s), c, spec, now))
         self.poke(name)
         return committed
@@ -189,6 +193,10 @@ class Rollouts:
         d = rollout.in_progress(current)
         if d is not None:
             if d.status is S.DEPLOYING:
+                migrations = parse_deployment_spec(d.spec).migrations if d.spec else None
+                if migrations is not None and not rollout.expand_done(d):
+                    await self._expand(service, d, migrations)
+                    return True, None
                 await self._smoke(service, d)
                 return True, None
             if d.status is S.READY:
@@ -276,6 +284,34 @@ class Rollouts:
             phase = "paused"
         for known in ("idle", "deploying", "ready", "shifting", "baking", "paused"):
             self.metrics.deployment_phase.labels(service.name, known).set(1 if known == phase else 0)
+
+    # -- migrations ----------------------------------------------------------------------------
+
+    async def _expand(self, service: Service, d: Deployment, migrations: Migrations) -> None:
+        """Apply the expand files (idempotent: files already recorded are skipped, so a restart
+        in the middle re-runs safely) before the new version is smoke-tested."""
+        try:
+            report = await asyncio.to_thread(run_expand, migrations, d.id)
+        except MigrationError as exc:
+            await self._mutate(service.name, lambda s, c, t: rollout.smoke_failed(s, c, d.id, t, f"expand migrations failed: {exc}"))
+            return
+        summary = f"{len(report.applied)} applied, {len(report.skipped)} already there"
+        await self._mutate(service.name, lambda s, c, t: rollout.expand_applied(s, c, d.id, t, summary))
+
+    async def contract(self, name: str, body: object) -> dict[str, Any]:
+        """Apply a set's contract files, unless a version that may need the old schema can
+        still take traffic (ContractBlocked, HTTP 409, naming it and its standby deadline)."""
+        spec = parse_migrations(body)
+        await self.repo.service(name)  # 404 for an unknown service
+        migration_set = await asyncio.to_thread(check_migrations, spec)
+        records = await self.repo.deployments(name)
+        expanded_by = await asyncio.to_thread(expanded_by_deployment, migration_set, spec.database)
+        blockers = contract_blockers(records, expanded_by)
+        if blockers:
+            raise ContractBlocked(refusal(name, blockers))
+        report = await asyncio.to_thread(apply_phase, migration_set, Phase.CONTRACT, spec.database)
+        return {"service": name, "phase": "contract", "applied": list(report.applied), "skipped": list(report.skipped),
+                "expanded_by": expanded_by}
 
     # -- smoke tests ---------------------------------------------------------------------------
 
@@ -375,3 +411,46 @@ def _standby_of(current: Mapping[Environment, Deployment | None], deployment_id:
         if record is not None and record.counterpart == deployment_id and record.status in (S.STANDBY, S.DRAINING):
             return record.id
     raise ConflictError(f"deployment {deployment_id} has no draining or standby environment to decommission")
+
+
+# Migration I/O, run in a worker thread (psycopg and squawk block).
+
+def check_migrations(spec: Migrations) -> MigrationSet:
+    """Load the set and lint it; an expand file that would break the running version is refused
+    before anything is stored (ValidationError, HTTP 400)."""
+    from .errors import ValidationError
+    from .migrations.files import load_migration_set
+    from .migrations.lint import format_text, lint
+
+    try:
+        migration_set = load_migration_set(spec.directory)
+        report = lint(migration_set, locking=spec.locking)
+    except MigrationError as exc:
+        raise ValidationError(f"migrations: {exc}") from None
+    if not report.ok:
+        raise ValidationError(f"migrations: lint found errors:\n{format_text(report)}")
+    return migration_set
+
+
+def run_expand(spec: Migrations, deployment_id: str) -> Any:
+    from .migrations.apply import apply_phase
+    from .migrations.files import load_migration_set
+
+    return apply_phase(load_migration_set(spec.directory), Phase.EXPAND, spec.database, deployment_id=deployment_id)
+
+
+def apply_phase(migration_set: MigrationSet, phase: Phase, database: str) -> Any:
+    from .migrations.apply import apply_phase as apply
+
+    return apply(migration_set, phase, database)
+
+
+def expanded_by_deployment(migration_set: MigrationSet, database: str) -> str | None:
+    """The deployment that applied this set's expand files (the newest one recorded), if any."""
+    from .migrations.apply import applied
+
+    names = {f.name for f in migration_set.phase(Phase.EXPAND)}
+    rows = [r for r in applied(database) if r["name"] in names and r.get("deployment_id")]
+    if not rows:
+        return None
+    return str(max(rows, key=lambda r: r["applied_at"])["deployment_id"])

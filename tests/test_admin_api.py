@@ -439,6 +439,7 @@ BAD_CASES = [
     bad("ghost-traffic", "PUT", "/v1/services/ghost/traffic", SPLIT_90_10, 404, "unknown service 'ghost'"),
     bad("ghost-switch", "POST", "/v1/services/ghost/switch", NO_BODY, 404, "unknown service 'ghost'"),
     bad("ghost-deploy", "POST", "/v1/services/ghost/deployments", {"version": "v2", "endpoints": ["127.0.0.1:9"]}, 404, "unknown service 'ghost'"),
+    bad("ghost-contract", "POST", "/v1/services/ghost/migrations/contract", {"directory": "/nonexistent", "database": "postgresql://127.0.0.1:1/x"}, 404, "unknown service 'ghost'"),
     bad("ghost-switch-to", "POST", "/v1/services/ghost/switch", {"to": "green"}, 404, "unknown service 'ghost'"),
     bad("ghost-rollback", "POST", "/v1/services/ghost/rollback", NO_BODY, 404, "unknown service 'ghost'"),
     bad("ghost-deployments", "GET", "/v1/services/ghost/deployments", NO_BODY, 404, "unknown service 'ghost'"),

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import typeurls
 from ..app import ControlPlane, service_version
-from ..errors import ConflictError, NotFoundError, StoreError, ValidationError
+from ..errors import ConflictError, MigrationError, NotFoundError, StoreError, ValidationError
 from ..model import Deployment, Environment, Service, deployment_to_dict
 from ..store.repository import Committed
 from .openapi import OPENAPI
@@ -55,6 +55,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except StoreError as exc:
         log.error("store failure: %s", exc)
         return _error(503, f"state store unavailable: {exc}")
+    except MigrationError as exc:
+        return _error(502, f"migration failed: {exc}")
     except web.HTTPRequestEntityTooLarge:
         return _error(413, f"request body too large: the limit is {MAX_BODY_BYTES} bytes")
     except web.HTTPException as exc:
@@ -129,10 +131,23 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat() if ts is not None else None
 
 
+def _redact(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def _deployment_view(d: Deployment | None) -> dict[str, Any] | None:
     if d is None:
         return None
     view = deployment_to_dict(d)
+    migrations = (view.get("spec") or {}).get("migrations")
+    if migrations and migrations.get("database"):
+        migrations["database"] = _redact(migrations["database"])
     for key in ("deployed_at", "activated_at", "updated_at", "deadline"):
         view[key] = _iso(view[key])
     for event in view["history"]:
@@ -328,6 +343,12 @@ async def get_deployment(request: web.Request) -> web.Response:
     return web.json_response(_deployment_view(record))
 
 
+async def contract(request: web.Request) -> web.Response:
+    cp = request.app[CONTROL_PLANE]
+    body = await _json_body(request)
+    return web.json_response(await cp.rollouts.contract(request.match_info["name"], body))
+
+
 def _deployment_action(action: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         cp = request.app[CONTROL_PLANE]
@@ -401,6 +422,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/v1/services/{name}/deployments", list_deployments),
     ("POST", "/v1/services/{name}/deployments", create_deployment),
     ("GET", "/v1/deployments/{id}", get_deployment),
+    ("POST", "/v1/services/{name}/migrations/contract", contract),
     *[("POST", f"/v1/deployments/{{id}}/{action}", _deployment_action(action))
       for action in ("promote", "pause", "resume", "rollback", "abort", "decommission")],
     ("GET", "/v1/proxies", list_proxies),

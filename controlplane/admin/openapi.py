@@ -251,6 +251,18 @@ OPENAPI: dict[str, Any] = {
                         },
                     },
                     "decommission": {"type": "object", "properties": {"webhooks": {"type": "array", "items": {"type": "object"}}}},
+                    "migrations": {"$ref": "#/components/schemas/Migrations"},
+                },
+            },
+            "Migrations": {
+                "type": ["object", "null"],
+                "required": ["directory", "database"],
+                "additionalProperties": False,
+                "description": "An expand/contract migration set: expand files are linted when the request arrives and applied before the smoke tests.",
+                "properties": {
+                    "directory": {"type": "string", "description": "Directory of NNNN_name.expand.sql / NNNN_name.contract.sql files, on the control plane's host."},
+                    "database": {"type": "string", "description": "postgresql:// URL; its password is hidden in responses."},
+                    "locking": {"type": "string", "enum": ["warning", "error"], "default": "warning"},
                 },
             },
             "Proxy": {
@@ -367,6 +379,20 @@ OPENAPI: dict[str, Any] = {
                 "responses": {
                     "200": _json({"type": "object", "required": ["deployments"], "properties": {"deployments": {"type": "array", "items": {"$ref": "#/components/schemas/Deployment"}}}}, "Records."),
                     **_ERRORS,
+                },
+            }
+        },
+        "/v1/services/{name}/migrations/contract": {
+            "post": {
+                "summary": "Apply a migration set's contract files, refused (409, naming the environment and its standby_until) while a version that may need the old schema can still take traffic.",
+                "parameters": [_NAME],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Migrations"}}}},
+                "responses": {
+                    "200": _json({"type": "object", "required": ["service", "phase", "applied", "skipped"], "properties": {
+                        "service": {"type": "string"}, "phase": {"type": "string"}, "applied": {"type": "array", "items": {"type": "string"}},
+                        "skipped": {"type": "array", "items": {"type": "string"}}, "expanded_by": {"type": ["string", "null"]}}}, "Applied."),
+                    **_ERRORS,
+                    "502": _json(_ERROR, "A contract file failed in the database; the files before it stay applied and recorded."),
                 },
             }
         },
