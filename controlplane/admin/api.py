@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .. import typeurls
 from ..app import ControlPlane, service_version
 from ..errors import ConflictError, MigrationError, NotFoundError, StoreError, ValidationError
+from ..migrations.apply import redact
 from ..model import Deployment, Environment, Service, deployment_to_dict
 from ..store.repository import Committed
 from .openapi import OPENAPI
@@ -131,23 +132,13 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat() if ts is not None else None
 
 
-def _redact(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def _deployment_view(d: Deployment | None) -> dict[str, Any] | None:
     if d is None:
         return None
     view = deployment_to_dict(d)
     migrations = (view.get("spec") or {}).get("migrations")
     if migrations and migrations.get("database"):
-        migrations["database"] = _redact(migrations["database"])
+        migrations["database"] = redact(migrations["database"])
     for key in ("deployed_at", "activated_at", "updated_at", "deadline"):
         view[key] = _iso(view[key])
     for event in view["history"]:
