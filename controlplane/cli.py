@@ -274,6 +274,24 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoOptions, run_demo
+    from .sandbox import SandboxOptions
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    steps = tuple(int(x) for x in args.steps.split(","))
+    options = DemoOptions(
+        rate=args.rate, steps=steps, step_seconds=args.step_seconds, drain_seconds=args.drain_seconds, chart=Path(args.chart),
+        sandbox=SandboxOptions(listener_port=args.port, preview_port=args.preview_port, xds=args.xds, admin=args.admin,
+                               envoy_admin_port=args.envoy_admin_port),
+    )
+    try:
+        return asyncio.run(run_demo(options))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("demo interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bluegreen", description="Blue-green deployment control plane for Envoy.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -285,6 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin", default="127.0.0.1:18001", help="admin HTTP listen address (default 127.0.0.1:18001)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="a one-minute scripted blue-green release under load, with a chart")
+    p.add_argument("--rate", type=float, default=100.0, help="requests per second, open loop (default 100)")
+    p.add_argument("--steps", default="10,50,100", help="weights of the stepped deployment (default 10,50,100)")
+    p.add_argument("--step-seconds", type=float, default=5.0, help="seconds per step (default 5)")
+    p.add_argument("--drain-seconds", type=int, default=5, help="drain of the old environment (default 5)")
+    p.add_argument("--chart", default="bluegreen-demo.png", help="where to write the PNG chart")
+    p.add_argument("--port", type=int, default=10000)
+    p.add_argument("--preview-port", type=int, default=10001)
+    p.add_argument("--xds", default="127.0.0.1:18000")
+    p.add_argument("--admin", default="127.0.0.1:18001")
+    p.add_argument("--envoy-admin-port", type=int, default=9901)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("sandbox", help="run a control plane, a real Envoy and blue/green demo apps locally")
     p.add_argument("--port", type=int, default=10000, help="Envoy listener port (default 10000)")
