@@ -213,10 +213,14 @@ class Admin:
         _, text = self.call("GET", "/metrics")
         out: dict[tuple[str, str], float] = {}
         pattern = re.compile(r'^(bluegreen_xds_(?:responses|response_bytes|nacks)_total)\{type_url="([^"]+)"\} (\S+)$')
+        build = re.compile(r"^bluegreen_snapshot_build_seconds_(sum|count) (\S+)$")
         for line in text.splitlines():
             m = pattern.match(line)
             if m:
                 out[(m.group(1), m.group(2))] = float(m.group(3))
+            b = build.match(line)
+            if b:  # the control plane's own timing of building + serializing every fleet's snapshot
+                out[("snapshot_build", b.group(1))] = float(b.group(2))
         return out
 
 
@@ -256,10 +260,19 @@ def summarize(values: list[float]) -> dict[str, float]:
 def metric_delta(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = defaultdict(dict)
     for (name, type_url), value in after.items():
+        if name == "snapshot_build":
+            continue
         delta = value - before.get((name, type_url), 0.0)
         short = next((k for k, v in TYPES.items() if v == type_url), type_url)
         out[name.removeprefix("bluegreen_xds_").removesuffix("_total")][short] = delta
     return dict(out)
+
+
+def _build_ms(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]) -> float | None:
+    """Mean time the control plane spent building and serializing snapshots per publish."""
+    count = after.get(("snapshot_build", "count"), 0.0) - before.get(("snapshot_build", "count"), 0.0)
+    total = after.get(("snapshot_build", "sum"), 0.0) - before.get(("snapshot_build", "sum"), 0.0)
+    return 1000 * total / count if count else None
 
 
 def register_services(admin: Admin, services: int) -> None:
@@ -374,6 +387,7 @@ def run_case(services: int, proxies: int, args: argparse.Namespace, workdir: Pat
             "xds_metric_deltas": deltas,
             "rds_responses_per_switch": rds_responses / args.switches,
             "bytes_per_rds_push": deltas.get("response_bytes", {}).get("rds", 0.0) / rds_responses if rds_responses else None,
+            "snapshot_build_ms_per_publish": _build_ms(metrics0, metrics1),
         })
 
         if args.profile_for(services, proxies):
@@ -523,12 +537,12 @@ def markdown(report: dict[str, Any]) -> str:
         "Control plane, simulated proxies and this driver share these CPUs.",
         "",
         "| services S | proxies M | switches | conv. p50 s | conv. p99 s | conv. max s | HTTP wall p50 s | CP CPU s/switch "
-        "| clients CPU s/switch | other procs CPU s/switch | machine busy % | KiB RSS/stream | bytes/RDS push | RDS pushes/switch | connect s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| clients CPU s/switch | other procs CPU s/switch | machine busy % | KiB RSS/stream | bytes/RDS push | RDS pushes/switch | build ms/publish | connect s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["cases"]:
         if "error" in r:
-            lines.append(f"| {r['services']} | {r['proxies']} | {r.get('switches', '')} | failed: {r['error']} |||||||||||")
+            lines.append(f"| {r['services']} | {r['proxies']} | {r.get('switches', '')} | failed: {r['error']} ||||||||||||")
             continue
         s, w = r["server_seconds"], r["wall_seconds"]
         lines.append(
@@ -536,6 +550,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {w['p50']:.3f} | {r['cp_cpu_seconds_per_switch']:.3f} | {r['clients_cpu_seconds_per_switch']:.3f} "
             f"| {r['other_processes_cpu_seconds_per_switch']:.3f} | {100 * r['machine_cpu_utilization_during_switches']:.0f} "
             f"| {r['rss_kib_per_stream']:.1f} | {r['bytes_per_rds_push']:.0f} | {r['rds_responses_per_switch']:.0f} "
+            f"| {r['snapshot_build_ms_per_publish'] if r.get('snapshot_build_ms_per_publish') is None else round(r['snapshot_build_ms_per_publish'], 2)} "
             f"| {r['connect_seconds']:.1f} |"
         )
     lines.append("")
