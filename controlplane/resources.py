@@ -109,8 +109,14 @@ _RETRY = route_components_pb2.RetryPolicy(
 )
 
 
+# No upstream timeout on our routes: Envoy's default (15 s) would cut every longer request and
+# stream with a 504, including those that must outlive a switch and its drain. The connection
+# manager's stream idle timeout (5 min by default) still ends streams that go silent.
+_NO_TIMEOUT = duration_pb2.Duration(seconds=0)
+
+
 def _route_to(service: Service, env: Environment) -> route_components_pb2.RouteAction:
-    return route_components_pb2.RouteAction(cluster=cluster_name(service.name, env), retry_policy=_RETRY)
+    return route_components_pb2.RouteAction(cluster=cluster_name(service.name, env), retry_policy=_RETRY, timeout=_NO_TIMEOUT)
 
 
 # Preview routes mark the request for the application (the preview port adds no header of its
@@ -144,6 +150,7 @@ def _weighted(service: Service) -> route_components_pb2.RouteAction:
             ]
         ),
         retry_policy=_RETRY,
+        timeout=_NO_TIMEOUT,
     )
 
 
