@@ -47,7 +47,6 @@ class Sample:
 @dataclass
 class Load:
     samples: list[Sample] = field(default_factory=list)
-    in_flight: int = 0
 
 
 async def open_loop(url: str, rate: float, stop: asyncio.Event, load: Load, began: float) -> None:
@@ -58,7 +57,6 @@ async def open_loop(url: str, rate: float, stop: asyncio.Event, load: Load, bega
         tasks: set[asyncio.Task[None]] = set()
 
         async def one(scheduled: float) -> None:
-            load.in_flight += 1
             try:
                 async with session.get(url) as response:
                     await response.read()
@@ -66,8 +64,6 @@ async def open_loop(url: str, rate: float, stop: asyncio.Event, load: Load, bega
                                                response.headers.get(ENVIRONMENT_HEADER)))
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 load.samples.append(Sample(scheduled - began, time.monotonic() - scheduled, -1, None))
-            finally:
-                load.in_flight -= 1
 
         n = 0
         while not stop.is_set():

@@ -53,10 +53,6 @@ class Smoke:
     webhooks: tuple[Webhook, ...] = ()
     command_timeout_seconds: float = 60.0
 
-    @property
-    def empty(self) -> bool:
-        return not (self.checks or self.commands or self.webhooks)
-
 
 @dataclass(frozen=True)
 class Analysis:

@@ -17,10 +17,4 @@ PUSH_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 # In SotW a response for these types is the whole set, and the client subscribes by wildcard.
 WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
 
-# After a response of the key type adds or changes resources, Envoy asks again for the value
-# type (a new or changed cluster warms until it gets its ClusterLoadAssignment, even when the
-# endpoints did not change). That request must be answered. Resources of the two types that
-# belong together share their name.
-WARMED_BY = {CLUSTER: ENDPOINT, LISTENER: ROUTE}
-
 SHORT_NAMES = {CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}

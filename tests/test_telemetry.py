@@ -495,8 +495,10 @@ async def test_envoy_streams_request_error_and_latency_figures(tmp_path: Path) -
             assert counts["green"] + counts[("status", 500)] == requests, counts
 
             async def seen() -> Any:
+                # Counters and the latency histogram can arrive in different flushes (Envoy
+                # merges histograms from its workers at flush time): wait for both.
                 w = sink.since(start, "shop-green")
-                return w if w.requests >= requests else None
+                return w if w.requests >= requests and w.latency.count >= requests else None
 
             w = await wait_for(seen, timeout=10, message=f"sink saw {requests} requests on shop-green")
             assert (w.requests, w.proxies) == (requests, ("telemetry-1",))
@@ -519,7 +521,7 @@ async def test_envoy_streams_request_error_and_latency_figures(tmp_path: Path) -
 
             async def slow_seen() -> Any:
                 s = sink.since(slow_start, "slow-green")
-                return s if s.latency.count >= 20 else None
+                return s if s.latency.count >= 20 and s.requests >= 20 else None
 
             s = await wait_for(slow_seen, timeout=10, message="sink saw the slow requests")
             assert s.requests == 20 and s.p99_ms is not None and 150 <= s.p99_ms < 1000, s.as_dict()

@@ -34,7 +34,6 @@ DEFAULT_WAIT_SECONDS = 10.0
 PUBLISH_TIMEOUT = 10.0
 
 CONTROL_PLANE = web.AppKey("control_plane", ControlPlane)
-TOKEN = web.AppKey("token", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
