@@ -711,3 +711,19 @@ def binomial_band(n: int, p: float, confidence: float = 0.999) -> tuple[int, int
             break
         tail += pmf[k]
     return (lo, hi)
+
+
+async def settle_on(url: str, environment: str, *, headers: Mapping[str, str] | None = None, timeout: float = 10.0) -> None:
+    """Wait until a small sample through ``url`` is answered only by ``environment``.
+
+    An Envoy ACK means its main thread applied a route change; the worker threads get it by an
+    asynchronous thread-local update, so for a few milliseconds after convergence (longer on a
+    loaded machine) a request can still take the old route. Await this before asserting that
+    every answer comes from one side.
+    """
+
+    async def settled() -> bool:
+        counts = await sample_environments(url, 10, headers=headers)
+        return counts == Counter({environment: 10})
+
+    await wait_for(settled, timeout=timeout, message=f"every answer through {url} from {environment}")

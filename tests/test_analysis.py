@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 
-from tests.harness import run_control_plane, run_upstream, sample_environments, wait_for
+from tests.harness import run_control_plane, run_upstream, sample_environments, settle_on, wait_for
 from tests.test_envoy import Api, envoy_for, free_port, wait_proxies, write_config
 
 
@@ -77,6 +77,7 @@ async def test_green_answering_5xx_is_rolled_back_automatically(tmp_path: Path) 
         # All traffic is back on blue, pushed at once.
         view = await api.call("GET", "/v1/services/shop", wait="converged", timeout="15")
         assert view["traffic"]["weights"] == {"blue": 100, "green": 0}
+        await settle_on(url, "blue")
         counts = await sample_environments(url, 200)
         assert counts == {"blue": 200}, dict(counts)
 

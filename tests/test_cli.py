@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ManagedProcess, envoy_binary, free_port, sample_environments, wait_for
+from tests.harness import ManagedProcess, envoy_binary, free_port, sample_environments, settle_on, wait_for
 
 
 def bluegreen(*args: str) -> subprocess.CompletedProcess[str]:
@@ -84,10 +84,12 @@ async def test_sandbox_then_move_traffic_with_the_cli(tmp_path: Path) -> None:
         result = await cli("switch", "demo")
         assert result.returncode == 0, result.stderr
         assert "1/1 proxies on the current config, converged in" in result.stdout
+        await settle_on(url, "green")
         assert await sample_environments(url, 20) == {"green": 20}
 
         result = await cli("rollback", "demo")
         assert result.returncode == 0, result.stderr
+        await settle_on(url, "blue")
         assert await sample_environments(url, 20) == {"blue": 20}
 
         result = await cli("traffic", "demo", "--green", "101")

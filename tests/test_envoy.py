@@ -24,6 +24,7 @@ from tests.harness import (
     run_envoy,
     run_upstream,
     sample_environments,
+    settle_on,
     wait_for,
 )
 
@@ -128,6 +129,7 @@ async def test_weighted_splits_follow_the_weights(tmp_path: Path) -> None:
             lo, hi = binomial_band(SPLIT_REQUESTS, green / 100)
             assert lo <= counts["green"] <= hi, f"{green}% green: saw {counts['green']}/{SPLIT_REQUESTS}, 99.9% band [{lo}, {hi}]"
         await api.converged("PUT", "/v1/services/shop/traffic", {"weights": {"blue": 0, "green": 100}})
+        await settle_on(url, "green")
         only(await sample_environments(url, SPLIT_REQUESTS, concurrency=16), "green", SPLIT_REQUESTS)
 
 
@@ -145,12 +147,15 @@ async def test_switch_and_rollback_flip_traffic_on_every_proxy(tmp_path: Path) -
         assert view["traffic"] == {"weights": {"blue": 0, "green": 100}, "active": "green", "idle": "blue", "previous": "blue"}
         # Both Envoys bind the fleet's listener port (Envoy sets SO_REUSEPORT), so the kernel
         # spreads these connections over both proxies.
+        await settle_on(url, "green")
         only(await sample_environments(url, 100), "green", 100)
+        await settle_on(f"http://127.0.0.1:{preview_port}/", "blue")
         only(await sample_environments(f"http://127.0.0.1:{preview_port}/", 20), "blue", 20)
 
         view = await api.converged("POST", "/v1/services/shop/rollback")
         assert (view["convergence"]["proxies"], view["convergence"]["acked"]) == (2, 2)
         assert view["traffic"]["active"] == "blue"
+        await settle_on(url, "blue")
         only(await sample_environments(url, 100), "blue", 100)
 
         deployments = (await api.call("GET", "/v1/services/shop/deployments"))["deployments"]

@@ -26,7 +26,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import Envoy, Upstream, binomial_band, free_port, run_control_plane, run_upstream, sample_environments, wait_for
+from tests.harness import Envoy, Upstream, binomial_band, free_port, run_control_plane, run_upstream, sample_environments, settle_on, wait_for
 from tests.test_envoy import Api, envoy_for, wait_proxies, write_config
 
 pytestmark = [pytest.mark.envoy, pytest.mark.timeout(120)]
@@ -118,6 +118,8 @@ class Stack:
             return await self.envoy_weights() == expected
 
         await wait_for(check, timeout=30, message=f"Envoy routes {expected}")
+        if green == 100 or blue == 100:
+            await settle_on(self.url, "green" if green == 100 else "blue")
 
     async def sample(self, n: int = SPLIT_REQUESTS) -> Counter[Any]:
         counts = await sample_environments(self.url, n, concurrency=16)
