@@ -10,8 +10,8 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 
-from tests.harness import run_control_plane, run_upstream, sample_environments, settle_on, wait_for
-from tests.test_envoy import Api, envoy_for, free_port, wait_proxies, write_config
+from tests.harness import sample_environments, settle_on, wait_for
+from tests.test_envoy import blue_only_stack
 
 
 @contextlib.asynccontextmanager
@@ -38,16 +38,9 @@ async def steady_load(url: str, stop: asyncio.Event, *, workers: int = 4) -> Asy
 
 
 async def test_green_answering_5xx_is_rolled_back_automatically(tmp_path: Path) -> None:
-    port, preview = free_port(), free_port()
-    config = write_config(tmp_path / "config.yaml", port, preview)
-    async with run_upstream("blue", "v1") as blue, run_upstream("green", "v2", error_rate=0.2) as green, \
-            run_control_plane(state_path=tmp_path / "state.db", config_path=config, log_dir=tmp_path) as cp, \
-            aiohttp.ClientSession() as session, envoy_for(cp, "edge-1") as envoy:
-        api = Api(session, cp.admin_url)
-        await api.call("PUT", "/v1/services/shop", {"drain_seconds": 1, "standby_seconds": 60})
-        await api.call("PUT", "/v1/services/shop/environments/blue", {"version": "v1", "endpoints": [blue.address]})
-        await wait_proxies(api, 1)
-        await envoy.wait_ready()
+    async with blue_only_stack(tmp_path, {"drain_seconds": 1, "standby_seconds": 60}, green_error_rate=0.2) as (
+            cp, api, envoy, port, blue, green):
+        session = api.session
         url = f"http://127.0.0.1:{port}/"
 
         stop = asyncio.Event()
@@ -91,16 +84,7 @@ async def test_green_answering_5xx_is_rolled_back_automatically(tmp_path: Path) 
 
 
 async def test_healthy_version_passes_analysis_and_records_figures(tmp_path: Path) -> None:
-    port = free_port()
-    config = write_config(tmp_path / "config.yaml", port, free_port())
-    async with run_upstream("blue", "v1") as blue, run_upstream("green", "v2") as green, \
-            run_control_plane(state_path=tmp_path / "state.db", config_path=config, log_dir=tmp_path) as cp, \
-            aiohttp.ClientSession() as session, envoy_for(cp, "edge-1") as envoy:
-        api = Api(session, cp.admin_url)
-        await api.call("PUT", "/v1/services/shop", {})
-        await api.call("PUT", "/v1/services/shop/environments/blue", {"version": "v1", "endpoints": [blue.address]})
-        await wait_proxies(api, 1)
-        await envoy.wait_ready()
+    async with blue_only_stack(tmp_path, {}) as (cp, api, envoy, port, blue, green):
         stop = asyncio.Event()
         async with steady_load(f"http://127.0.0.1:{port}/", stop) as statuses:
             created = await api.call("POST", "/v1/services/shop/deployments", {

@@ -6,11 +6,10 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 
-from tests.harness import run_control_plane, run_upstream, sample_environments, wait_for
+from tests.harness import sample_environments, wait_for
 from tests.test_analysis import steady_load
-from tests.test_envoy import Api, envoy_for, free_port, wait_proxies, write_config
+from tests.test_envoy import blue_only_stack
 
 
 def _dynamic_clusters(dump: dict[str, Any]) -> set[str]:
@@ -19,16 +18,8 @@ def _dynamic_clusters(dump: dict[str, Any]) -> set[str]:
 
 
 async def test_decommission_removes_the_old_cluster_without_errors(tmp_path: Path) -> None:
-    port = free_port()
-    config = write_config(tmp_path / "config.yaml", port, free_port())
-    async with run_upstream("blue", "v1") as blue, run_upstream("green", "v2") as green, \
-            run_control_plane(state_path=tmp_path / "state.db", config_path=config, log_dir=tmp_path) as cp, \
-            aiohttp.ClientSession() as session, envoy_for(cp, "edge-1") as envoy:
-        api = Api(session, cp.admin_url)
-        await api.call("PUT", "/v1/services/shop", {"drain_seconds": 1, "standby_seconds": 1})
-        await api.call("PUT", "/v1/services/shop/environments/blue", {"version": "v1", "endpoints": [blue.address]})
-        await wait_proxies(api, 1)
-        await envoy.wait_ready()
+    async with blue_only_stack(tmp_path, {"drain_seconds": 1, "standby_seconds": 1}) as (cp, api, envoy, port, blue, green):
+        session = api.session
         assert _dynamic_clusters(await envoy.config_dump(resource="dynamic_active_clusters")) == {"shop-blue"}
 
         stop = asyncio.Event()

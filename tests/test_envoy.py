@@ -88,6 +88,24 @@ async def stack(tmp_path: Path, *, preview: bool = True) -> AsyncIterator[tuple[
         yield cp, api, port, preview_port, blue, green
 
 
+@contextlib.asynccontextmanager
+async def blue_only_stack(tmp_path: Path, service_settings: dict[str, Any], *, green_error_rate: float = 0.0
+                          ) -> AsyncIterator[tuple[Any, Api, Envoy, int, Any, Any]]:
+    """Control plane, service `shop` with only blue v1 registered, one Envoy converged on it,
+    and a green v2 app running but unregistered (for a deployment to register)."""
+    port = free_port()
+    config = write_config(tmp_path / "config.yaml", port, free_port())
+    async with run_upstream("blue", "v1") as blue, run_upstream("green", "v2", error_rate=green_error_rate) as green, \
+            run_control_plane(state_path=tmp_path / "state.db", config_path=config, log_dir=tmp_path) as cp, \
+            aiohttp.ClientSession() as session, envoy_for(cp, "edge-1") as envoy:
+        api = Api(session, cp.admin_url)
+        await api.call("PUT", "/v1/services/shop", service_settings)
+        await api.call("PUT", "/v1/services/shop/environments/blue", {"version": "v1", "endpoints": [blue.address]})
+        await wait_proxies(api, 1)
+        await envoy.wait_ready()
+        yield cp, api, envoy, port, blue, green
+
+
 async def wait_proxies(api: Api, count: int) -> None:
     async def ready() -> bool:
         view = await api.call("GET", "/v1/services/shop")
