@@ -17,6 +17,7 @@ from controlplane.app import ControlPlane
 from controlplane.config import Settings
 from controlplane.store.sqlite import open_sqlite_store
 from controlplane.typeurls import CLUSTER, LISTENER
+from controlplane.xds.stream import SotwStream
 from tests.harness import wait_for
 
 
@@ -127,6 +128,30 @@ async def test_streams_share_the_serialized_resources(control_plane: ControlPlan
         for proxy in proxies:
             await proxy.close()
 
+
+async def test_a_failure_while_pushing_ends_the_stream_with_internal(control_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in planning a push must not leave a proxy connected but never updated: the
+    stream ends with INTERNAL, so the proxy reconnects, and the stream is forgotten."""
+    cp = control_plane
+    proxy = Proxy(cp)
+    try:
+        proxy.send(CLUSTER)
+        first = await proxy.receive()
+        proxy.send(CLUSTER, nonce=first.nonce, version=first.version_info)
+
+        def broken(self: object, snapshot: object) -> list[object]:
+            raise RuntimeError("planning bug")
+
+        monkeypatch.setattr(SotwStream, "on_snapshot", broken)
+        committed = await cp.operations.put_service("cart", {"prefix": "/cart"})
+        await cp.publisher.wait_published(committed.revision)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await proxy.receive()
+        assert info.value.code() == grpc.StatusCode.INTERNAL and "planning bug" in info.value.details()
+    finally:
+        await proxy.close()
+    await wait_for(lambda: not cp.ads.streams, timeout=10, message="stream forgotten")
+    assert cp.convergence.status("default")["proxies"] == 0
 
 
 async def test_healthz_reports_a_failing_publisher(control_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch) -> None:

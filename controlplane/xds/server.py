@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import deque
 import logging
 import time
 from typing import AsyncIterator, Callable, Protocol as TypingProtocol
@@ -69,10 +70,6 @@ class NoCallbacks:
         pass
 
 
-_SNAPSHOT_CHANGED = object()
-_END = object()
-
-
 class SnapshotCache:
     """The current snapshot of each group, and the streams watching each group.
 
@@ -110,17 +107,41 @@ class SnapshotCache:
 
 
 class _StreamSlot:
-    """The inbox of one stream: requests from the proxy and snapshot-change marks."""
+    """One stream's snapshot-change mark and its write lane.
+
+    The stream's handler reads the proxy's requests and handles each inline; a second task
+    (the pusher) waits for snapshot changes. Both produce responses, and gRPC allows one write
+    in flight per call, so responses go through a FIFO lane: whoever finds it idle drains it,
+    and the other only appends. The order of the lane is the order in which the (synchronous)
+    state machine produced the responses.
+    """
+
+    __slots__ = ("stream_id", "dirty", "_waiter", "pending", "writing", "failure")
 
     def __init__(self, stream_id: int) -> None:
         self.stream_id = stream_id
-        self.queue: asyncio.Queue[object] = asyncio.Queue()
         self.dirty = False
+        self._waiter: asyncio.Future[None] | None = None
+        self.pending: deque[Outgoing] = deque()
+        self.writing = False
+        self.failure: Exception | None = None
 
     def notify(self) -> None:
         if not self.dirty:
             self.dirty = True
-            self.queue.put_nowait(_SNAPSHOT_CHANGED)
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    async def changed(self) -> None:
+        """Return once the group's snapshot changed since the last return."""
+        if not self.dirty:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        self.dirty = False
 
 
 class AdsServer:
@@ -171,39 +192,46 @@ class AdsServer:
         slot = _StreamSlot(stream_id)
         self.streams[stream_id] = stream
         self.cache._watch(group, slot)
-
-        async def read() -> None:
-            try:
-                async for request in iterator:
-                    slot.queue.put_nowait(request)
-            except (grpc.aio.AioRpcError, asyncio.CancelledError):
-                pass
-            except Exception:  # a malformed message or a broken transport ends the stream
-                log.exception("reading stream %s of %s", stream_id, node.id)
-            finally:
-                slot.queue.put_nowait(_END)
-
-        reader = asyncio.create_task(read())
         self._notify(self.callbacks.stream_opened, stream)
+        handler = asyncio.current_task()
+        assert handler is not None
+        pusher = asyncio.create_task(self._push_changes(stream, slot, context, handler))
         try:
-            await self._handle(stream, first, context)
-            while True:
-                item = await slot.queue.get()
-                if item is _END:
-                    break
-                if item is _SNAPSHOT_CHANGED:
-                    slot.dirty = False
-                    out = stream.on_snapshot(self.cache.get(group))
-                    await self._write(stream, out, context)
-                else:
-                    await self._handle(stream, item, context)
+            await self._handle(stream, slot, first, context)
+            async for request in iterator:
+                await self._handle(stream, slot, request, context)
+        except grpc.aio.AioRpcError:
+            pass
+        except asyncio.CancelledError:
+            if slot.failure is None:
+                raise
+            # The pusher failed (a bug): end the stream with an error; the proxy reconnects.
+            await context.abort(grpc.StatusCode.INTERNAL, f"control plane error: {slot.failure!r}")
+        except Exception:  # a malformed message or a broken transport ends the stream
+            log.exception("serving stream %s of %s", stream_id, node.id)
+            raise
         finally:
-            reader.cancel()
+            pusher.cancel()
             self.cache._unwatch(group, slot)
             self.streams.pop(stream_id, None)
             self._notify(self.callbacks.stream_closed, stream)
 
-    async def _handle(self, stream: StreamState, request: object, context: grpc.aio.ServicerContext) -> None:
+    async def _push_changes(self, stream: StreamState, slot: _StreamSlot, context: grpc.aio.ServicerContext,
+                            handler: asyncio.Task[object]) -> None:
+        """The pusher: plan and send what each new snapshot of the stream's group changes."""
+        try:
+            while True:
+                await slot.changed()
+                out = stream.on_snapshot(self.cache.get(stream.fleet))
+                await self._send(stream, slot, out, context)
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass  # the stream is ending; its handler cleans up
+        except Exception as exc:
+            log.exception("pushing to stream %s of %s", stream.stream_id, stream.node_id)
+            slot.failure = exc
+            handler.cancel()
+
+    async def _handle(self, stream: StreamState, slot: _StreamSlot, request: object, context: grpc.aio.ServicerContext) -> None:
         type_url = request.type_url  # type: ignore[attr-defined]
         state = stream.types.get(type_url)
         nacks_before = state.nacks if state is not None else 0
@@ -211,12 +239,20 @@ class AdsServer:
         state = stream.types.get(type_url)
         if state is not None and state.nacks > nacks_before and state.last_nack is not None:
             self._notify(self.callbacks.nack_received, stream, type_url, state.last_nack)
-        await self._write(stream, out, context)
+        await self._send(stream, slot, out, context)
 
-    async def _write(self, stream: StreamState, out: list[Outgoing], context: grpc.aio.ServicerContext) -> None:
-        for response in out:
-            await context.write(response.payload)
-            self._notify(self.callbacks.response_sent, stream, response)
+    async def _send(self, stream: StreamState, slot: _StreamSlot, out: list[Outgoing], context: grpc.aio.ServicerContext) -> None:
+        """Queue ``out`` on the stream's lane and, unless a write is already in flight, drain it."""
+        slot.pending.extend(out)
+        if not slot.writing:
+            slot.writing = True
+            try:
+                while slot.pending:
+                    response = slot.pending.popleft()
+                    await context.write(response.payload)
+                    self._notify(self.callbacks.response_sent, stream, response)
+            finally:
+                slot.writing = False
         self._notify(self.callbacks.stream_changed, stream)
 
     def _notify(self, callback: Callable[..., None], *args: object) -> None:
