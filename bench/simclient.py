@@ -97,6 +97,9 @@ async def proxy(target: str, node_id: str, fleet: str) -> None:
         options=[
             ("grpc.use_local_subchannel_pool", 1),  # one TCP connection per proxy, like real Envoys
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            # Envoy's HTTP/2 client sends no bandwidth-delay-product PINGs (grpc's default here),
+            # which would cost the server a PING round trip per response.
+            ("grpc.http2.bdp_probe", 0),
         ],
     )
     rpc = channel.stream_stream(METHOD, request_serializer=Request.SerializeToString,
