@@ -3,15 +3,19 @@
     python bench/convergence.py --proxies 100 1000 --switches 20 --services 1 100
 
 For every (S services, M proxies) it starts a fresh control plane (``python -m controlplane
-serve``, its own process), registers S services, connects M simulated SotW ADS proxies from
-separate client processes (``bench/simclient.py``, one per ~1000 streams), waits until all of them
+serve``, its own process), registers S services, starts K real Envoys (``--envoys``, default 10,
+``--concurrency 1``, one process each, same fleet) and connects M simulated SotW ADS proxies from
+separate client processes (``bench/simclient.py``, one per ~1000 streams), waits until all M + K
 hold the current config, then performs N switches of svc-0 with ``?wait=converged`` and records:
 
 * ``convergence.seconds`` as measured by the server (change accepted -> last proxy ACKed) and the
   client-observed wall time of the HTTP call;
 * control-plane CPU seconds per switch (utime+stime from /proc/<pid>/stat over the N switches);
 * control-plane RSS (VmRSS) before the proxies connect and after all of them converged;
-* bytes per RDS response, from /metrics deltas over the switches.
+* bytes per RDS response, from /metrics deltas over the switches;
+* for the real Envoys: their CPU seconds per switch, their RSS, and from each Envoy's admin /stats
+  the deltas of its RDS ``update_success`` / ``update_rejected`` counters over the switches (every
+  Envoy should have applied every switch and rejected none).
 
 Optionally (``--profile``, on by default for the largest M) it runs py-spy on the control plane
 during extra switches that are *not* part of the figures, and writes a flame graph (SVG) and a
@@ -41,6 +45,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -175,6 +180,17 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def rss_breakdown_kib(pid: int) -> dict[str, int]:
+    """VmRSS and its parts: RssAnon (private heap), RssFile (mapped files: for Envoy mostly its
+    binary, whose pages K Envoys share) and RssShmem."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key = line.split(":", 1)[0]
+        if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            out[key] = int(line.split()[1])
+    return out
+
+
 def tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -242,6 +258,177 @@ def wait_until(condition: Any, timeout: float, what: str, proc: subprocess.Popen
 
 
 # ------------------------------------------------------------------------------------------------
+# Real Envoys
+
+
+def distinct_free_ports(n: int, taken: set[int] | None = None) -> list[int]:
+    """n free loopback ports, distinct from each other and from ``taken``."""
+    seen = set(taken or ())
+    out: list[int] = []
+    while len(out) < n:
+        port = free_port()
+        if port not in seen:
+            seen.add(port)
+            out.append(port)
+    return out
+
+
+def write_cp_config(path: Path, listener_port: int, preview_port: int) -> int:
+    """The control plane's --config: the default fleet, with listener ports picked free at run time
+    (instead of the built-in 10000/10001, which may be in use on this machine). Returns the number
+    of listeners every Envoy of the fleet gets."""
+    path.write_text("fleets:\n  default:\n    listeners:\n"
+                    f"      - {{name: http, address: 127.0.0.1, port: {listener_port}, preview_port: {preview_port}}}\n")
+    return 2
+
+
+class RealEnvoy:
+    """One Envoy process of the fleet: its own node id, bootstrap and admin port."""
+
+    def __init__(self, index: int, binary: str, xds_port: int, admin_port: int, case_dir: Path) -> None:
+        from controlplane.bootstrap import render_bootstrap
+
+        self.node_id = f"envoy-{index}"
+        self.admin_port = admin_port
+        self.log = case_dir / f"{self.node_id}.log"
+        self.config = case_dir / f"{self.node_id}.yaml"
+        # The project's own bootstrap (as `bluegreen envoy-bootstrap` writes it): SotW ADS, fleet
+        # "default", and its defaults, including the metrics-service stats sink to the control plane.
+        self.config.write_text(render_bootstrap(node_id=self.node_id, fleet="default", xds=f"127.0.0.1:{xds_port}",
+                                                admin_port=admin_port))
+        # --disable-hot-restart: no shared-memory region, so several Envoys need no distinct --base-id.
+        self.proc = spawn([binary, "-c", str(self.config), "--concurrency", "1", "--disable-hot-restart",
+                           "--log-level", "info"], self.log)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=timeout) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+
+    def stats(self) -> dict[str, int]:
+        """Counters and gauges of the RDS subscriptions and the listener manager, from /stats?format=json."""
+        query = urllib.parse.urlencode({"format": "json", "filter": r"\.rds\.|^listener_manager\."})
+        status, text = self.get(f"/stats?{query}")
+        if status != 200:
+            raise RuntimeError(f"{self.node_id} /stats -> {status}: {text[:200]}")
+        return {s["name"]: int(s["value"]) for s in json.loads(text)["stats"]
+                if "name" in s and isinstance(s.get("value"), (int, float))}
+
+    def check_rejections(self) -> None:
+        """SystemExit if this Envoy rejected any config (CDS/LDS/RDS update_rejected) or failed to
+        create a listener, e.g. because it could not bind the fleet's port; nothing while its
+        admin endpoint is not up yet."""
+        query = urllib.parse.urlencode({"format": "json", "filter": r"update_rejected$|listener_create_failure$"})
+        try:
+            status, text = self.get(f"/stats?{query}", timeout=2.0)
+        except OSError:
+            return
+        if status != 200:
+            return
+        bad = {s["name"]: s["value"] for s in json.loads(text)["stats"] if s.get("value")}
+        if bad:
+            raise SystemExit(f"{self.node_id} rejected config: {bad}:\n{tail(self.log)}")
+
+    def check_alive(self) -> None:
+        # SystemExit, not RuntimeError: wait_until retries on RuntimeError, and a dead Envoy stays dead.
+        if self.proc.poll() is not None:
+            raise SystemExit(f"{self.node_id} exited ({self.proc.returncode}):\n{tail(self.log)}")
+
+
+# http.<HCM stat_prefix>.rds.<route config name>.<counter>; the control plane's stat_prefix is the
+# listener name, but both parts are discovered here rather than assumed.
+_RDS_STAT = re.compile(r"^http\.(?P<prefix>.+?)\.rds\.(?P<config>.+)\."
+                       r"(?P<stat>update_success|update_rejected|update_attempt|update_failure|update_empty|config_reload)$")
+
+
+def rds_counters(stats: dict[str, int]) -> dict[str, dict[str, int]]:
+    """'<stat_prefix> <route config>' -> {update_success: n, update_rejected: n, ...}."""
+    out: dict[str, dict[str, int]] = defaultdict(dict)
+    for name, value in stats.items():
+        m = _RDS_STAT.match(name)
+        if m:
+            out[f"{m['prefix']} {m['config']}"][m["stat"]] = value
+    return dict(out)
+
+
+def envoy_ready(envoy: RealEnvoy, listeners: int) -> dict[str, int] | None:
+    """The Envoy's stats once /ready answers 200, all ``listeners`` are active and every listener's
+    route configuration has been applied at least once; None before that."""
+    envoy.check_alive()
+    envoy.check_rejections()
+    status, _ = envoy.get("/ready")
+    if status != 200:
+        return None
+    stats = envoy.stats()
+    rds = rds_counters(stats)
+    if stats.get("listener_manager.total_listeners_active") != listeners or len(rds) != listeners:
+        return None
+    return stats if all(c.get("update_success", 0) >= 1 for c in rds.values()) else None
+
+
+def listening_inodes(ports: list[int]) -> dict[int, set[int]]:
+    """port -> socket inodes in LISTEN state on it (IPv4 and IPv6), from /proc/net/tcp{,6}."""
+    out: dict[int, set[int]] = {p: set() for p in ports}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                port = int(fields[1].rsplit(":", 1)[1], 16)
+                if fields[3] == "0A" and port in out:  # 0A = TCP_LISTEN
+                    out[port].add(int(fields[9]))
+    return out
+
+
+def socket_inodes(pid: int) -> set[int]:
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                out.add(int(target[8:-1]))
+    return out
+
+
+def shared_listeners(envoys: list[RealEnvoy], ports: list[int]) -> dict[str, Any]:
+    """Whether every Envoy holds its own listening socket on each of the fleet's ports (SO_REUSEPORT)."""
+    listening = listening_inodes(ports)
+    per_port = {}
+    for port in ports:
+        holders = [e.node_id for e in envoys if socket_inodes(e.pid) & listening[port]]
+        per_port[str(port)] = {"listen_sockets": len(listening[port]), "envoys_listening": len(holders)}
+    return {"ports": per_port, "every_envoy_listens_on_every_port": all(v["envoys_listening"] == len(envoys)
+                                                                        for v in per_port.values())}
+
+
+def rds_deltas(envoys: list[RealEnvoy], before: dict[str, dict[str, dict[str, int]]],
+               after: dict[str, dict[str, dict[str, int]]], switches: int) -> dict[str, Any]:
+    """Per Envoy and route configuration: counter deltas over the measured switches, and whether
+    every Envoy applied every switch (update_success +N) and rejected none."""
+    per_envoy: dict[str, dict[str, dict[str, int]]] = {}
+    ok: list[int] = []
+    rejected = 0
+    for e in envoys:
+        rows = {}
+        for key in sorted(set(before[e.node_id]) | set(after[e.node_id])):
+            b, a = before[e.node_id].get(key, {}), after[e.node_id].get(key, {})
+            rows[key] = {stat: a.get(stat, 0) - b.get(stat, 0) for stat in sorted(set(a) | set(b))}
+            ok.append(rows[key].get("update_success", 0))
+            rejected += rows[key].get("update_rejected", 0)
+        per_envoy[e.node_id] = rows
+    return {"expected_update_success": switches, "route_configs_per_envoy": sorted({k for r in per_envoy.values() for k in r}),
+            "update_success_min": min(ok) if ok else 0, "update_success_max": max(ok) if ok else 0,
+            "update_rejected_total": rejected,
+            "all_applied": bool(ok) and min(ok) == max(ok) == switches and rejected == 0,
+            "per_envoy": per_envoy}
+
+
+# ------------------------------------------------------------------------------------------------
 # One (S, M) case
 
 
@@ -304,12 +491,15 @@ def switch_once(admin: Admin, timeout: float) -> dict[str, Any]:
 def run_case(services: int, proxies: int, args: argparse.Namespace, workdir: Path, stamp: str) -> dict[str, Any]:
     case_dir = workdir / f"s{services}-m{proxies}"
     case_dir.mkdir()
-    xds_port, admin_port = free_port(), free_port()
+    xds_port, admin_port, listener_port, preview_port = distinct_free_ports(4)
+    listeners = write_cp_config(case_dir / "bluegreen.yaml", listener_port, preview_port)
     cp_log = case_dir / "controlplane.log"
-    cp = spawn([*args.cp_cmd.split(), "--state", str(case_dir / "state.db"),
+    cp = spawn([*args.cp_cmd.split(), "--config", str(case_dir / "bluegreen.yaml"), "--state", str(case_dir / "state.db"),
                 "--xds", f"127.0.0.1:{xds_port}", "--admin", f"127.0.0.1:{admin_port}", "--log-level", "warning"], cp_log)
     clients: list[subprocess.Popen[bytes]] = []
-    result: dict[str, Any] = {"services": services, "proxies": proxies, "switches": args.switches}
+    envoys: list[RealEnvoy] = []
+    k = args.envoys
+    result: dict[str, Any] = {"services": services, "proxies": proxies, "envoys": k, "switches": args.switches}
     try:
         admin = Admin(admin_port)
         wait_until(lambda: admin.ok("GET", "/healthz"), 30, "control plane /healthz", cp, cp_log)
@@ -324,6 +514,14 @@ def run_case(services: int, proxies: int, args: argparse.Namespace, workdir: Pat
         per = [proxies // n_clients + (1 if i < proxies % n_clients else 0) for i in range(n_clients)]
         t0 = time.monotonic()
         cp_cpu0 = cpu_seconds(cp.pid)
+        # K real Envoys of the same fleet, started first: they take longer to come up than the
+        # simulated proxies, and the convergence wait below counts them (M + K proxies).
+        if k:
+            from controlplane.sandbox import find_envoy
+
+            binary = find_envoy()
+            ports = distinct_free_ports(k, {xds_port, admin_port, listener_port, preview_port})
+            envoys.extend(RealEnvoy(i, binary, xds_port, ports[i], case_dir) for i in range(k))
         for i, count in enumerate(per):
             clients.append(spawn([sys.executable, str(BENCH / "simclient.py"), "--target", f"127.0.0.1:{xds_port}",
                                   "--count", str(count), "--prefix", f"c{i}-", "--stats", str(case_dir / f"client{i}.json")],
@@ -333,21 +531,39 @@ def run_case(services: int, proxies: int, args: argparse.Namespace, workdir: Pat
             for c in clients:
                 if c.poll() is not None:
                     raise SystemExit(f"client exited ({c.returncode}):\n{tail(case_dir / 'client0.log')}")
-            return converged_count(admin, proxies)
+            for e in envoys:
+                e.check_alive()
+                e.check_rejections()
+            return converged_count(admin, proxies + k)
 
-        wait_until(all_converged, args.connect_timeout, f"{proxies} proxies connected and converged", cp, cp_log, interval=0.25)
+        wait_until(all_converged, args.connect_timeout, f"{proxies} simulated proxies and {k} Envoys connected and converged",
+                   cp, cp_log, interval=0.25)
+        # Every Envoy ready (/ready 200: its listeners warmed, which needs their routes), with all
+        # the fleet's listeners active and each listener's route configuration applied.
+        for e in envoys:
+            wait_until(lambda e=e: envoy_ready(e, listeners), args.connect_timeout, f"{e.node_id} ready with {listeners} active listeners",
+                       interval=0.05)
         result["connect_seconds"] = time.monotonic() - t0
         result["connect_cp_cpu_seconds"] = cpu_seconds(cp.pid) - cp_cpu0
         time.sleep(0.5)
         rss_after = rss_kib(cp.pid)
         result["rss_kib"] = {"before_proxies": rss_before, "after_proxies": rss_after}
-        result["rss_kib_per_stream"] = (rss_after - rss_before) / proxies
+        # Per connected proxy, simulated and real (a real Envoy also holds a metrics-service stream).
+        result["rss_kib_per_stream"] = (rss_after - rss_before) / (proxies + k)
+        if envoys:
+            # SO_REUSEPORT: every Envoy binds the fleet's listener ports itself.
+            result["envoy_listeners"] = shared_listeners(envoys, [listener_port, preview_port])
+            if not result["envoy_listeners"]["every_envoy_listens_on_every_port"]:
+                raise SystemExit(f"not every Envoy listens on the fleet's ports: {result['envoy_listeners']}")
 
         # Measured switches.
         metrics0 = admin.metrics()
         cpu0 = cpu_seconds(cp.pid)
         threads0 = thread_cpu_seconds(cp.pid)
         client_cpu0 = sum(cpu_seconds(c.pid) for c in clients)
+        envoy_rds0 = {e.node_id: rds_counters(e.stats()) for e in envoys}
+        envoy_rss0 = {e.node_id: rss_breakdown_kib(e.pid) for e in envoys}
+        envoy_cpu0 = {e.node_id: cpu_seconds(e.pid) for e in envoys}
         system0, own0, procs0 = system_cpu(), own_cpu_seconds(), all_processes_cpu()
         t0 = time.monotonic()
         samples = [switch_once(admin, args.timeout) for _ in range(args.switches)]
@@ -355,8 +571,12 @@ def run_case(services: int, proxies: int, args: argparse.Namespace, workdir: Pat
         cpu1 = cpu_seconds(cp.pid)
         threads1 = thread_cpu_seconds(cp.pid)
         client_cpu1 = sum(cpu_seconds(c.pid) for c in clients)
+        envoy_cpu1 = {e.node_id: cpu_seconds(e.pid) for e in envoys}
         system1, own1, procs1 = system_cpu(), own_cpu_seconds(), all_processes_cpu()
-        others = other_processes(procs0, procs1, {os.getpid(), cp.pid, *(c.pid for c in clients)})
+        others = other_processes(procs0, procs1, {os.getpid(), cp.pid, *(c.pid for c in clients), *(e.pid for e in envoys)})
+        envoy_cpu = sum(envoy_cpu1.values()) - sum(envoy_cpu0.values())
+        envoy_rss1 = {e.node_id: rss_breakdown_kib(e.pid) for e in envoys}
+        envoy_rds1 = {e.node_id: rds_counters(e.stats()) for e in envoys}
         metrics1 = admin.metrics()
         deltas = metric_delta(metrics0, metrics1)
         rds_responses = deltas.get("responses", {}).get("rds", 0.0)
@@ -375,7 +595,7 @@ def run_case(services: int, proxies: int, args: argparse.Namespace, workdir: Pat
             # Busy CPU in /proc/stat that no process accounts for. On the reference VM this is
             # ~25 % of the busy time even on a quiet machine (tick-based vs. precise accounting).
             "unattributed_cpu_seconds_per_switch": max(0.0, busy(system1) - busy(system0) - (cpu1 - cpu0) - (client_cpu1 - client_cpu0)
-                                                       - (own1 - own0) - sum(others.values())) / args.switches,
+                                                       - envoy_cpu - (own1 - own0) - sum(others.values())) / args.switches,
             "machine_cpu_seconds_per_switch_by_column": {
                 k: round((system1[k] - system0[k]) / args.switches, 4) for k in _STAT_COLUMNS},
             "machine_cpu_utilization_during_switches": (busy(system1) - busy(system0)) / elapsed / (os.cpu_count() or 1),
@@ -389,13 +609,32 @@ def run_case(services: int, proxies: int, args: argparse.Namespace, workdir: Pat
             "bytes_per_rds_push": deltas.get("response_bytes", {}).get("rds", 0.0) / rds_responses if rds_responses else None,
             "snapshot_build_ms_per_publish": _build_ms(metrics0, metrics1),
         })
+        if envoys:
+            result["envoy"] = {
+                "cpu_seconds_per_switch": envoy_cpu / args.switches,
+                "cpu_seconds_per_switch_by_envoy": {n: round((envoy_cpu1[n] - envoy_cpu0[n]) / args.switches, 4) for n in envoy_cpu1},
+                # VmRSS (with RssAnon/RssFile) before and after the measured switches, per Envoy and in
+                # total. The total counts the shared pages of the Envoy binary (RssFile) K times.
+                "rss_kib_before_switches": envoy_rss0,
+                "rss_kib_after_switches": envoy_rss1,
+                "rss_kib_total_after_switches": sum(v["VmRSS"] for v in envoy_rss1.values()),
+                "rss_kib_mean_after_switches": statistics.fmean(v["VmRSS"] for v in envoy_rss1.values()),
+                "rss_kib_max_after_switches": max(v["VmRSS"] for v in envoy_rss1.values()),
+                "rss_anon_kib_total_after_switches": sum(v.get("RssAnon", 0) for v in envoy_rss1.values()),
+                "rss_anon_kib_mean_after_switches": statistics.fmean(v.get("RssAnon", 0) for v in envoy_rss1.values()),
+                # Δ http.<stat_prefix>.rds.<route config>.* over the measured switches.
+                "rds": rds_deltas(envoys, envoy_rds0, envoy_rds1, args.switches),
+                "admin_ports": {e.node_id: e.admin_port for e in envoys},
+            }
 
         if args.profile_for(services, proxies):
             result["profile"] = profile(cp.pid, admin, args, services, proxies, stamp)
 
-        # Stop the clients first (they write their counters), then the control plane.
+        # Stop the clients first (they write their counters), then the Envoys, then the control plane.
         for c in clients:
             stop(c)
+        for e in envoys:
+            stop(e.proc)
         stats = []
         for i in range(len(clients)):
             path = case_dir / f"client{i}.json"
@@ -410,10 +649,14 @@ def run_case(services: int, proxies: int, args: argparse.Namespace, workdir: Pat
         return result
     except BaseException:
         print(f"--- control plane log tail ({cp_log}):\n{tail(cp_log)}", file=sys.stderr)
+        for e in envoys[:1]:
+            print(f"--- {e.node_id} log tail ({e.log}):\n{tail(e.log)}", file=sys.stderr)
         raise
     finally:
         for c in clients:
             stop(c)
+        for e in envoys:
+            stop(e.proc)
         stop(cp)
 
 
@@ -534,27 +777,43 @@ def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
         f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}, {m['date_utc']}. "
-        "Control plane, simulated proxies and this driver share these CPUs.",
+        "Control plane, simulated proxies, real Envoys and this driver share these CPUs.",
         "",
-        "| services S | proxies M | switches | conv. p50 s | conv. p99 s | conv. max s | HTTP wall p50 s | CP CPU s/switch "
-        "| clients CPU s/switch | other procs CPU s/switch | machine busy % | KiB RSS/stream | bytes/RDS push | RDS pushes/switch | build ms/publish | connect s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| services S | proxies M | Envoys K | switches | conv. p50 s | conv. p99 s | conv. max s | HTTP wall p50 s | CP CPU s/switch "
+        "| clients CPU s/switch | Envoy CPU s/switch | other procs CPU s/switch | machine busy % | KiB RSS/stream | bytes/RDS push "
+        "| RDS pushes/switch | build ms/publish | connect s | Envoy RSS MiB each | Envoy RDS updates ok/rejected |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["cases"]:
         if "error" in r:
-            lines.append(f"| {r['services']} | {r['proxies']} | {r.get('switches', '')} | failed: {r['error']} ||||||||||||")
+            lines.append(f"| {r['services']} | {r['proxies']} | {r.get('envoys', '')} | {r.get('switches', '')} | failed: {r['error'].splitlines()[0] if r['error'] else ''} ||||||||||||||||")
             continue
         s, w = r["server_seconds"], r["wall_seconds"]
+        envoy = r.get("envoy")
+        if envoy:
+            rds = envoy["rds"]
+            ok = (f"{rds['update_success_min']}" if rds["update_success_min"] == rds["update_success_max"]
+                  else f"{rds['update_success_min']}-{rds['update_success_max']}")
+            envoy_cells = (f"{envoy['cpu_seconds_per_switch']:.3f}",
+                           f"{envoy['rss_kib_mean_after_switches'] / 1024:.1f} (anon {envoy['rss_anon_kib_mean_after_switches'] / 1024:.1f})",
+                           f"{ok}/{rds['update_rejected_total']}" + ("" if rds["all_applied"] else " **not all applied**"))
+        else:
+            envoy_cells = ("", "", "")
         lines.append(
-            f"| {r['services']} | {r['proxies']} | {r['switches']} | {s['p50']:.3f} | {s['p99']:.3f} | {s['max']:.3f} "
-            f"| {w['p50']:.3f} | {r['cp_cpu_seconds_per_switch']:.3f} | {r['clients_cpu_seconds_per_switch']:.3f} "
+            f"| {r['services']} | {r['proxies']} | {r.get('envoys', 0)} | {r['switches']} | {s['p50']:.3f} | {s['p99']:.3f} | {s['max']:.3f} "
+            f"| {w['p50']:.3f} | {r['cp_cpu_seconds_per_switch']:.3f} | {r['clients_cpu_seconds_per_switch']:.3f} | {envoy_cells[0]} "
             f"| {r['other_processes_cpu_seconds_per_switch']:.3f} | {100 * r['machine_cpu_utilization_during_switches']:.0f} "
             f"| {r['rss_kib_per_stream']:.1f} | {r['bytes_per_rds_push']:.0f} | {r['rds_responses_per_switch']:.0f} "
             f"| {r['snapshot_build_ms_per_publish'] if r.get('snapshot_build_ms_per_publish') is None else round(r['snapshot_build_ms_per_publish'], 2)} "
-            f"| {r['connect_seconds']:.1f} |"
+            f"| {r['connect_seconds']:.1f} | {envoy_cells[1]} | {envoy_cells[2]} |"
         )
     lines.append("")
     lines.append("p99 is nearest-rank: with 20 switches it equals the max.")
+    if any(r.get("envoy") for r in report["cases"]):
+        lines.append("Envoy RDS updates ok/rejected: Δ`update_success` over the measured switches, for every Envoy and each of its "
+                     "route configurations (min-max if they differ; N = switches is expected), / the sum of Δ`update_rejected`. "
+                     "Envoy RSS: mean VmRSS of the K Envoys after the switches "
+                     "(anon: RssAnon, their private memory; the rest is mostly the shared Envoy binary).")
     for r in report["cases"]:
         prof = r.get("profile")
         if not prof or "top_self" not in prof:
@@ -582,6 +841,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=60.0, help="wait=converged timeout per switch (s)")
     parser.add_argument("--connect-timeout", type=float, default=300.0, help="max seconds for M proxies to connect and converge")
     parser.add_argument("--streams-per-client", type=int, default=1000, help="simulated proxies per client process")
+    parser.add_argument("--envoys", type=int, default=10,
+                        help="K: real Envoy processes (--concurrency 1) in the same fleet, besides the M simulated proxies; 0: none")
     parser.add_argument("--profile", choices=["largest", "all", "none"], default="largest",
                         help="run py-spy during extra switches: for the largest M of each S (default), all cases, or none")
     parser.add_argument("--profile-switches", type=int, default=10, help="extra switches per py-spy recording")
@@ -589,8 +850,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results-dir", default=str(BENCH / "results"))
     parser.add_argument("--cp-cmd", default=f"{sys.executable} -m controlplane serve",
                         help="command that starts the control plane (for A/B runs of a patched build); "
-                             "--state, --xds, --admin and --log-level are appended")
+                             "--config, --state, --xds, --admin and --log-level are appended")
     args = parser.parse_args(argv)
+    if args.envoys < 0:
+        parser.error("--envoys must be >= 0")
     largest = max(args.proxies)
     args.profile_for = lambda s, m: args.profile == "all" or (args.profile == "largest" and m == largest)
     return args
@@ -615,12 +878,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for services in args.services:
             for proxies in args.proxies:
-                print(f"== S={services} M={proxies} ...", file=sys.stderr, flush=True)
+                print(f"== S={services} M={proxies} K={args.envoys} ...", file=sys.stderr, flush=True)
                 t0 = time.monotonic()
                 try:
                     case = run_case(services, proxies, args, workdir, stamp)
                 except (RuntimeError, TimeoutError, SystemExit) as exc:
-                    case = {"services": services, "proxies": proxies, "switches": args.switches, "error": str(exc)[:500]}
+                    case = {"services": services, "proxies": proxies, "envoys": args.envoys, "switches": args.switches,
+                            "error": str(exc)[:500]}
                 case["case_seconds"] = time.monotonic() - t0
                 report["cases"].append(case)
                 print(f"   done in {case['case_seconds']:.0f}s", file=sys.stderr, flush=True)
