@@ -40,28 +40,39 @@ log = logging.getLogger(__name__)
 
 class SnapshotBuilder:
     """Builds each fleet's snapshot from stored state, serializing each resource once: per-service
-    resources are cached by the service's value, route tables by the set of services they
-    route, and listeners once (they depend on the config only). A weight change therefore
-    rebuilds exactly the two route tables of the fleets serving that service."""
+    resources and routes are cached by the service's value, route tables by the set of services
+    they route, and listeners once (they depend on the config only). A weight change therefore
+    re-serializes one service's routes and joins the two route tables of the fleets serving it
+    from cached bytes."""
 
     def __init__(self, fleets: tuple[Fleet, ...]) -> None:
         self.fleets = fleets
-        self._per_service: dict[Service, list[Resource]] = {}
+        # By service name: the Service value they were built from, its clusters and endpoints,
+        # and its serialized production and preview routes. Looked up by name and checked by
+        # identity first: hashing 1000s of (deep, frozen) Service values per build was a hot spot.
+        self._per_service: dict[str, tuple[Service, list[Resource], resources.ServiceRoutes]] = {}
         self._routes: dict[str, tuple[tuple[Service, ...], list[Resource]]] = {}
         self._listeners = {fleet.name: resources.fleet_listeners(fleet) for fleet in fleets}
 
     def build(self, generation: int, services: tuple[Service, ...], previous: dict[str, Snapshot]) -> dict[str, Snapshot]:
-        cache: dict[Service, list[Resource]] = {}
+        cache: dict[str, tuple[Service, list[Resource], resources.ServiceRoutes]] = {}
         for service in services:
-            cache[service] = self._per_service.get(service) or resources.service_resources(service)
+            known = self._per_service.get(service.name)
+            if known is None or not (known[0] is service or known[0] == service):
+                known = (service, resources.service_resources(service), resources.service_routes(service))
+            cache[service.name] = known
         self._per_service = cache  # drop entries of services that changed or left
+
+        def routes(service: Service) -> resources.ServiceRoutes:
+            return cache[service.name][2]
+
         out = {}
         for fleet in self.fleets:
             served = tuple(sorted((s for s in services if fleet.serves(s.name)), key=lambda s: s.name))
             cached = self._routes.get(fleet.name)
             if cached is None or cached[0] != served:
-                cached = self._routes[fleet.name] = (served, resources.fleet_routes(fleet, served))
-            fleet_resources = [r for s in served for r in cache[s]] + cached[1] + self._listeners[fleet.name]
+                cached = self._routes[fleet.name] = (served, resources.fleet_routes(fleet, served, routes))
+            fleet_resources = [r for s in served for r in cache[s.name][1]] + cached[1] + self._listeners[fleet.name]
             snapshot = Snapshot.build(generation, fleet_resources)
             out[fleet.name] = snapshot.with_generation(generation, previous.get(fleet.name))
         return out
@@ -298,7 +309,10 @@ class Publisher:
                     gauge.remove(name, env.value)
                 except KeyError:
                     pass
+        before = {s.name: s.traffic for s in self.state_services}
         for service in services:
+            if before.get(service.name) == service.traffic:
+                continue  # unchanged: 2 gauge updates per service per publish add up at 1000s
             for env in Environment:
                 gauge.labels(service.name, env.value).set(service.traffic.weight(env))
 

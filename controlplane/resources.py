@@ -21,7 +21,8 @@ listener with its route configuration.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
@@ -35,7 +36,7 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from . import typeurls
 from .model import Environment, Fleet, Service
-from .xds.snapshot import Resource
+from .xds.snapshot import Resource, length_delimited
 
 PREVIEW_HEADER = "x-bluegreen-preview"
 PREVIEW_VALUE = "1"
@@ -193,14 +194,19 @@ def preview_routes(service: Service) -> list[route_components_pb2.Route]:
     return [_preview_route(service, route_components_pb2.RouteMatch(prefix=service.prefix))]
 
 
-def _virtual_hosts(services: Sequence[Service], preview: bool) -> list[route_components_pb2.VirtualHost]:
+def _by_domain(services: Sequence[Service]) -> list[tuple[str, list[Service]]]:
+    """Services grouped into virtual hosts by domain, each host's services in match order:
+    longest prefix first, so ``/api/v2`` wins over ``/api``."""
     by_domain: dict[str, list[Service]] = defaultdict(list)
     for service in services:
         for domain in service.domains:
             by_domain[domain.lower()].append(service)
+    return [(domain, sorted(by_domain[domain], key=lambda s: (-len(s.prefix), s.prefix, s.name))) for domain in sorted(by_domain)]
+
+
+def _virtual_hosts(services: Sequence[Service], preview: bool) -> list[route_components_pb2.VirtualHost]:
     hosts = []
-    for domain in sorted(by_domain):
-        ordered = sorted(by_domain[domain], key=lambda s: (-len(s.prefix), s.prefix, s.name))
+    for domain, ordered in _by_domain(services):
         routes = [r for s in ordered for r in (preview_routes(s) if preview else production_routes(s))]
         hosts.append(route_components_pb2.VirtualHost(name=domain, domains=[domain], routes=routes))
     return hosts
@@ -208,6 +214,50 @@ def _virtual_hosts(services: Sequence[Service], preview: bool) -> list[route_com
 
 def build_route_configuration(name: str, services: Sequence[Service], *, preview: bool) -> route_pb2.RouteConfiguration:
     return route_pb2.RouteConfiguration(name=name, virtual_hosts=_virtual_hosts(services, preview))
+
+
+# Field numbers for assembling route configurations from serialized parts.
+_VHOST_NAME = route_components_pb2.VirtualHost.DESCRIPTOR.fields_by_name["name"].number
+_VHOST_DOMAINS = route_components_pb2.VirtualHost.DESCRIPTOR.fields_by_name["domains"].number
+_VHOST_ROUTES = route_components_pb2.VirtualHost.DESCRIPTOR.fields_by_name["routes"].number
+_CONFIG_NAME = route_pb2.RouteConfiguration.DESCRIPTOR.fields_by_name["name"].number
+_CONFIG_VHOSTS = route_pb2.RouteConfiguration.DESCRIPTOR.fields_by_name["virtual_hosts"].number
+
+
+@dataclass(frozen=True)
+class ServiceRoutes:
+    """One service's part of the fleet's route tables: its production and preview routes,
+    serialized as ``VirtualHost.routes`` fields, and the clusters (with their endpoints) they
+    route to. Route tables are assembled from these (``assemble_route_configuration``), so a
+    change to one service re-serializes that service's routes only."""
+
+    production: bytes
+    preview: bytes
+    requires: tuple[tuple[str, str], ...]
+
+
+def service_routes(service: Service) -> ServiceRoutes:
+    def fields(routes: list[route_components_pb2.Route]) -> bytes:
+        return b"".join(length_delimited(_VHOST_ROUTES, r.SerializeToString(deterministic=True)) for r in routes)
+
+    return ServiceRoutes(fields(production_routes(service)), fields(preview_routes(service)), tuple(_requires_clusters([service])))
+
+
+def assemble_route_configuration(name: str, services: Sequence[Service], *, preview: bool,
+                                 parts: Callable[[Service], ServiceRoutes] = service_routes) -> bytes:
+    """The serialized ``build_route_configuration(name, services, preview=preview)``, byte for
+    byte (fields in number order, as deterministic serialization writes them), joined from each
+    service's serialized routes."""
+    hosts = []
+    for domain, ordered in _by_domain(services):
+        encoded = domain.encode()
+        host = b"".join((
+            length_delimited(_VHOST_NAME, encoded),
+            length_delimited(_VHOST_DOMAINS, encoded),
+            *((parts(s).preview if preview else parts(s).production) for s in ordered),
+        ))
+        hosts.append(length_delimited(_CONFIG_VHOSTS, host))
+    return length_delimited(_CONFIG_NAME, name.encode()) + b"".join(hosts)
 
 
 def _http_connection_manager(stat_prefix: str, route_config: str) -> any_pb2.Any:
@@ -268,15 +318,17 @@ def _requires_clusters(services: Iterable[Service]) -> list[tuple[str, str]]:
     return refs
 
 
-def fleet_routes(fleet: Fleet, services: Sequence[Service]) -> list[Resource]:
-    """The fleet's production and preview route configurations, for the services it serves."""
+def fleet_routes(fleet: Fleet, services: Sequence[Service],
+                 parts: Callable[[Service], ServiceRoutes] = service_routes) -> list[Resource]:
+    """The fleet's production and preview route configurations, for the services it serves.
+    ``parts`` may serve each service's ``ServiceRoutes`` from a cache."""
     served = sorted((s for s in services if fleet.serves(s.name)), key=lambda s: s.name)
-    requires = _requires_clusters(served)
-    main, preview = routes_name(fleet), preview_routes_name(fleet)
-    return [
-        Resource.from_message(main, build_route_configuration(main, served, preview=False), requires=requires),
-        Resource.from_message(preview, build_route_configuration(preview, served, preview=True), requires=requires),
-    ]
+    requires = [ref for s in served for ref in parts(s).requires]
+    out = []
+    for name, preview in ((routes_name(fleet), False), (preview_routes_name(fleet), True)):
+        message = assemble_route_configuration(name, served, preview=preview, parts=parts)
+        out.append(Resource.from_serialized(name, typeurls.ROUTE, message, requires=requires))
+    return out
 
 
 def fleet_listeners(fleet: Fleet) -> list[Resource]:

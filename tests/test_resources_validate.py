@@ -643,6 +643,21 @@ def _example() -> tuple[Fleet, list[Service]]:
     return fleet, [shop, root, api]
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(state=fleet_states())
+def test_route_tables_assembled_from_cached_parts_equal_the_protobuf_serialization(state: tuple[Fleet, list[Service]]) -> None:
+    """The control plane joins route tables from each service's serialized routes; the bytes,
+    and so the content-hash versions, must be exactly those of serializing the message."""
+    fleet, services = state
+    served = sorted((s for s in services if fleet.serves(s.name)), key=lambda s: s.name)
+    generated = {r.name: r for r in resources.fleet_routes(fleet, services)}
+    for name, preview in ((resources.routes_name(fleet), False), (resources.preview_routes_name(fleet), True)):
+        expected = Resource.from_message(name, resources.build_route_configuration(name, served, preview=preview))
+        assert generated[name].any_bytes == expected.any_bytes
+        assert generated[name].version == expected.version
+        assert route_pb2.RouteConfiguration.FromString(unpack(generated[name]).SerializeToString()).name == name
+
+
 def test_envoy_accepts_a_small_known_good_state() -> None:
     fleet, services = _example()
     generated = resources.all_resources(fleet, services)

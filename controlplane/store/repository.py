@@ -72,10 +72,21 @@ class Repository:
         self.kv = kv
         self._clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
+        # Decoded services by key, with the mod_revision they were decoded at: the publisher
+        # reads the whole state after every change, and decoding 1000s of unchanged services
+        # each time made registering them quadratic. Services are immutable, so sharing is safe.
+        self._decoded: dict[str, tuple[int, Service]] = {}
 
     async def state(self) -> State:
         listing = await self.kv.list(SERVICES)
-        return State(listing.revision, tuple(service_from_dict(e.value) for e in listing.entries))
+        decoded: dict[str, tuple[int, Service]] = {}
+        for entry in listing.entries:
+            known = self._decoded.get(entry.key)
+            if known is None or known[0] != entry.mod_revision:
+                known = (entry.mod_revision, service_from_dict(entry.value))
+            decoded[entry.key] = known
+        self._decoded = decoded
+        return State(listing.revision, tuple(service for _, service in decoded.values()))
 
     async def service(self, name: str) -> Service:
         entry = await self.kv.get(service_key(name))

@@ -70,15 +70,28 @@ class Resource:
     ) -> Resource:
         packed = any_pb2.Any()
         packed.Pack(message)
-        any_bytes = packed.SerializeToString(deterministic=True)
+        return cls._build(name, packed.type_url, packed.SerializeToString(deterministic=True), requires, warms_with)
+
+    @classmethod
+    def from_serialized(
+        cls, name: str, type_url: str, message_bytes: bytes, requires: Iterable[Ref] = (), warms_with: Iterable[Ref] = ()
+    ) -> Resource:
+        """A resource from an already serialized message of ``type_url`` (assembled from cached
+        parts, for example). Its bytes, and so its version, equal ``from_message``'s for the
+        same message serialized deterministically."""
+        any_bytes = length_delimited(1, type_url.encode()) + length_delimited(2, message_bytes)
+        return cls._build(name, type_url, any_bytes, requires, warms_with)
+
+    @classmethod
+    def _build(cls, name: str, type_url: str, any_bytes: bytes, requires: Iterable[Ref], warms_with: Iterable[Ref]) -> Resource:
         version = hashlib.sha256(any_bytes).hexdigest()[:16]
         delta = length_delimited(3, name.encode()) + length_delimited(1, version.encode()) + length_delimited(2, any_bytes)
         requires = frozenset(requires)
         grouped: dict[str, set[str]] = {}
-        for type_url, required in requires:
-            grouped.setdefault(type_url, set()).add(required)
+        for required_type, required in requires:
+            grouped.setdefault(required_type, set()).add(required)
         return cls(
-            type_url=packed.type_url,
+            type_url=type_url,
             name=name,
             version=version,
             any_bytes=any_bytes,
