@@ -145,6 +145,20 @@ async def test_list_is_a_prefix_range(store: SQLiteStore) -> None:
 # Compare-and-set
 
 
+async def test_list_skips_what_the_reader_already_has(store: SQLiteStore) -> None:
+    first = await store.commit(Txn().put("services/a", {"v": 1}).put("services/b", {"v": 1}).put("services/c", {"v": 1}))
+    held = {e.key: e.mod_revision for e in (await store.list(SERVICES)).entries}
+    second = await store.commit(Txn().put("services/b", {"v": 2}).delete("services/c").put("services/d", {"v": 1}))
+
+    listing = await store.list(SERVICES, unchanged=held)
+    assert listing.revision == second
+    assert listing.kept == ("services/a",)  # unchanged since the reader's copy: not decoded again
+    assert [(e.key, e.value, e.mod_revision) for e in listing.entries] == [("services/b", {"v": 2}, second), ("services/d", {"v": 1}, second)]
+    # A stale or unknown revision in ``unchanged`` gives the entry back in full.
+    again = await store.list(SERVICES, unchanged={"services/a": first + 100})
+    assert again.kept == () and [e.key for e in again.entries] == ["services/a", "services/b", "services/d"]
+
+
 async def test_expect_zero_means_must_not_exist(store: SQLiteStore) -> None:
     r1 = await store.commit(Txn().expect("services/a", 0).put("services/a", {"v": 1}))
     with pytest.raises(RevisionConflict):
@@ -450,8 +464,8 @@ class GatedKV:
     async def get(self, key: str) -> Any:
         return await self.kv.get(key)
 
-    async def list(self, prefix: str) -> Any:
-        return await self.kv.list(prefix)
+    async def list(self, prefix: str, *, unchanged: Any = None) -> Any:
+        return await self.kv.list(prefix, unchanged=unchanged)
 
     async def revision(self) -> int:
         return await self.kv.revision()

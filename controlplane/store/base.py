@@ -19,7 +19,7 @@ dict; the typed layer (:mod:`controlplane.store.repository`) owns their meaning.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Mapping, Protocol
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,14 @@ class Entry:
 
 @dataclass(frozen=True)
 class Listing:
-    """All entries under a prefix, read at one consistent ``revision``."""
+    """All entries under a prefix, read at one consistent ``revision``.
+
+    ``kept`` names the keys that a ``list(prefix, unchanged=...)`` found still at the given
+    mod_revision: they are not in ``entries`` (and not decoded), the caller already has them."""
 
     revision: int
     entries: tuple[Entry, ...]
+    kept: tuple[str, ...] = ()
 
 
 @dataclass
@@ -66,7 +70,11 @@ class KVStore(Protocol):
 
     async def get(self, key: str) -> Entry | None: ...
 
-    async def list(self, prefix: str) -> Listing: ...
+    async def list(self, prefix: str, *, unchanged: Mapping[str, int] | None = None) -> Listing:
+        """Every key under ``prefix``. Keys that ``unchanged`` maps to their current mod_revision
+        are only named in ``Listing.kept``: a reader that re-reads a large prefix after every
+        change decodes just what changed."""
+        ...
 
     async def commit(self, txn: Txn) -> int:
         """Apply ``txn`` atomically and return the new global revision.

@@ -74,19 +74,18 @@ class Repository:
         self._locks: dict[str, asyncio.Lock] = {}
         # Decoded services by key, with the mod_revision they were decoded at: the publisher
         # reads the whole state after every change, and decoding 1000s of unchanged services
-        # each time made registering them quadratic. Services are immutable, so sharing is safe.
+        # (JSON, then Service) each time made registering them quadratic. Services are
+        # immutable, so sharing them between states is safe.
         self._decoded: dict[str, tuple[int, Service]] = {}
 
     async def state(self) -> State:
-        listing = await self.kv.list(SERVICES)
-        decoded: dict[str, tuple[int, Service]] = {}
+        previous = self._decoded
+        listing = await self.kv.list(SERVICES, unchanged={key: revision for key, (revision, _) in previous.items()})
+        decoded = {key: previous[key] for key in listing.kept}
         for entry in listing.entries:
-            known = self._decoded.get(entry.key)
-            if known is None or known[0] != entry.mod_revision:
-                known = (entry.mod_revision, service_from_dict(entry.value))
-            decoded[entry.key] = known
+            decoded[entry.key] = (entry.mod_revision, service_from_dict(entry.value))
         self._decoded = decoded
-        return State(listing.revision, tuple(service for _, service in decoded.values()))
+        return State(listing.revision, tuple(decoded[key][1] for key in sorted(decoded)))
 
     async def service(self, name: str) -> Service:
         entry = await self.kv.get(service_key(name))

@@ -17,7 +17,7 @@ import json
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import AsyncIterator, Callable, TypeVar
+from typing import AsyncIterator, Callable, Mapping, TypeVar
 
 from ..errors import RevisionConflict, StoreError
 from .base import Entry, Listing, Txn
@@ -84,7 +84,9 @@ class SQLiteStore:
 
         return await self._run(_get)
 
-    async def list(self, prefix: str) -> Listing:
+    async def list(self, prefix: str, *, unchanged: Mapping[str, int] | None = None) -> Listing:
+        known = unchanged or {}
+
         def _list() -> Listing:
             db = self._db()
             db.execute("BEGIN")
@@ -98,7 +100,9 @@ class SQLiteStore:
                 ).fetchall()
             finally:
                 db.execute("COMMIT")
-            return Listing(revision, tuple(Entry(k, json.loads(v), r) for k, v, r in rows))
+            kept = tuple(k for k, _, r in rows if known.get(k) == r)
+            entries = tuple(Entry(k, json.loads(v), r) for k, v, r in rows if known.get(k) != r)
+            return Listing(revision, entries, kept)
 
         return await self._run(_list)
 
