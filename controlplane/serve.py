@@ -7,6 +7,7 @@ import contextlib
 import gc
 import ipaddress
 import logging
+import resource
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,19 @@ async def running(options: ServeOptions) -> AsyncIterator[tuple[ControlPlane, in
         await cp.stop()
 
 
+def raise_open_files_limit() -> int:
+    """Raise the soft limit on open files to the hard limit and return it. Each proxy holds one
+    connection, and the usual soft default of 1024 would refuse proxies beyond about 1000."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 async def serve(options: ServeOptions) -> None:
+    open_files = raise_open_files_limit()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -89,8 +102,8 @@ async def serve(options: ServeOptions) -> None:
         gc.freeze()
         gc.set_threshold(20_000, 10, 10)
         log.info(
-            "serving xDS (ADS, SotW and Delta) on %s, admin API on %s; state %s; fleets: %s",
-            options.xds, options.admin, options.state_path, ", ".join(f.name for f in options.settings.fleets),
+            "serving xDS (ADS, SotW and Delta) on %s, admin API on %s; state %s; fleets: %s; open files limit %d",
+            options.xds, options.admin, options.state_path, ", ".join(f.name for f in options.settings.fleets), open_files,
         )
         await stop.wait()
         log.info("stopping: proxies keep their last configuration until a control plane is back")
