@@ -476,15 +476,17 @@ def converged_count(admin: Admin, proxies: int) -> dict[str, Any] | None:
     return view if conv["proxies"] == proxies and conv["acked"] == proxies else None
 
 
-def switch_once(admin: Admin, timeout: float) -> dict[str, Any]:
+def switch_once(admin: Admin, timeout: float, kind: str = "switch") -> dict[str, Any]:
+    """One switch of svc-0 (``kind`` "switch": to the idle environment) or one rollback (to the
+    previous one, ``POST .../rollback``), waiting until every proxy ACKed it."""
     started_at = time.time()
     started = time.perf_counter()
-    status, view = admin.call("POST", f"/v1/services/svc-0/switch?wait=converged&timeout={timeout:g}", timeout=timeout + 30)
+    status, view = admin.call("POST", f"/v1/services/svc-0/{kind}?wait=converged&timeout={timeout:g}", timeout=timeout + 30)
     wall = time.perf_counter() - started
     if status != 200:
-        raise RuntimeError(f"switch -> {status}: {view}")
+        raise RuntimeError(f"{kind} -> {status}: {view}")
     conv = view["convergence"]
-    return {"started_at": started_at, "server_seconds": conv["seconds"], "wall_seconds": wall, "active": view["traffic"]["active"],
+    return {"kind": kind, "started_at": started_at, "server_seconds": conv["seconds"], "wall_seconds": wall, "active": view["traffic"]["active"],
             "proxies": conv["proxies"], "acked": conv["acked"], "store_revision": view["store_revision"]}
 
 
@@ -566,7 +568,8 @@ def run_case(services: int, proxies: int, args: argparse.Namespace, workdir: Pat
         envoy_cpu0 = {e.node_id: cpu_seconds(e.pid) for e in envoys}
         system0, own0, procs0 = system_cpu(), own_cpu_seconds(), all_processes_cpu()
         t0 = time.monotonic()
-        samples = [switch_once(admin, args.timeout) for _ in range(args.switches)]
+        # Every other change is a rollback of the one before, through the rollback API.
+        samples = [switch_once(admin, args.timeout, "rollback" if k % 2 else "switch") for k in range(args.switches)]
         elapsed = time.monotonic() - t0
         cpu1 = cpu_seconds(cp.pid)
         threads1 = thread_cpu_seconds(cp.pid)
@@ -583,6 +586,7 @@ def run_case(services: int, proxies: int, args: argparse.Namespace, workdir: Pat
         result.update({
             "samples": samples,
             "server_seconds": summarize([s["server_seconds"] for s in samples]),
+            "rollback_server_seconds": summarize([s["server_seconds"] for s in samples if s["kind"] == "rollback"]),
             "wall_seconds": summarize([s["wall_seconds"] for s in samples]),
             "switches_elapsed_seconds": elapsed,
             "cp_cpu_seconds_per_switch": (cpu1 - cpu0) / args.switches,
@@ -779,14 +783,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}, {m['date_utc']}. "
         "Control plane, simulated proxies, real Envoys and this driver share these CPUs.",
         "",
-        "| services S | proxies M | Envoys K | switches | conv. p50 s | conv. p99 s | conv. max s | HTTP wall p50 s | CP CPU s/switch "
+        "| services S | proxies M | Envoys K | switches | conv. p50 s | conv. p99 s | conv. max s | rollback p99 s | HTTP wall p50 s | CP CPU s/switch "
         "| clients CPU s/switch | Envoy CPU s/switch | other procs CPU s/switch | machine busy % | KiB RSS/stream | bytes/RDS push "
         "| RDS pushes/switch | build ms/publish | connect s | Envoy RSS MiB each | Envoy RDS updates ok/rejected |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["cases"]:
         if "error" in r:
-            lines.append(f"| {r['services']} | {r['proxies']} | {r.get('envoys', '')} | {r.get('switches', '')} | failed: {r['error'].splitlines()[0] if r['error'] else ''} ||||||||||||||||")
+            lines.append(f"| {r['services']} | {r['proxies']} | {r.get('envoys', '')} | {r.get('switches', '')} | failed: {r['error'].splitlines()[0] if r['error'] else ''} |||||||||||||||||")
             continue
         s, w = r["server_seconds"], r["wall_seconds"]
         envoy = r.get("envoy")
@@ -801,14 +805,16 @@ def markdown(report: dict[str, Any]) -> str:
             envoy_cells = ("", "", "")
         lines.append(
             f"| {r['services']} | {r['proxies']} | {r.get('envoys', 0)} | {r['switches']} | {s['p50']:.3f} | {s['p99']:.3f} | {s['max']:.3f} "
-            f"| {w['p50']:.3f} | {r['cp_cpu_seconds_per_switch']:.3f} | {r['clients_cpu_seconds_per_switch']:.3f} | {envoy_cells[0]} "
+            f"| {r['rollback_server_seconds']['p99']:.3f} | {w['p50']:.3f} | {r['cp_cpu_seconds_per_switch']:.3f} | {r['clients_cpu_seconds_per_switch']:.3f} | {envoy_cells[0]} "
             f"| {r['other_processes_cpu_seconds_per_switch']:.3f} | {100 * r['machine_cpu_utilization_during_switches']:.0f} "
             f"| {r['rss_kib_per_stream']:.1f} | {r['bytes_per_rds_push']:.0f} | {r['rds_responses_per_switch']:.0f} "
             f"| {r['snapshot_build_ms_per_publish'] if r.get('snapshot_build_ms_per_publish') is None else round(r['snapshot_build_ms_per_publish'], 2)} "
             f"| {r['connect_seconds']:.1f} | {envoy_cells[1]} | {envoy_cells[2]} |"
         )
     lines.append("")
-    lines.append("p99 is nearest-rank: with 20 switches it equals the max.")
+    lines.append("p99 is nearest-rank: with 20 switches it equals the max. Every other change is a rollback "
+                 "(`POST /v1/services/svc-0/rollback?wait=converged`); conv. columns cover all changes, rollback p99 "
+                 "the rollbacks alone (nearest-rank of N/2, so their max).")
     if any(r.get("envoy") for r in report["cases"]):
         lines.append("Envoy RDS updates ok/rejected: Δ`update_success` over the measured switches, for every Envoy and each of its "
                      "route configurations (min-max if they differ; N = switches is expected), / the sum of Δ`update_rejected`. "
