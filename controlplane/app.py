@@ -381,8 +381,8 @@ class ControlPlane:
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
                 ("grpc.http2.max_pings_without_data", 0),
                 # No bandwidth-delay-product pings: they size the window for data we receive,
-                # and ADS requests are small. With them on, every ACK costs an extra PING
-                # round trip; off, a switch costs about 20 % less CPU (bench/README.md).
+                # and ADS requests are small. With them on, every ACK costs an extra PING round
+                # trip: bench/grpc_floor.py measured about a third more server CPU per push.
                 ("grpc.http2.bdp_probe", 0),
             ]
         )

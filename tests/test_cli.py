@@ -115,3 +115,22 @@ async def test_sandbox_then_move_traffic_with_the_cli(tmp_path: Path) -> None:
         assert gone == {"error": 1}, "Envoy still answering after the sandbox stopped"
     finally:
         await proc.stop()
+
+
+def test_serve_raises_the_open_files_limit_to_the_hard_limit() -> None:
+    """One connection per proxy: a soft limit of 1024 would refuse proxies beyond about 1000.
+    Run in a child process so this test's own limits stay as they are."""
+    script = (
+        "import resource\n"
+        "from controlplane.serve import raise_open_files_limit\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "low = min(256, hard)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))\n"
+        "raised = raise_open_files_limit()\n"
+        "print(low, raised, resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60)
+    low, raised, now, hard = (int(x) for x in out.stdout.split())
+    assert raised == now
+    assert now == hard or (hard == -1 and now >= 1 << 20), out.stdout  # RLIM_INFINITY is -1
+    assert now >= low

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import deque
 import logging
 import time
+from collections import deque
 from typing import AsyncIterator, Callable, Protocol as TypingProtocol
 
 import grpc
