@@ -212,7 +212,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if args.migrate_command == "contract":
             from .migrations.gate import contract_blockers, refusal
             from .model import deployment_from_dict
-            from .rollout_driver import expanded_by_deployment
+            from .deploy.driver import expanded_by_deployment
 
             _, listing = _request(args, "GET", f"/v1/services/{args.service}/deployments")
             records = [deployment_from_dict(_stored_times(d)) for d in listing["deployments"]]

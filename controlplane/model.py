@@ -240,7 +240,7 @@ class Event:
 class Deployment:
     """One version placed in one environment of a service, and what became of it.
 
-    The fields after ``updated_at`` belong to the deployment workflow (``rollout.py``); a version
+    The fields after ``updated_at`` belong to the deployment workflow (``deploy/transitions.py``); a version
     registered by hand (``PUT .../environments/...``) leaves them at their defaults.
     """
 

@@ -1,5 +1,5 @@
-"""Pure unit tests of the deployment workflow's transitions (``controlplane/rollout.py``) and of
-the analysis verdict (``rollout_driver.judge``). No I/O: services and deployment records are
+"""Pure unit tests of the deployment workflow's transitions (``controlplane/deploy/transitions.py``) and of
+the analysis verdict (``deploy.driver.judge``). No I/O: services and deployment records are
 built by hand, every transition gets an explicit ``now``, and the result is applied the way
 ``Repository.mutate`` applies it (a record replaces the one with its id; decommissioned records
 leave the "current" view)."""
@@ -11,8 +11,8 @@ from typing import Any, Mapping
 
 import pytest
 
-from controlplane import rollout
-from controlplane.deployspec import Analysis, parse_deployment_spec
+from controlplane.deploy import transitions as rollout
+from controlplane.deploy.spec import Analysis, parse_deployment_spec
 from controlplane.errors import ConflictError
 from controlplane.model import (
     Change,
@@ -25,7 +25,7 @@ from controlplane.model import (
     Service,
     Traffic,
 )
-from controlplane.rollout_driver import judge
+from controlplane.deploy.driver import judge
 
 BLUE, GREEN = Environment.BLUE, Environment.GREEN
 T0 = 1_000_000.0

@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator
 import pytest
 
 from controlplane import typeurls
-from controlplane.app import SnapshotBuilder, service_version
+from controlplane.fleet import SnapshotBuilder, service_version
 from controlplane.errors import BlueGreenError, NotFoundError, RevisionConflict, StoreError, ValidationError
 from controlplane.model import (
     DEFAULT_FLEET,

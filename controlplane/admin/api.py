@@ -1,7 +1,7 @@
 """The admin HTTP API (aiohttp): JSON under /v1, plus /healthz and /metrics.
 
 Handlers are thin: parse and validate the request (query first, so bad input changes nothing),
-call :class:`~controlplane.workflow.Operations`, and render the resulting state. Errors from the
+call :class:`~controlplane.deploy.operations.Operations`, and render the resulting state. Errors from the
 one exception tree map to HTTP statuses here and only here.
 """
 

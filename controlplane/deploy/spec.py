@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from .errors import ValidationError
-from .model import EnvironmentState, parse_environment_spec, reject_unknown, require_object
+from ..errors import ValidationError
+from ..model import EnvironmentState, parse_environment_spec, reject_unknown, require_object
 
 MAX_STEPS = 20
 MAX_SECONDS = 7 * 86_400

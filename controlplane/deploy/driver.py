@@ -6,7 +6,7 @@ and at start-up for every service with unfinished work, which is what makes a re
 deadlines are stored as wall-clock times, so a control plane killed mid-shift resumes the step
 it was in, with the time that was left, and never repeats a weight change.
 
-Every change goes through a pure transition of ``rollout.py`` inside ``Repository.mutate``; a
+Every change goes through a pure transition of ``transitions.py`` inside ``Repository.mutate``; a
 transition that no longer applies (a command got there first) raises ConflictError, and the loop
 simply looks again.
 """
@@ -20,16 +20,16 @@ from typing import Any, Callable, Mapping, Protocol
 
 import aiohttp
 
-from . import rollout
-from .deployspec import Analysis, Migrations, parse_deployment_spec, parse_migrations
-from .errors import ConflictError, ContractBlocked, MigrationError, NotFoundError
-from .migrations.files import MigrationSet, Phase
-from .migrations.gate import contract_blockers, refusal
-from .metrics import Metrics
-from .model import Change, Deployment, DeploymentStatus as S, Environment, Fleet, Service
-from .resources import cluster_name
+from . import transitions
+from .spec import Analysis, Migrations, parse_deployment_spec, parse_migrations
+from ..errors import ConflictError, ContractBlocked, MigrationError, NotFoundError
+from ..migrations.files import MigrationSet, Phase
+from ..migrations.gate import contract_blockers, refusal
+from ..metrics import Metrics
+from ..model import Change, Deployment, DeploymentStatus as S, Environment, Fleet, Service
+from ..resources import cluster_name
 from .smoke import call_webhook, preview_target, run_smoke
-from .store.repository import Committed, Repository
+from ..store.repository import Committed, Repository
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class Rollouts:
         spec = parse_deployment_spec(body)
         if spec.migrations is not None:
             await asyncio.to_thread(check_migrations, spec.migrations)  # bad set or lint errors: 400, nothing stored
-        committed = await self.repo.mutate(name, lambda s, c, now: rollout.start(_require(s), c, spec, now))
+        committed = await self.repo.mutate(name, lambda s, c, now: transitions.start(_require(s), c, spec, now))
         self.poke(name)
         return committed
 
@@ -125,12 +125,12 @@ class Rollouts:
         record = await self.repo.deployment(deployment_id)
         name = record.service
         transitions: dict[str, Callable[[Service, Any, float], Change]] = {
-            "promote": lambda s, c, now: rollout.promote(s, c, deployment_id, now, full=full, to_step=to_step),
-            "pause": lambda s, c, now: rollout.pause(s, c, deployment_id, now),
-            "resume": lambda s, c, now: rollout.resume(s, c, deployment_id, now),
-            "rollback": lambda s, c, now: rollout.rollback(s, c, deployment_id, now, rollout.API, "rollback requested"),
-            "abort": lambda s, c, now: rollout.abort(s, c, deployment_id, now),
-            "decommission": lambda s, c, now: rollout.decommission(s, c, _standby_of(c, deployment_id), now, rollout.API,
+            "promote": lambda s, c, now: transitions.promote(s, c, deployment_id, now, full=full, to_step=to_step),
+            "pause": lambda s, c, now: transitions.pause(s, c, deployment_id, now),
+            "resume": lambda s, c, now: transitions.resume(s, c, deployment_id, now),
+            "rollback": lambda s, c, now: transitions.rollback(s, c, deployment_id, now, transitions.API, "rollback requested"),
+            "abort": lambda s, c, now: transitions.abort(s, c, deployment_id, now),
+            "decommission": lambda s, c, now: transitions.decommission(s, c, _standby_of(c, deployment_id), now, transitions.API,
                                                                    "decommissioned on request, ending standby early"),
         }
         transition = transitions[action]
@@ -190,17 +190,17 @@ class Rollouts:
                 await self._decommission_hooks(record)
                 return True, None
 
-        d = rollout.in_progress(current)
+        d = transitions.in_progress(current)
         if d is not None:
             if d.status is S.DEPLOYING:
                 migrations = parse_deployment_spec(d.spec).migrations if d.spec else None
-                if migrations is not None and not rollout.expand_done(d):
+                if migrations is not None and not transitions.expand_done(d):
                     await self._expand(service, d, migrations)
                     return True, None
                 await self._smoke(service, d)
                 return True, None
             if d.status is S.READY:
-                await self._mutate(name, lambda s, c, t: rollout.shift(s, c, d.id, 0, t, rollout.AUTOMATIC, "smoke tests passed; shifting"))
+                await self._mutate(name, lambda s, c, t: transitions.shift(s, c, d.id, 0, t, transitions.AUTOMATIC, "smoke tests passed; shifting"))
                 return True, None
             paused = d.paused_remaining is not None
             analysis = parse_deployment_spec(d.spec).analysis if d.spec else None
@@ -213,9 +213,9 @@ class Rollouts:
                     return True, None
             if not paused and d.deadline is not None and d.deadline <= now:
                 if d.status is S.SHIFTING:
-                    await self._mutate(name, lambda s, c, t: rollout.step_due(s, c, d.id, t))
+                    await self._mutate(name, lambda s, c, t: transitions.step_due(s, c, d.id, t))
                 else:
-                    await self._mutate(name, lambda s, c, t: rollout.bake_due(s, c, d.id, t))
+                    await self._mutate(name, lambda s, c, t: transitions.bake_due(s, c, d.id, t))
                 self._windows.pop(name, None)  # a new step starts a new analysis interval
                 return True, None
 
@@ -223,11 +223,11 @@ class Rollouts:
             if record is None or record.deadline is None or record.deadline > now or record is d:
                 continue
             if record.status is S.DRAINING:
-                await self._mutate(name, lambda s, c, t, rid=record.id: rollout.drain_due(s, c, rid, t))
+                await self._mutate(name, lambda s, c, t, rid=record.id: transitions.drain_due(s, c, rid, t))
                 return True, None
             if record.status is S.STANDBY:
-                await self._mutate(name, lambda s, c, t, rid=record.id: rollout.decommission(
-                    s, c, rid, t, rollout.AUTOMATIC, f"standby of {s.standby_seconds}s is over"))
+                await self._mutate(name, lambda s, c, t, rid=record.id: transitions.decommission(
+                    s, c, rid, t, transitions.AUTOMATIC, f"standby of {s.standby_seconds}s is over"))
                 return True, None
 
         wakes = [r.deadline for r in current.values()
@@ -271,12 +271,12 @@ class Rollouts:
                 result = "failed" if record.status is S.FAILED else "rolled_back"
                 self.metrics.deployments.labels(record.service, result).inc()
                 if record.status is S.ROLLED_BACK:
-                    self.metrics.rollbacks.labels(record.service, "automatic" if last.actor == rollout.AUTOMATIC else "api").inc()
+                    self.metrics.rollbacks.labels(record.service, "automatic" if last.actor == transitions.AUTOMATIC else "api").inc()
             elif last.status == S.ACTIVE.value and not record.baking and last.reason.startswith("bake finished"):
                 self.metrics.deployments.labels(record.service, "succeeded").inc()
 
     def _export_phase(self, service: Service, current: Mapping[Environment, Deployment | None]) -> None:
-        d = rollout.in_progress(current)
+        d = transitions.in_progress(current)
         phase = d.status.value if d is not None else "idle"
         if d is not None and d.baking:
             phase = "baking"
@@ -293,10 +293,10 @@ class Rollouts:
         try:
             report = await asyncio.to_thread(run_expand, migrations, d.id)
         except MigrationError as exc:
-            await self._mutate(service.name, lambda s, c, t: rollout.smoke_failed(s, c, d.id, t, f"expand migrations failed: {exc}"))
+            await self._mutate(service.name, lambda s, c, t: transitions.smoke_failed(s, c, d.id, t, f"expand migrations failed: {exc}"))
             return
         summary = f"{len(report.applied)} applied, {len(report.skipped)} already there"
-        await self._mutate(service.name, lambda s, c, t: rollout.expand_applied(s, c, d.id, t, summary))
+        await self._mutate(service.name, lambda s, c, t: transitions.expand_applied(s, c, d.id, t, summary))
 
     async def contract(self, name: str, body: object) -> dict[str, Any]:
         """Apply a set's contract files, unless a version that may need the old schema can
@@ -321,20 +321,20 @@ class Rollouts:
         revision = (await self.repo.kv.revision())
         converged = await self.wait_converged(tuple(f.name for f in fleets), revision, CONVERGE_BEFORE_SMOKE_SECONDS)
         if not converged:
-            await self._mutate(service.name, lambda s, c, t: rollout.smoke_failed(
+            await self._mutate(service.name, lambda s, c, t: transitions.smoke_failed(
                 s, c, d.id, t, f"the proxies did not ACK the new endpoints within {CONVERGE_BEFORE_SMOKE_SECONDS:g}s"))
             return
         if not fleets:
-            await self._mutate(service.name, lambda s, c, t: rollout.smoke_failed(s, c, d.id, t, "no fleet serves this service"))
+            await self._mutate(service.name, lambda s, c, t: transitions.smoke_failed(s, c, d.id, t, "no fleet serves this service"))
             return
         target = preview_target(fleets[0], service)
         context = {"service": service.name, "deployment": d.id, "version": d.version, "environment": d.environment.value}
         assert self._session is not None
         passed, summary = await run_smoke(self._session, spec.smoke, target, context)
         if passed:
-            await self._mutate(service.name, lambda s, c, t: rollout.smoke_passed(s, c, d.id, t, summary))
+            await self._mutate(service.name, lambda s, c, t: transitions.smoke_passed(s, c, d.id, t, summary))
         else:
-            await self._mutate(service.name, lambda s, c, t: rollout.smoke_failed(s, c, d.id, t, summary))
+            await self._mutate(service.name, lambda s, c, t: transitions.smoke_failed(s, c, d.id, t, summary))
 
     # -- analysis ------------------------------------------------------------------------------
 
@@ -356,9 +356,9 @@ class Rollouts:
         if reason:
             figures["reason"] = reason
         if verdict == "wait":
-            await self._mutate(service.name, lambda s, c, t: rollout.analysis_wait(s, c, d.id, t, figures))
+            await self._mutate(service.name, lambda s, c, t: transitions.analysis_wait(s, c, d.id, t, figures))
         else:
-            await self._mutate(service.name, lambda s, c, t: rollout.analysis_result(
+            await self._mutate(service.name, lambda s, c, t: transitions.analysis_result(
                 s, c, d.id, t, figures, reason if verdict == "breach" else None, analysis.failure_limit))
 
     # -- decommission hooks ----------------------------------------------------------------------
@@ -391,9 +391,9 @@ class Rollouts:
 def _hooks_done(record: Deployment, now: float, reason: str) -> Deployment:
     from dataclasses import replace
 
-    from .model import Event
+    from ..model import Event
 
-    return replace(record, hooks_pending=False, updated_at=now, history=record.history + (Event(now, record.status.value, rollout.AUTOMATIC, reason),))
+    return replace(record, hooks_pending=False, updated_at=now, history=record.history + (Event(now, record.status.value, transitions.AUTOMATIC, reason),))
 
 
 def _require(service: Service | None) -> Service:
@@ -418,9 +418,9 @@ def _standby_of(current: Mapping[Environment, Deployment | None], deployment_id:
 def check_migrations(spec: Migrations) -> MigrationSet:
     """Load the set and lint it; an expand file that would break the running version is refused
     before anything is stored (ValidationError, HTTP 400)."""
-    from .errors import ValidationError
-    from .migrations.files import load_migration_set
-    from .migrations.lint import format_text, lint
+    from ..errors import ValidationError
+    from ..migrations.files import load_migration_set
+    from ..migrations.lint import format_text, lint
 
     try:
         migration_set = load_migration_set(spec.directory)
@@ -433,21 +433,21 @@ def check_migrations(spec: Migrations) -> MigrationSet:
 
 
 def run_expand(spec: Migrations, deployment_id: str) -> Any:
-    from .migrations.apply import apply_phase
-    from .migrations.files import load_migration_set
+    from ..migrations.apply import apply_phase
+    from ..migrations.files import load_migration_set
 
     return apply_phase(load_migration_set(spec.directory), Phase.EXPAND, spec.database, deployment_id=deployment_id)
 
 
 def apply_phase(migration_set: MigrationSet, phase: Phase, database: str) -> Any:
-    from .migrations.apply import apply_phase as apply
+    from ..migrations.apply import apply_phase as apply
 
     return apply(migration_set, phase, database)
 
 
 def expanded_by_deployment(migration_set: MigrationSet, database: str) -> str | None:
     """The deployment that applied this set's expand files (the newest one recorded), if any."""
-    from .migrations.apply import applied
+    from ..migrations.apply import applied
 
     names = {f.name for f in migration_set.phase(Phase.EXPAND)}
     rows = [r for r in applied(database) if r["name"] in names and r.get("deployment_id")]

@@ -3,7 +3,7 @@ decommission, and the commands that steer it (promote, pause, resume, rollback, 
 
 Every function takes the service, its current deployment records and ``now``, checks that the
 transition is allowed *in that state*, and returns a :class:`~controlplane.model.Change` with a
-history event, or raises. The driver (``rollout_driver.py``) and the API call them inside
+history event, or raises. The driver (``driver.py``) and the API call them inside
 :meth:`Repository.mutate`, so a command and a timer racing on the same deployment are applied
 one after the other on fresh state, and the second one sees what the first did (a promote that
 arrives after an automatic rollback is refused, not applied on top of it).
@@ -22,9 +22,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Mapping
 
-from .deployspec import DeploymentSpec, Strategy, parse_deployment_spec, spec_to_dict
-from .errors import ConflictError
-from .model import (
+from .spec import DeploymentSpec, Strategy, parse_deployment_spec, spec_to_dict
+from ..errors import ConflictError
+from ..model import (
     Change,
     Deployment,
     DeploymentStatus as S,

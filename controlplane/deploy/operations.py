@@ -2,16 +2,16 @@
 
 Each operation validates its input, applies a pure model transition inside an atomic store
 transaction (:meth:`Repository.mutate`), and returns what was committed. The xDS push follows
-from the store's change notification (see ``app.Publisher``), never from here.
+from the store's change notification (see ``fleet.Publisher``), never from here.
 """
 
 from __future__ import annotations
 
 from typing import Mapping
 
-from .errors import ConflictError
-from . import rollout
-from .model import (
+from ..errors import ConflictError
+from . import transitions
+from ..model import (
     Change,
     Deployment,
     DeploymentStatus,
@@ -29,7 +29,7 @@ from .model import (
     switch_target,
     validate_service_name,
 )
-from .store.repository import Committed, Repository
+from ..store.repository import Committed, Repository
 
 Current = Mapping[Environment, Deployment | None]
 
@@ -105,7 +105,7 @@ class Operations:
             for record in (live, *current.values()):
                 if record is not None and record.spec is not None and record.status in (DeploymentStatus.SHIFTING, DeploymentStatus.ACTIVE):
                     if service.environment(record.environment.other).registered:
-                        return rollout.rollback(service, current, record.id, now, rollout.API, "rollback requested")
+                        return transitions.rollback(service, current, record.id, now, transitions.API, "rollback requested")
             target = rollback_target(service)
             return set_weights(service, full_weights(target), current, now, rollback=True)
 

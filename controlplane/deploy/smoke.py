@@ -16,9 +16,9 @@ from typing import Any, Mapping
 
 import aiohttp
 
-from .deployspec import HttpCheck, Smoke, Webhook
-from .model import Fleet, Service
-from .resources import PREVIEW_HEADER, PREVIEW_VALUE
+from .spec import HttpCheck, Smoke, Webhook
+from ..model import Fleet, Service
+from ..resources import PREVIEW_HEADER, PREVIEW_VALUE
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,81 @@
+"""Builds each fleet's xDS snapshot from stored services, and maps a proxy to its fleet."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+from envoy.config.core.v3 import base_pb2
+
+from .. import resources
+from ..config import Settings
+from ..model import Fleet, Service
+from ..xds.server import UnknownGroup
+from ..xds.snapshot import Resource, Snapshot, content_version
+
+
+class SnapshotBuilder:
+    """Builds each fleet's snapshot from stored state, serializing each resource once: per-service
+    resources and routes are cached by the service's value, route tables by the set of services
+    they route, and listeners once (they depend on the config only). A weight change therefore
+    re-serializes one service's routes and joins the two route tables of the fleets serving it
+    from cached bytes."""
+
+    def __init__(self, fleets: tuple[Fleet, ...]) -> None:
+        self.fleets = fleets
+        # By service name: the Service value they were built from, its clusters and endpoints,
+        # and its serialized production and preview routes. Looked up by name and checked by
+        # identity first: hashing 1000s of (deep, frozen) Service values per build was a hot spot.
+        self._per_service: dict[str, tuple[Service, list[Resource], resources.ServiceRoutes]] = {}
+        self._routes: dict[str, tuple[tuple[Service, ...], list[Resource]]] = {}
+        self._listeners = {fleet.name: resources.fleet_listeners(fleet) for fleet in fleets}
+
+    def build(self, generation: int, services: tuple[Service, ...], previous: dict[str, Snapshot]) -> dict[str, Snapshot]:
+        cache: dict[str, tuple[Service, list[Resource], resources.ServiceRoutes]] = {}
+        for service in services:
+            known = self._per_service.get(service.name)
+            if known is None or not (known[0] is service or known[0] == service):
+                known = (service, resources.service_resources(service), resources.service_routes(service))
+            cache[service.name] = known
+        self._per_service = cache  # drop entries of services that changed or left
+
+        def routes(service: Service) -> resources.ServiceRoutes:
+            return cache[service.name][2]
+
+        out = {}
+        for fleet in self.fleets:
+            served = tuple(sorted((s for s in services if fleet.serves(s.name)), key=lambda s: s.name))
+            cached = self._routes.get(fleet.name)
+            if cached is None or cached[0] != served:
+                cached = self._routes[fleet.name] = (served, resources.fleet_routes(fleet, served, routes))
+            fleet_resources = [r for s in served for r in cache[s.name][1]] + cached[1] + self._listeners[fleet.name]
+            snapshot = Snapshot.build(generation, fleet_resources)
+            out[fleet.name] = snapshot.with_generation(generation, previous.get(fleet.name))
+        return out
+
+
+@functools.lru_cache(maxsize=4096)
+def service_version(service: Service) -> str:
+    """The xDS version of one service: a hash of everything the proxies get for it (clusters,
+    endpoints, its production and preview routes). Same state, same version, on every replica
+    and after restarts; any change to what the proxies get changes it."""
+    parts = resources.service_resources(service)
+    for preview in (False, True):
+        routes = resources.build_route_configuration(service.name, [service], preview=preview)
+        parts.append(Resource.from_message(f"{service.name}/routes/{preview}", routes))
+    return content_version(parts)
+
+
+def fleet_resolver(settings: Settings) -> Callable[[base_pb2.Node], str]:
+    names = {f.name for f in settings.fleets}
+
+    def resolve(node: base_pb2.Node) -> str:
+        fleet = node.cluster or "default"
+        if fleet not in names:
+            raise UnknownGroup(
+                f"unknown fleet {fleet!r} (node.cluster of node {node.id!r}); "
+                f"fleets in the control plane's config: {', '.join(sorted(names))}"
+            )
+        return fleet
+
+    return resolve
