@@ -25,6 +25,7 @@ from . import typeurls
 from .config import Settings
 from .deploy.driver import Rollouts
 from .deploy.operations import Operations
+from .fleet.convergence import WaitResult
 from .fleet import Convergence, Publisher, SnapshotBuilder, fleet_resolver, service_version  # noqa: F401  (re-exported)
 from .metrics import Metrics
 from .store.base import KVStore
@@ -46,12 +47,12 @@ class ControlPlane:
         self.repo = Repository(kv)
         self.operations = Operations(self.repo, settings.fleets)
         self.cache = SnapshotCache(fleet_resolver(settings))
-        self.convergence = Convergence(self.cache, self.metrics)
+        self.convergence = Convergence(self.cache, self.metrics, lagging_after=settings.lagging_after_seconds)
         self.builder = SnapshotBuilder(settings.fleets)
         self.publisher = Publisher(self.repo, self.builder, self.cache, self.convergence, self.metrics)
         self.ads = AdsServer(self.cache, self.convergence)
         self.telemetry = MetricsSink()
-        self.rollouts = Rollouts(self.repo, settings.fleets, self.metrics, self.wait_converged)
+        self.rollouts = Rollouts(self.repo, settings.fleets, self.metrics, self.wait_converged, self.convergence.routing_to)
         self.grpc_server: grpc.aio.Server | None = None
         self.xds_port: int | None = None
         self._publisher_task: asyncio.Task[None] | None = None
@@ -85,20 +86,23 @@ class ControlPlane:
         self.rollouts.telemetry = self.telemetry
         await self.rollouts.start()  # resumes deployments that were under way
 
-    async def wait_converged(self, fleets: tuple[str, ...], revision: int, timeout: float) -> bool:
-        """Wait until ``revision`` is published and every connected proxy of ``fleets`` holds it."""
+    async def wait_converged(self, fleets: tuple[str, ...], revision: int, timeout: float, *,
+                             require_all: bool = False) -> WaitResult | None:
+        """Wait until ``revision`` is published and every proxy of ``fleets`` the convergence
+        policy waits for holds it (every connected proxy with ``require_all``). None on timeout;
+        the result names the lagging and rejecting proxies that were not waited for."""
         started = time.monotonic()
         try:
             await asyncio.wait_for(self.publisher.wait_published(revision), timeout)
             remaining = max(0.0, timeout - (time.monotonic() - started))
-            await asyncio.wait_for(self.convergence.wait(fleets, revision, started), remaining)
-            return True
+            return await asyncio.wait_for(self.convergence.wait(fleets, revision, started, require_all=require_all), remaining)
         except asyncio.TimeoutError:
-            return False
+            return None
 
     async def stop(self, grace: float = 2.0) -> None:
         errors: list[BaseException] = []
         await self.rollouts.stop()
+        self.convergence.close()
         if self.grpc_server is not None:
             try:
                 await self.grpc_server.stop(grace)

@@ -12,6 +12,8 @@ Example::
             port: 10000
             preview_port: 10001          # optional: everything here goes to the idle environment
         services: ["shop", "search"]     # optional; default: every service
+    convergence:
+      lagging_after_seconds: 10          # a proxy not converged this long is lagging: gates stop waiting for it
 
 Without a file there is one fleet, ``default``, with listener ``http`` on 127.0.0.1:10000 and
 preview on 127.0.0.1:10001, serving every service.
@@ -37,6 +39,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,62}$")
 class Settings:
     fleets: tuple[Fleet, ...] = (DEFAULT_FLEET,)
     admin_token: str | None = None
+    lagging_after_seconds: float = 10.0
 
     def fleet(self, name: str) -> Fleet | None:
         for fleet in self.fleets:
@@ -115,7 +118,7 @@ def parse_settings(data: object) -> Settings:
     if data is None:
         return Settings()
     root = _mapping("config", data)
-    _check_keys("config", root, {"admin", "fleets"})
+    _check_keys("config", root, {"admin", "convergence", "fleets"})
     token = None
     if "admin" in root:
         admin = _mapping("admin", root["admin"])
@@ -137,7 +140,15 @@ def parse_settings(data: object) -> Settings:
         if not raw:
             raise ConfigError("fleets: define at least one fleet")
         fleets = tuple(_fleet(str(name), value) for name, value in raw.items())
-    return Settings(fleets=fleets, admin_token=token)
+    lagging_after = 10.0
+    if "convergence" in root:
+        convergence = _mapping("convergence", root["convergence"])
+        _check_keys("convergence", convergence, {"lagging_after_seconds"})
+        raw_lagging = convergence.get("lagging_after_seconds", lagging_after)
+        if isinstance(raw_lagging, bool) or not isinstance(raw_lagging, (int, float)) or not 0 < raw_lagging <= 3600:
+            raise ConfigError(f"convergence.lagging_after_seconds: expected a number of seconds > 0 and <= 3600, got {raw_lagging!r}")
+        lagging_after = float(raw_lagging)
+    return Settings(fleets=fleets, admin_token=token, lagging_after_seconds=lagging_after)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

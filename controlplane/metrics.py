@@ -22,6 +22,11 @@ class Metrics:
         self.converged_proxies = Gauge(
             "bluegreen_xds_converged_proxies", "ADS streams holding the fleet's current configuration", ["fleet"], registry=r
         )
+        self.lagging_proxies = Gauge(
+            "bluegreen_xds_lagging_proxies",
+            "Connected proxies that have not converged within the grace period (lagging_after_seconds); gates do not wait for them",
+            ["fleet"], registry=r,
+        )
         self.responses = Counter(
             "bluegreen_xds_responses_total", "xDS responses sent", ["type_url"], registry=r
         )

@@ -214,6 +214,8 @@ class Service:
     prefix: str = "/"
     drain_seconds: int = 60
     standby_seconds: int = 1800
+    # Gates wait for every connected proxy, lagging and rejecting ones too (README, "Convergence policy").
+    require_all_proxies: bool = False
     blue: EnvironmentState = field(default_factory=EnvironmentState)
     green: EnvironmentState = field(default_factory=EnvironmentState)
     traffic: Traffic = field(default_factory=Traffic)
@@ -263,6 +265,7 @@ class Deployment:
     reason: str | None = None  # why it failed or was rolled back
     counterpart: str | None = None  # the other environment's deployment this one replaces or serves
     hooks_pending: bool = False  # decommission webhooks still to be called
+    waiting_for: str | None = None  # what a due decommission waits for (proxies still routing to it)
     history: tuple[Event, ...] = ()
 
     @property
@@ -343,7 +346,7 @@ def apply_service_spec(existing: Service | None, name: str, body: object) -> Ser
     current value (or the default for a new service). Environments and traffic are untouched."""
     validate_service_name(name)
     spec = require_object("service", body)
-    reject_unknown("service", spec, {"domains", "prefix", "drain_seconds", "standby_seconds"})
+    reject_unknown("service", spec, {"domains", "prefix", "drain_seconds", "standby_seconds", "require_all_proxies"})
     base = existing or Service(name=name)
     changes: dict[str, Any] = {}
     if "domains" in spec:
@@ -362,6 +365,10 @@ def apply_service_spec(existing: Service | None, name: str, body: object) -> Ser
         changes["drain_seconds"] = _validate_seconds("drain_seconds", spec["drain_seconds"], MAX_DRAIN_SECONDS)
     if "standby_seconds" in spec:
         changes["standby_seconds"] = _validate_seconds("standby_seconds", spec["standby_seconds"], MAX_STANDBY_SECONDS)
+    if "require_all_proxies" in spec:
+        if not isinstance(spec["require_all_proxies"], bool):
+            raise ValidationError(f"require_all_proxies must be true or false, got {spec['require_all_proxies']!r}")
+        changes["require_all_proxies"] = spec["require_all_proxies"]
     return replace(base, **changes)
 
 
@@ -522,7 +529,8 @@ def set_weights(
             deadline = now + service.standby_seconds if status is DeploymentStatus.STANDBY else None
             history = record.history + (Event(now, status.value, "api", f"traffic set to blue {weights[Environment.BLUE]}% / green {weights[Environment.GREEN]}%"),)
             records.append(replace(record, status=status, activated_at=activated, updated_at=now, deadline=deadline,
-                                   paused_remaining=None, awaiting_promote=False, baking=False, history=history))
+                                   paused_remaining=None, awaiting_promote=False, baking=False, waiting_for=None,
+                                   history=history))
     return Change(new_service, tuple(records))
 
 
@@ -566,6 +574,7 @@ def service_to_dict(service: Service) -> dict[str, Any]:
         "prefix": service.prefix,
         "drain_seconds": service.drain_seconds,
         "standby_seconds": service.standby_seconds,
+        "require_all_proxies": service.require_all_proxies,
         "environments": {"blue": env(service.blue), "green": env(service.green)},
         "traffic": {
             "active": t.active.value,
@@ -587,6 +596,7 @@ def service_from_dict(data: Mapping[str, Any]) -> Service:
         prefix=data["prefix"],
         drain_seconds=data["drain_seconds"],
         standby_seconds=data["standby_seconds"],
+        require_all_proxies=data.get("require_all_proxies", False),
         blue=env(data["environments"]["blue"]),
         green=env(data["environments"]["green"]),
         traffic=Traffic(
@@ -620,6 +630,7 @@ def deployment_to_dict(d: Deployment) -> dict[str, Any]:
         "reason": d.reason,
         "counterpart": d.counterpart,
         "hooks_pending": d.hooks_pending,
+        "waiting_for": d.waiting_for,
         "history": [{"at": e.at, "status": e.status, "actor": e.actor, "reason": e.reason} for e in d.history],
     }
 
@@ -645,5 +656,6 @@ def deployment_from_dict(data: Mapping[str, Any]) -> Deployment:
         reason=data.get("reason"),
         counterpart=data.get("counterpart"),
         hooks_pending=data.get("hooks_pending", False),
+        waiting_for=data.get("waiting_for"),
         history=tuple(Event(e["at"], e["status"], e["actor"], e["reason"]) for e in data.get("history", ())),
     )

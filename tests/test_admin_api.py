@@ -142,7 +142,8 @@ def test_schema_checker_is_not_vacuous() -> None:
     assert schema_errors({"blue": 90, "green": True}, component("Weights"))  # bool is no integer
     assert schema_errors({"blue": 90, "green": 10, "red": 0}, component("Weights"))  # additionalProperties false
     assert schema_errors({"blue": 90, "green": 10}, component("Weights")) == []
-    conv = {"fleets": [{"fleet": "d", "generation": 1, "proxies": 0, "acked": 0}], "proxies": 0, "acked": 0, "converged": True}
+    conv = {"fleets": [{"fleet": "d", "generation": 1, "proxies": 0, "acked": 0, "lagging": [], "rejecting": []}],
+            "proxies": 0, "acked": 0, "lagging": [], "rejecting": [], "converged": True}
     assert schema_errors(conv, component("Convergence")) == ["$.fleets[0]: required field 'converged' missing"]
     conv["seconds"] = "fast"
     assert any("seconds" in e for e in schema_errors(conv, component("Convergence")))
@@ -855,7 +856,14 @@ async def test_proxies_and_unconverged_wait_match_openapi(api: Api) -> None:
         assert view["types"]["lds"]["last_nack"]["message"] == "listener rejected by test"
         assert_schema(view, component("Proxy"), "proxy")
 
-        # A proxy that never ACKs everything: wait=converged times out -> 202, change stored.
+        assert view["state"] == "rejecting"
+        # The convergence policy does not wait for a rejecting proxy: it is named instead.
+        reply = await api.call("PUT", "/v1/services/shop/traffic?wait=converged&timeout=5", {"weights": {"blue": 95, "green": 5}})
+        assert reply.status == 200, reply.text
+        assert reply.body["convergence"]["converged"] and reply.body["convergence"]["rejecting"] == ["fake-1"]
+
+        # With require_all_proxies, a proxy that never ACKs everything: wait=converged times out -> 202, change stored.
+        await api.call("PUT", "/v1/services/shop", {"require_all_proxies": True})
         reply = await api.call("PUT", "/v1/services/shop/traffic?wait=converged&timeout=0.2", SPLIT_90_10)
         assert reply.status == 202, reply.text
         assert_documented_response("PUT", "/v1/services/shop/traffic", 202, reply.body)
@@ -930,7 +938,9 @@ def _two_listeners(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 CONFIG_ERRORS = [
-    pytest.param({"bogus": 1}, ["config: unknown key(s) bogus", "allowed: admin, fleets"], id="unknown-top-key"),
+    pytest.param({"bogus": 1}, ["config: unknown key(s) bogus", "allowed: admin, convergence, fleets"], id="unknown-top-key"),
+    pytest.param({"convergence": {"lagging_after_seconds": 0}}, ["convergence.lagging_after_seconds", "got 0"], id="lagging-zero"),
+    pytest.param({"convergence": {"lagging_after": 5}}, ["convergence: unknown key(s) lagging_after"], id="convergence-unknown-key"),
     pytest.param({"admin": {"token": TOKEN, "user": "x"}}, ["admin: unknown key(s) user"], id="unknown-admin-key"),
     pytest.param({"fleets": {"edge": {"listeners": [{"name": "http", "port": 1}], "colour": "x"}}},
                  ["fleets.edge: unknown key(s) colour"], id="unknown-fleet-key"),

@@ -145,15 +145,20 @@ def _deployment_view(d: Deployment | None) -> dict[str, Any] | None:
     return view
 
 
-def _convergence_view(cp: ControlPlane, service: str) -> dict[str, Any]:
+def _convergence_view(cp: ControlPlane, service: Service) -> dict[str, Any]:
+    """``converged``: every proxy the convergence policy waits for holds the current config;
+    ``lagging`` and ``rejecting`` name the proxies it does not wait for (unless the service
+    sets require_all_proxies, in which case they keep ``converged`` false)."""
     fleets = []
-    for fleet in cp.fleets_serving(service):
-        status = cp.convergence.status(fleet)
+    for fleet in cp.fleets_serving(service.name):
+        status = cp.convergence.status(fleet, require_all=service.require_all_proxies)
         fleets.append({"fleet": fleet, **status})
     return {
         "fleets": fleets,
         "proxies": sum(f["proxies"] for f in fleets),
         "acked": sum(f["acked"] for f in fleets),
+        "lagging": sorted(n for f in fleets for n in f["lagging"]),
+        "rejecting": sorted(n for f in fleets for n in f["rejecting"]),
         "converged": all(f["converged"] for f in fleets),
     }
 
@@ -176,6 +181,7 @@ async def _service_view(cp: ControlPlane, service: Service) -> dict[str, Any]:
         "prefix": service.prefix,
         "drain_seconds": service.drain_seconds,
         "standby_seconds": service.standby_seconds,
+        "require_all_proxies": service.require_all_proxies,
         "environments": envs,
         "traffic": {
             "weights": traffic.weights,
@@ -184,7 +190,7 @@ async def _service_view(cp: ControlPlane, service: Service) -> dict[str, Any]:
             "previous": traffic.previous.value if traffic.previous else None,
         },
         "xds_version": service_version(service),
-        "convergence": _convergence_view(cp, service.name),
+        "convergence": _convergence_view(cp, service),
     }
 
 
@@ -199,16 +205,18 @@ async def _respond_with_state(request: web.Request, committed: Committed | None,
             log.warning("revision %s not published within %ss", revision, PUBLISH_TIMEOUT)
     status = 200
     wait_result: dict[str, Any] | None = None
+    service = committed.change.service if committed else await cp.repo.service(service_name)
     if timeout is not None:
         since = accepted if accepted is not None else time.monotonic()
-        future = cp.convergence.wait(cp.fleets_serving(service_name), revision, since)
+        # Waits for the proxies the convergence policy waits for; lagging and rejecting ones
+        # are named in the answer (all of them with the service's require_all_proxies).
+        future = cp.convergence.wait(cp.fleets_serving(service_name), revision, since, require_all=service.require_all_proxies)
         try:
-            seconds = await asyncio.wait_for(future, timeout)
-            wait_result = {"converged": True, "seconds": round(seconds, 6)}
+            result = await asyncio.wait_for(future, timeout)
+            wait_result = {"converged": True, "seconds": round(result.seconds, 6)}
         except asyncio.TimeoutError:
             wait_result = {"converged": False, "seconds": None, "timed_out_after": timeout}
             status = 202  # the change is stored and being pushed; not every proxy has ACKed it yet
-    service = committed.change.service if committed else await cp.repo.service(service_name)
     view = await _service_view(cp, service)
     view["store_revision"] = revision
     if wait_result is not None:
@@ -345,6 +353,11 @@ def _deployment_action(action: str) -> Handler:
         body = await _json_body(request, optional=True)
         if body != {}:
             raise ValidationError(f"{action} takes no body")
+        force = request.query.get("force", "false")
+        if force not in ("true", "false"):
+            raise ValidationError(f"force must be true or false, got {force!r}")
+        if force == "true" and action != "decommission":
+            raise ValidationError("force=true is only for decommission (remove it while proxies still route to it)")
         full = request.query.get("full", "false")
         if full not in ("true", "false"):
             raise ValidationError(f"full must be true or false, got {full!r}")
@@ -356,7 +369,8 @@ def _deployment_action(action: str) -> Handler:
             if action != "promote" or not raw_step.isascii() or not raw_step.isdigit():
                 raise ValidationError(f"step must be a step index (0, 1, ...) and is only for promote, got {raw_step!r}")
             to_step = int(raw_step)
-        committed = await cp.rollouts.command(request.match_info["id"], action, full=full == "true", to_step=to_step)
+        committed = await cp.rollouts.command(request.match_info["id"], action, full=full == "true", to_step=to_step,
+                                              force=force == "true")
         request.app[CONTROL_PLANE].publisher.accepted(committed.revision, time.monotonic())
         await asyncio.wait_for(cp.publisher.wait_published(committed.revision), PUBLISH_TIMEOUT)
         record = await cp.repo.deployment(request.match_info["id"])
@@ -388,6 +402,7 @@ def _proxy_view(cp: ControlPlane, stream: Any) -> dict[str, Any]:
         "connected_since": _iso(stream.connected_since),
         "generation": stream.snapshot.generation,
         "converged": cp.convergence._is_converged(stream),
+        "state": cp.convergence.state(stream).value,
         "types": types,
     }
 

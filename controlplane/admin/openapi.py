@@ -31,8 +31,9 @@ _WAIT_PARAMS = [
         "in": "query",
         "required": False,
         "schema": {"type": "string", "enum": ["converged"]},
-        "description": "Answer only once every connected proxy of the service's fleets has ACKed the change "
-        "(or the timeout passed). The response's convergence.seconds is the measured time.",
+        "description": "Answer only once every healthy proxy of the service's fleets has ACKed the change "
+        "(or the timeout passed); lagging and rejecting proxies are named in convergence.lagging / .rejecting and not "
+        "waited for, unless the service sets require_all_proxies. The response's convergence.seconds is the measured time.",
     },
     {
         "name": "timeout",
@@ -100,6 +101,7 @@ OPENAPI: dict[str, Any] = {
                     "reason": {"type": ["string", "null"]},
                     "counterpart": {"type": ["string", "null"], "description": "Deployment id of the other environment this one replaces or serves as standby for."},
                     "hooks_pending": {"type": "boolean"},
+                    "waiting_for": {"type": ["string", "null"], "description": "What a due decommission waits for, e.g. 'proxies still routing to blue: edge-2'."},
                     "history": {
                         "type": "array",
                         "items": {
@@ -127,25 +129,29 @@ OPENAPI: dict[str, Any] = {
             },
             "Convergence": {
                 "type": "object",
-                "required": ["fleets", "proxies", "acked", "converged"],
+                "required": ["fleets", "proxies", "acked", "lagging", "rejecting", "converged"],
                 "properties": {
                     "fleets": {
                         "type": "array",
                         "items": {
                             "type": "object",
-                            "required": ["fleet", "generation", "proxies", "acked", "converged"],
+                            "required": ["fleet", "generation", "proxies", "acked", "lagging", "rejecting", "converged"],
                             "properties": {
                                 "fleet": {"type": "string"},
                                 "generation": {"type": "integer"},
                                 "proxies": {"type": "integer"},
                                 "acked": {"type": "integer"},
+                                "lagging": {"type": "array", "items": {"type": "string"}},
+                                "rejecting": {"type": "array", "items": {"type": "string"}},
                                 "converged": {"type": "boolean"},
                             },
                         },
                     },
                     "proxies": {"type": "integer", "description": "Connected proxies of the fleets serving the service."},
                     "acked": {"type": "integer", "description": "How many of them hold the current configuration."},
-                    "converged": {"type": "boolean"},
+                    "lagging": {"type": "array", "items": {"type": "string"}, "description": "Node ids of proxies not converged within convergence.lagging_after_seconds; not waited for."},
+                    "rejecting": {"type": "array", "items": {"type": "string"}, "description": "Node ids of proxies whose last answer was a NACK; not waited for."},
+                    "converged": {"type": "boolean", "description": "Every proxy the policy waits for (every proxy with require_all_proxies) holds the current configuration."},
                     "seconds": {"type": ["number", "null"], "description": "With wait=converged: change accepted -> last proxy ACKed."},
                     "timed_out_after": {"type": "number"},
                 },
@@ -159,6 +165,7 @@ OPENAPI: dict[str, Any] = {
                     "prefix": {"type": "string"},
                     "drain_seconds": {"type": "integer"},
                     "standby_seconds": {"type": "integer"},
+                    "require_all_proxies": {"type": "boolean"},
                     "environments": {
                         "type": "object",
                         "required": ["blue", "green"],
@@ -193,6 +200,8 @@ OPENAPI: dict[str, Any] = {
                     "domains": {"type": "array", "items": {"type": "string"}, "minItems": 1, "default": ["*"]},
                     "prefix": {"type": "string", "pattern": "^/", "default": "/"},
                     "drain_seconds": {"type": "integer", "minimum": 0, "maximum": 86400, "default": 60},
+                    "require_all_proxies": {"type": "boolean", "default": False,
+                                            "description": "Gates wait for every connected proxy, lagging and rejecting ones too."},
                     "standby_seconds": {"type": "integer", "minimum": 0, "maximum": 2592000, "default": 1800},
                 },
             },
@@ -252,6 +261,11 @@ OPENAPI: dict[str, Any] = {
                     },
                     "decommission": {"type": "object", "properties": {"webhooks": {"type": "array", "items": {"type": "object"}}}},
                     "migrations": {"$ref": "#/components/schemas/Migrations"},
+                    "convergence": {
+                        "type": ["object", "null"],
+                        "additionalProperties": False,
+                        "properties": {"require_all_proxies": {"type": ["boolean", "null"], "description": "Gates wait for every connected proxy; null: the service's setting."}},
+                    },
                 },
             },
             "Migrations": {
@@ -276,6 +290,8 @@ OPENAPI: dict[str, Any] = {
                     "connected_since": {"type": "string", "format": "date-time"},
                     "generation": {"type": "integer"},
                     "converged": {"type": "boolean"},
+                    "state": {"type": "string", "enum": ["converged", "pending", "lagging", "rejecting"],
+                              "description": "pending: behind within the grace period (waited for); lagging: behind for longer; rejecting: NACKed the latest config."},
                     "types": {
                         "type": "object",
                         "description": "Keyed by cds, eds, lds, rds.",
@@ -440,8 +456,10 @@ OPENAPI: dict[str, Any] = {
         },
         "/v1/deployments/{id}/decommission": {
             "post": {
-                "summary": 'End the standby of the replaced environment now (id of the deployment or of its standby record).',
-                "parameters": [_ID],
+                "summary": 'End the standby of the replaced environment now (id of the deployment or of its standby record). '
+                           'Refused (409, naming them) while a connected proxy still routes production traffic to it, unless force=true.',
+                "parameters": [_ID, {"name": "force", "in": "query", "required": False, "schema": {"type": "string", "enum": ["true", "false"], "default": "false"},
+                                     "description": "Decommission even while proxies still route to the environment; the history records it."}],
                 "responses": {"200": _json({"$ref": "#/components/schemas/Deployment"}, "The deployment after the command."), **_ERRORS},
             }
         },

@@ -34,6 +34,9 @@ from ..store.repository import Committed, Repository
 log = logging.getLogger(__name__)
 
 CONVERGE_BEFORE_SMOKE_SECONDS = 30.0
+# While a due decommission waits for proxies that still route to the environment, look again
+# this often (proxy state is in memory; looking is cheap, and nothing is written unless it changed).
+DECOMMISSION_RECHECK_SECONDS = 1.0
 
 
 class Telemetry(Protocol):
@@ -47,7 +50,13 @@ class Telemetry(Protocol):
 
 
 class Waiter(Protocol):
-    def __call__(self, fleets: tuple[str, ...], revision: int, timeout: float) -> Any: ...
+    def __call__(self, fleets: tuple[str, ...], revision: int, timeout: float, *, require_all: bool = False) -> Any:
+        """Awaitable: a result naming the proxies not waited for (``lagging``, ``rejecting``),
+        or None if the proxies the policy waits for did not converge within ``timeout``."""
+        ...
+
+
+RoutingTo = Callable[[tuple[str, ...], str], tuple[str, ...]]  # (fleets, cluster) -> node ids still routing to it
 
 
 def judge(analysis: Analysis, figures: Mapping[str, Any]) -> tuple[str, str | None]:
@@ -71,8 +80,10 @@ def judge(analysis: Analysis, figures: Mapping[str, Any]) -> tuple[str, str | No
 
 class Rollouts:
     def __init__(self, repo: Repository, fleets: tuple[Fleet, ...], metrics: Metrics, wait_converged: Waiter,
-                 telemetry: Telemetry | None = None, clock: Callable[[], float] = time.time) -> None:
+                 routing_to: RoutingTo | None = None, telemetry: Telemetry | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.repo = repo
+        self.routing_to = routing_to
         self.fleets = fleets
         self.metrics = metrics
         self.wait_converged = wait_converged
@@ -115,25 +126,42 @@ class Rollouts:
 
     async def deploy(self, name: str, body: object) -> Committed:
         spec = parse_deployment_spec(body)
+        service = await self.repo.service(name)
+        idle = service.traffic.idle
+        still = self._still_routing(name, idle)
+        if still:
+            # Deploying replaces the idle environment's endpoints: proxies that never took the
+            # route moving production traffic away from it would send it to the new version.
+            raise ConflictError(f"{name}: proxies still routing production traffic to {idle.value}: {', '.join(still)}; "
+                                f"deploy once they have converged, or decommission {idle.value} with force=true first")
         if spec.migrations is not None:
             await asyncio.to_thread(check_migrations, spec.migrations)  # bad set or lint errors: 400, nothing stored
         committed = await self.repo.mutate(name, lambda s, c, now: transitions.start(_require(s), c, spec, now))
         self.poke(name)
         return committed
 
-    async def command(self, deployment_id: str, action: str, *, full: bool = False, to_step: int | None = None) -> Committed:
+    async def command(self, deployment_id: str, action: str, *, full: bool = False, to_step: int | None = None,
+                      force: bool = False) -> Committed:
         record = await self.repo.deployment(deployment_id)
         name = record.service
-        transitions: dict[str, Callable[[Service, Any, float], Change]] = {
+        still: tuple[str, ...] = ()
+        if action == "decommission":
+            # Proxy state lives in memory, not in the store: look it up before the transaction.
+            current = await self.repo.current_deployments(name)
+            standby = next(r for r in current.values() if r is not None and r.id == _standby_of(current, deployment_id))
+            still = self._still_routing(name, standby.environment)
+        # Not named `transitions`: that would shadow the module the lambdas call.
+        actions: dict[str, Callable[[Service, Any, float], Change]] = {
             "promote": lambda s, c, now: transitions.promote(s, c, deployment_id, now, full=full, to_step=to_step),
             "pause": lambda s, c, now: transitions.pause(s, c, deployment_id, now),
             "resume": lambda s, c, now: transitions.resume(s, c, deployment_id, now),
             "rollback": lambda s, c, now: transitions.rollback(s, c, deployment_id, now, transitions.API, "rollback requested"),
             "abort": lambda s, c, now: transitions.abort(s, c, deployment_id, now),
-            "decommission": lambda s, c, now: transitions.decommission(s, c, _standby_of(c, deployment_id), now, transitions.API,
-                                                                   "decommissioned on request, ending standby early"),
+            "decommission": lambda s, c, now: transitions.decommission(
+                s, c, _standby_of(c, deployment_id), now, transitions.API, "decommissioned on request, ending standby early",
+                still_routing=still, force=force),
         }
-        transition = transitions[action]
+        transition = actions[action]
         committed = await self.repo.mutate(name, lambda s, c, now: transition(_require(s), c, now))
         self.committed(committed)
         return committed
@@ -219,6 +247,7 @@ class Rollouts:
                 self._windows.pop(name, None)  # a new step starts a new analysis interval
                 return True, None
 
+        waiting = False
         for record in current.values():
             if record is None or record.deadline is None or record.deadline > now or record is d:
                 continue
@@ -226,13 +255,15 @@ class Rollouts:
                 await self._mutate(name, lambda s, c, t, rid=record.id: transitions.drain_due(s, c, rid, t))
                 return True, None
             if record.status is S.STANDBY:
-                await self._mutate(name, lambda s, c, t, rid=record.id: transitions.decommission(
-                    s, c, rid, t, transitions.AUTOMATIC, f"standby of {s.standby_seconds}s is over"))
-                return True, None
+                if await self._decommission_due(name, record):
+                    return True, None
+                waiting = True
 
         wakes = [r.deadline for r in current.values()
                  if r is not None and r.deadline is not None and r.paused_remaining is None
-                 and (r is d or r.status in (S.DRAINING, S.STANDBY))]
+                 and (r is d or r.status in (S.DRAINING, S.STANDBY)) and r.deadline > now]
+        if waiting:
+            wakes.append(now + DECOMMISSION_RECHECK_SECONDS)
         window = self._windows.get(name)
         if d is not None and window is not None and window[0] == d.id and d.paused_remaining is None and d.spec:
             analysis = parse_deployment_spec(d.spec).analysis
@@ -241,6 +272,32 @@ class Rollouts:
         if d is not None and not wakes:
             return False, now + 3600.0  # paused or awaiting promote: a command will poke us
         return False, min(wakes) if wakes else None
+
+    # -- decommission guard --------------------------------------------------------------------
+
+    def _still_routing(self, service: str, env: Environment) -> tuple[str, ...]:
+        """Connected proxies of the fleets serving ``service`` that may still send production
+        traffic to ``env`` (their route configuration gives its cluster a weight)."""
+        if self.routing_to is None:
+            return ()
+        fleets = tuple(f.name for f in self.fleets if f.serves(service))
+        return self.routing_to(fleets, cluster_name(service, env))
+
+    async def _decommission_due(self, name: str, record: Deployment) -> bool:
+        """The standby of ``record`` is over: decommission it, unless a proxy still routes to it,
+        in which case record what the decommission waits for (once). True if something was stored."""
+        still = self._still_routing(name, record.environment)
+        if still:
+            if record.waiting_for == transitions.routing_text(record, still):
+                return False
+            await self._mutate(name, lambda s, c, t: transitions.decommission_waiting(s, c, record.id, t, still))
+            return True
+        reason = "standby of {}s is over"
+        if record.waiting_for is not None:
+            reason += "; no connected proxy routes to it any more"
+        await self._mutate(name, lambda s, c, t: transitions.decommission(
+            s, c, record.id, t, transitions.AUTOMATIC, reason.format(s.standby_seconds)))
+        return True
 
     async def _mutate(self, name: str, transition: Callable[[Service, Any, float], Change]) -> Committed:
         committed = await self.repo.mutate(name, lambda s, c, now: transition(_require(s), c, now))
@@ -319,11 +376,15 @@ class Rollouts:
         spec = parse_deployment_spec(d.spec)
         fleets = tuple(f for f in self.fleets if f.serves(service.name))
         revision = (await self.repo.kv.revision())
-        converged = await self.wait_converged(tuple(f.name for f in fleets), revision, CONVERGE_BEFORE_SMOKE_SECONDS)
+        require_all = spec.require_all_proxies if spec.require_all_proxies is not None else service.require_all_proxies
+        converged = await self.wait_converged(tuple(f.name for f in fleets), revision, CONVERGE_BEFORE_SMOKE_SECONDS,
+                                              require_all=require_all)
         if not converged:
+            which = "every connected proxy (require_all_proxies)" if require_all else "the healthy proxies"
             await self._mutate(service.name, lambda s, c, t: transitions.smoke_failed(
-                s, c, d.id, t, f"the proxies did not ACK the new endpoints within {CONVERGE_BEFORE_SMOKE_SECONDS:g}s"))
+                s, c, d.id, t, f"{which} did not ACK the new endpoints within {CONVERGE_BEFORE_SMOKE_SECONDS:g}s"))
             return
+        await self._note_skipped(d, "smoke tests", converged)
         if not fleets:
             await self._mutate(service.name, lambda s, c, t: transitions.smoke_failed(s, c, d.id, t, "no fleet serves this service"))
             return
@@ -335,6 +396,16 @@ class Rollouts:
             await self._mutate(service.name, lambda s, c, t: transitions.smoke_passed(s, c, d.id, t, summary))
         else:
             await self._mutate(service.name, lambda s, c, t: transitions.smoke_failed(s, c, d.id, t, summary))
+
+    async def _note_skipped(self, d: Deployment, gate: str, result: Any) -> None:
+        """Record in the history that a gate went ahead without proxies the policy does not wait
+        for (lagging or rejecting), naming them; nothing when it waited for every proxy."""
+        parts = [f"{kind}: {', '.join(names)}" for kind, names in (("lagging", result.lagging), ("rejecting", result.rejecting)) if names]
+        if not parts:
+            return
+        text = f"{gate} proceeded without proxies that did not converge ({'; '.join(parts)})"
+        log.warning("%s: %s", d.id, text)
+        await self.repo.update_record(d.service, d.id, lambda r, now: _noted(r, now, text))
 
     # -- analysis ------------------------------------------------------------------------------
 
@@ -394,6 +465,14 @@ def _hooks_done(record: Deployment, now: float, reason: str) -> Deployment:
     from ..model import Event
 
     return replace(record, hooks_pending=False, updated_at=now, history=record.history + (Event(now, record.status.value, transitions.AUTOMATIC, reason),))
+
+
+def _noted(record: Deployment, now: float, reason: str) -> Deployment:
+    from dataclasses import replace
+
+    from ..model import Event
+
+    return replace(record, updated_at=now, history=record.history + (Event(now, record.status.value, transitions.AUTOMATIC, reason),))
 
 
 def _require(service: Service | None) -> Service:

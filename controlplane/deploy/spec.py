@@ -82,6 +82,8 @@ class DeploymentSpec:
     analysis: Analysis | None = None  # None: no automated analysis
     decommission_webhooks: tuple[Webhook, ...] = ()
     migrations: Migrations | None = None
+    # convergence.require_all_proxies: gates wait for every connected proxy; None: the service's setting.
+    require_all_proxies: bool | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +231,8 @@ def parse_migrations(body: object) -> Migrations:
 
 def parse_deployment_spec(body: object) -> DeploymentSpec:
     spec = require_object("deployment", body)
-    reject_unknown("deployment", spec, {"version", "endpoints", "strategy", "smoke", "analysis", "decommission", "migrations"})
+    reject_unknown("deployment", spec, {"version", "endpoints", "strategy", "smoke", "analysis", "decommission", "migrations",
+                                        "convergence"})
     state = parse_environment_spec({k: spec[k] for k in ("version", "endpoints") if k in spec})
     if not state.endpoints:
         raise ValidationError("endpoints must list at least one 'IP:PORT': a deployment needs something to send traffic to")
@@ -245,7 +248,18 @@ def parse_deployment_spec(body: object) -> DeploymentSpec:
         analysis=parse_analysis(spec["analysis"]) if spec.get("analysis") is not None else None,
         decommission_webhooks=hooks,
         migrations=parse_migrations(spec["migrations"]) if spec.get("migrations") is not None else None,
+        require_all_proxies=parse_convergence(spec["convergence"]) if spec.get("convergence") is not None else None,
     )
+
+
+def parse_convergence(body: object) -> bool | None:
+    """``convergence: {require_all_proxies: bool}``: None leaves the service's setting in force."""
+    spec = require_object("convergence", body)
+    reject_unknown("convergence", spec, {"require_all_proxies"})
+    value = spec.get("require_all_proxies")
+    if value is not None and not isinstance(value, bool):
+        raise ValidationError(f"convergence.require_all_proxies must be true or false, got {value!r}")
+    return value
 
 
 def spec_to_dict(spec: DeploymentSpec) -> dict[str, Any]:
@@ -264,4 +278,5 @@ def spec_to_dict(spec: DeploymentSpec) -> dict[str, Any]:
         "analysis": asdict(spec.analysis) if spec.analysis else None,
         "decommission": {"webhooks": [asdict(w) for w in spec.decommission_webhooks]},
         "migrations": asdict(spec.migrations) if spec.migrations else None,
+        "convergence": {"require_all_proxies": spec.require_all_proxies} if spec.require_all_proxies is not None else None,
     }

@@ -268,7 +268,7 @@ def rollback(service: Service, current: Current, deployment_id: str, now: float,
     records = [_event(d, S.ROLLED_BACK, now, actor, reason, reason=reason, deadline=None, paused_remaining=None,
                       awaiting_promote=False, baking=False)]
     if old is not None:
-        records.append(_event(old, S.ACTIVE, now, actor, f"rollback of {d.id}: {reason}", deadline=None))
+        records.append(_event(old, S.ACTIVE, now, actor, f"rollback of {d.id}: {reason}", deadline=None, waiting_for=None))
     return Change(updated, tuple(records))
 
 
@@ -317,9 +317,20 @@ def drain_due(service: Service, current: Current, deployment_id: str, now: float
                                    deadline=now + service.standby_seconds),))
 
 
-def decommission(service: Service, current: Current, deployment_id: str, now: float, actor: str, reason: str) -> Change:
+def routing_text(d: Deployment, proxies: tuple[str, ...]) -> str:
+    """What a decommission of ``d`` waits for, as the record and its history show it."""
+    return f"proxies still routing to {d.environment.value}: {', '.join(proxies)}"
+
+
+def decommission(service: Service, current: Current, deployment_id: str, now: float, actor: str, reason: str, *,
+                 still_routing: tuple[str, ...] = (), force: bool = False) -> Change:
     """Retire a drained or standby environment: it leaves the fleet config (its endpoints are
-    removed) and the decommission webhooks are called."""
+    removed) and the decommission webhooks are called.
+
+    ``still_routing`` names connected proxies whose route configuration still sends production
+    traffic to the environment (e.g. they NACKed the cutover). Removing it under them would
+    send their requests to retired instances, so that is refused (ConflictError) unless
+    ``force``, which the history records with the proxies' names."""
     d = _find(current, deployment_id)
     if d.status not in (S.STANDBY, S.DRAINING):
         raise ConflictError(f"deployment {d.id} is {d.status.value}; only a draining or standby environment can be decommissioned")
@@ -327,6 +338,25 @@ def decommission(service: Service, current: Current, deployment_id: str, now: fl
         raise ConflictError(f"deployment {d.id}: standby is not over yet")
     if service.traffic.weight(d.environment) > 0:
         raise ConflictError(f"deployment {d.id}: {d.environment.value} still takes traffic")
+    if still_routing and not force:
+        raise ConflictError(f"deployment {d.id}: {routing_text(d, still_routing)}; they have not taken the route "
+                            "that moved traffic away (see GET /v1/proxies); decommission with force=true to remove it anyway")
+    if still_routing:
+        reason = f"{reason}; forced while {routing_text(d, still_routing)}"
     updated = service.with_environment(d.environment, EnvironmentState())
     updated = replace(updated, traffic=replace(updated.traffic, previous=None))
-    return Change(updated, (_event(d, S.DECOMMISSIONED, now, actor, reason, deadline=None, hooks_pending=True),))
+    return Change(updated, (_event(d, S.DECOMMISSIONED, now, actor, reason, deadline=None, hooks_pending=True, waiting_for=None),))
+
+
+def decommission_waiting(service: Service, current: Current, deployment_id: str, now: float, still_routing: tuple[str, ...]) -> Change:
+    """A due decommission waits for proxies that still route to the environment: record what it
+    waits for on the deployment, and in its history when the wait begins (not on every look)."""
+    d = _find(current, deployment_id)
+    if d.status is not S.STANDBY or d.deadline is None or d.deadline > now:
+        raise ConflictError(f"deployment {d.id} is not a standby due for decommission")
+    text = routing_text(d, still_routing)
+    if d.waiting_for == text:
+        return Change(service)
+    if d.waiting_for is not None:
+        return Change(service, (replace(d, waiting_for=text, updated_at=now),))
+    return Change(service, (_event(d, S.STANDBY, now, AUTOMATIC, f"decommission waits: {text}", waiting_for=text),))
