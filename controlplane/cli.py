@@ -60,6 +60,9 @@ def _convergence_line(view: dict[str, Any]) -> str:
         text += f", converged in {conv['seconds'] * 1000:.1f} ms"
     elif conv.get("timed_out_after") is not None:
         text += f", NOT converged after {conv['timed_out_after']:g} s"
+    for kind in ("lagging", "rejecting"):
+        if conv.get(kind):
+            text += f"; {kind}: {', '.join(conv[kind])}"
     return text
 
 

@@ -214,3 +214,10 @@ async def test_proxies_still_routing_to_an_environment(fleet: Fleet) -> None:
     assert fleet.convergence.routing_to((FLEET,), "shop-blue") == ("edge-2",)
     assert fleet.convergence.routing_to((FLEET,), "shop-green") == ("edge-1",)
     assert fleet.convergence.routing_to(("other",), "shop-blue") == ()
+
+
+def test_cli_status_names_lagging_and_rejecting_proxies() -> None:
+    from controlplane.cli import _convergence_line
+
+    view = {"convergence": {"acked": 1, "proxies": 3, "lagging": ["stuck"], "rejecting": ["edge-2"]}}
+    assert _convergence_line(view) == "1/3 proxies on the current config; lagging: stuck; rejecting: edge-2"
