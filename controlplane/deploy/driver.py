@@ -129,7 +129,8 @@ class Rollouts:
         service = await self.repo.service(name)
         idle = service.traffic.idle
         still = self._still_routing(name, idle)
-        if still:
+        if still and transitions.in_progress(await self.repo.current_deployments(name)) is None:
+            # (A deployment under way is refused below with a message naming it.)
             # Deploying replaces the idle environment's endpoints: proxies that never took the
             # route moving production traffic away from it would send it to the new version.
             raise ConflictError(f"{name}: proxies still routing production traffic to {idle.value}: {', '.join(still)}; "
