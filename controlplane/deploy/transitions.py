@@ -15,6 +15,9 @@ Lifecycle of the deployment in the idle environment::
         └──smoke failed/abort──► failed └──┴── rollback/abort/analysis ──► rolled_back
 
 and of the environment it replaces: active ──(weight 0)──► draining ──► standby ──► decommissioned.
+
+With analysis, a step or the bake ends only with a judged interval (:func:`analysis_result`):
+its deadline is a minimum, never a reason to move on unjudged (:func:`analysis_hold`).
 """
 
 from __future__ import annotations
