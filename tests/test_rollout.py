@@ -592,6 +592,19 @@ def test_with_analysis_and_no_bake_the_100_percent_step_is_still_judged() -> Non
     assert record.history[-1].reason == "bake finished; deployment complete (1 analysis interval judged)"
 
 
+def test_the_cutover_is_timed_once_not_again_at_an_event_of_the_bake() -> None:
+    from controlplane.deploy.driver import _just_activated
+
+    service, current, did = judged_shift(step=1)
+    change = rollout.analysis_result(service, current, did, T0 + 3, OK, None, 2)  # judged: on to 100 %
+    assert _just_activated(by_id(change)[did])
+    service, current = apply(service, current, change)
+    extended = by_id(rollout.bake_due(service, current, did, T0 + 3))[did]
+    assert extended.status is S.ACTIVE and extended.baking and not _just_activated(extended)
+    breached = by_id(rollout.analysis_result(service, current, did, T0 + 6, FIGURES, "bad", 2))[did]
+    assert breached.status is S.ACTIVE and not _just_activated(breached)
+
+
 def test_a_judged_step_before_100_still_holds_for_a_promote_without_auto_promote() -> None:
     service, current, did = judged_shift(step=1, auto_promote=False)
     service, current = apply(service, current, rollout.analysis_result(service, current, did, T0 + 3, OK, None, 2))

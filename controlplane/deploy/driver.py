@@ -146,7 +146,7 @@ class Rollouts:
         a timer, a manual traffic change): metrics, cutover timing, and a look at its timers."""
         self._count(committed)
         for record in committed.change.deployments:
-            if record.status is S.ACTIVE and record.baking and record.history and record.history[-1].status == S.ACTIVE.value:
+            if _just_activated(record):
                 self._observe_cutover(record, committed.revision)
         self.poke(committed.change.service.name)
 
@@ -268,7 +268,7 @@ class Rollouts:
         committed = await self.repo.mutate(name, lambda s, c, now: transition(_require(s), c, now))
         self._count(committed)
         for record in committed.change.deployments:
-            if record.status is S.ACTIVE and record.baking and record.history and record.history[-1].status == S.ACTIVE.value:
+            if _just_activated(record):
                 self._observe_cutover(record, committed.revision)
         return committed  # the loop that called us looks again by itself
 
@@ -417,6 +417,13 @@ def _hooks_done(record: Deployment, now: float, reason: str) -> Deployment:
     from ..model import Event
 
     return replace(record, hooks_pending=False, updated_at=now, history=record.history + (Event(now, record.status.value, transitions.AUTOMATIC, reason),))
+
+
+def _just_activated(record: Deployment) -> bool:
+    """This change put ``record`` at 100 % (not a later event of its bake: a breach, an
+    extension, a pause), so its cutover is timed once."""
+    statuses = [e.status for e in record.history[-2:]]
+    return record.status is S.ACTIVE and record.baking and statuses[-1:] == [S.ACTIVE.value] and statuses[:-1] != [S.ACTIVE.value]
 
 
 def _phase(d: Deployment) -> tuple[str, int, bool]:
