@@ -246,7 +246,7 @@ class Rollouts:
         if d.paused_remaining is not None:
             return []
         analysis = self._spec(d).analysis
-        wakes = []
+        wakes: list[float] = []
         if d.deadline is not None and (d.deadline > now or transitions.timer_due(d, analysis, now)):
             wakes.append(d.deadline)
         window = self._windows.get(name)
