@@ -262,6 +262,9 @@ class Deployment:
     baking: bool = False  # at 100 %, analysis continues until the bake deadline
     failures: int = 0  # consecutive analysis intervals that breached a threshold
     analysis: Mapping[str, Any] | None = None  # the latest analysis figures
+    intervals_judged: int = 0  # analysis intervals judged (ok or breach) in the current step or bake
+    no_data_intervals: int = 0  # consecutive analysis intervals with too few requests to judge
+    extended: bool = False  # the current step or bake outlived its deadline to be judged (history says why)
     reason: str | None = None  # why it failed or was rolled back
     counterpart: str | None = None  # the other environment's deployment this one replaces or serves
     hooks_pending: bool = False  # decommission webhooks still to be called
@@ -627,6 +630,9 @@ def deployment_to_dict(d: Deployment) -> dict[str, Any]:
         "baking": d.baking,
         "failures": d.failures,
         "analysis": dict(d.analysis) if d.analysis is not None else None,
+        "intervals_judged": d.intervals_judged,
+        "no_data_intervals": d.no_data_intervals,
+        "extended": d.extended,
         "reason": d.reason,
         "counterpart": d.counterpart,
         "hooks_pending": d.hooks_pending,
@@ -653,6 +659,10 @@ def deployment_from_dict(data: Mapping[str, Any]) -> Deployment:
         baking=data.get("baking", False),
         failures=data.get("failures", 0),
         analysis=data.get("analysis"),
+        # Absent from records stored by releases before "analysis always judges".
+        intervals_judged=data.get("intervals_judged", 0),
+        no_data_intervals=data.get("no_data_intervals", 0),
+        extended=data.get("extended", False),
         reason=data.get("reason"),
         counterpart=data.get("counterpart"),
         hooks_pending=data.get("hooks_pending", False),

@@ -106,3 +106,73 @@ async def test_healthy_version_passes_analysis_and_records_figures(tmp_path: Pat
             baking = await api.call("GET", f"/v1/deployments/{created['id']}")
             assert baking["status"] == "active" and baking["baking"]
         assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
+
+
+def green_weight(dump: dict[str, Any]) -> int | None:
+    """Green's weight in the production route ``shop`` of an Envoy config dump (None: absent)."""
+    for config in dump.get("configs", []):
+        for vhost in config.get("route_config", {}).get("virtual_hosts", []):
+            for route in vhost.get("routes", []):
+                clusters = route.get("route", {}).get("weighted_clusters", {}).get("clusters")
+                if route.get("name") == "shop" and clusters is not None:
+                    return sum(int(c.get("weight", 0)) for c in clusters if c["name"] == "shop-green")
+    return None
+
+
+@contextlib.asynccontextmanager
+async def green_weights_seen(envoy: Any, stop: asyncio.Event) -> AsyncIterator[list[int]]:
+    """Every weight of green that Envoy's production route held while the block ran, read from
+    its config dump as fast as it answers (a poll: it proves what Envoy held when it looked)."""
+    seen: list[int] = []
+
+    async def watch() -> None:
+        while not stop.is_set():
+            weight = green_weight(await envoy.config_dump(resource="dynamic_route_configs"))
+            if weight is not None:
+                seen.append(weight)
+            await asyncio.sleep(0.02)  # a poll interval, not synchronisation
+
+    task = asyncio.create_task(watch())
+    try:
+        yield seen
+    finally:
+        stop.set()
+        await task
+
+
+async def test_steps_shorter_than_the_interval_are_judged_before_any_more_traffic_moves(tmp_path: Path) -> None:
+    """Steps of 1 s, intervals of 3 s, no bake: every step still waits for a judged interval, so
+    a version answering only 5xx is rolled back from its first step (10 %)."""
+    async with blue_only_stack(tmp_path, {"drain_seconds": 1, "standby_seconds": 60}, green_error_rate=1.0) as (
+            cp, api, envoy, port, blue, green):
+        url = f"http://127.0.0.1:{port}/"
+        stop_load, stop_watch = asyncio.Event(), asyncio.Event()
+        async with steady_load(url, stop_load), green_weights_seen(envoy, stop_watch) as weights:
+            created = await api.call("POST", "/v1/services/shop/deployments", {
+                "version": "v2", "endpoints": [green.address],
+                "strategy": {"steps": [10, 50, 100], "step_seconds": 1, "bake_seconds": 0},
+                "smoke": {"checks": [{"path": "/healthz"}]},
+                "analysis": {"interval_seconds": 3, "max_error_rate": 0.05, "max_p99_ms": None, "min_requests": 5},
+            }, expect=202)
+            deployment_id = created["id"]
+
+            async def settled() -> dict[str, Any] | None:
+                d = await api.call("GET", f"/v1/deployments/{deployment_id}")
+                return d if d["status"] in ("rolled_back", "failed") or (d["status"] == "active" and not d["baking"]) else None
+
+            d = await wait_for(settled, timeout=90, message="the deployment settled")
+            await api.call("GET", "/v1/services/shop", wait="converged", timeout="15")
+        assert d["status"] == "rolled_back", [(e["status"], e["reason"]) for e in d["history"]]
+        events = [(e["status"], e["actor"], e["reason"]) for e in d["history"]]
+        assert events[-1][:2] == ("rolled_back", "automatic"), events
+        assert d["reason"].startswith("analysis: error rate"), d["reason"]
+        # The control plane never moved past the first step, and the history says why it stayed.
+        assert d["step"] == 0, d
+        steps = [r for s, _, r in events if s == "shifting" and r.startswith("step ")]
+        assert len(steps) == 1 and steps[0].startswith("step 0 (10%) extended: no full analysis interval judged yet"), events
+        assert all(s != "active" for s, _, _ in events), events
+        # And Envoy never routed more than 10 % to green.
+        assert 10 in weights, sorted(set(weights))
+        assert max(weights) == 10, sorted(set(weights))
+        view = await api.call("GET", "/v1/services/shop")
+        assert view["traffic"]["weights"] == {"blue": 100, "green": 0}

@@ -12,8 +12,8 @@ from typing import Any, Mapping
 import pytest
 
 from controlplane.deploy import transitions as rollout
-from controlplane.deploy.spec import Analysis, parse_deployment_spec
-from controlplane.errors import ConflictError
+from controlplane.deploy.spec import Analysis, parse_deployment_spec, spec_to_dict
+from controlplane.errors import ConflictError, ValidationError
 from controlplane.model import (
     Change,
     Deployment,
@@ -24,6 +24,8 @@ from controlplane.model import (
     Event,
     Service,
     Traffic,
+    deployment_from_dict,
+    deployment_to_dict,
 )
 from controlplane.deploy.driver import judge
 
@@ -483,10 +485,211 @@ def test_analysis_during_the_bake_and_after_it() -> None:
 
 def test_analysis_wait_records_the_figures_only() -> None:
     service, current, did = shifting()
-    change = rollout.analysis_wait(service, current, did, T0 + 20, {"requests": 3})
+    change = rollout.analysis_wait(service, current, did, T0 + 20, {"requests": 3}, "only 3 requests", no_data_limit=10, failure_limit=2)
     record = by_id(change)[did]
     assert record.analysis == {"requests": 3} and record.history == current[GREEN].history  # type: ignore[union-attr]
     assert record.failures == 0 and record.status is S.SHIFTING
+    assert (record.no_data_intervals, record.intervals_judged) == (1, 0)  # waiting judges nothing
+
+
+# =============================================================================================
+# analysis always judges: a step or bake never ends unjudged
+
+SHORT = {"interval_seconds": 3, "max_error_rate": 0.05, "min_requests": 5, "failure_limit": 2}
+OK = {"requests": 50, "error_rate": 0.0}
+
+
+def judged_shift(failure_limit: int = 2, **kwargs: Any) -> tuple[Service, Current, str]:
+    """Steps 10/50/100 of 1 s each, no bake, analysis every 3 s: shifting at 10 % since T0."""
+    kwargs.setdefault("step_seconds", 1)
+    kwargs.setdefault("analysis", dict(SHORT, failure_limit=failure_limit))
+    return shifting(now=T0, **kwargs)
+
+
+def test_a_step_shorter_than_the_interval_is_extended_until_an_interval_is_judged() -> None:
+    service, current, did = judged_shift()
+    analysis = rollout.spec_of(current[GREEN]).analysis  # type: ignore[arg-type]
+    assert not rollout.timer_due(current[GREEN], analysis, T0 + 0.9)  # type: ignore[arg-type]
+    assert rollout.timer_due(current[GREEN], analysis, T0 + 1)  # type: ignore[arg-type]
+    change = rollout.step_due(service, current, did, T0 + 1)
+    assert_events(current, change, {did: ("shifting", "automatic")})
+    record = by_id(change)[did]
+    assert record.history[-1].reason == "step 0 (10%) extended: no full analysis interval judged yet"
+    assert record.extended and record.step == 0 and change.service.traffic == service.traffic
+    # A promote is a person's decision: it needs no judged interval.
+    assert by_id(rollout.promote(service, current, did, T0 + 1))[did].step == 1
+    service, current = apply(service, current, change)
+    # Extended once: the timer has nothing more to do, and a second call is refused.
+    assert not rollout.timer_due(current[GREEN], analysis, T0 + 2)  # type: ignore[arg-type]
+    with pytest.raises(ConflictError, match="already extended: no full analysis interval judged yet"):
+        rollout.step_due(service, current, did, T0 + 2)
+    # The first interval judged ok ends the step, in the same change.
+    change = rollout.analysis_result(service, current, did, T0 + 3, OK, None, 2)
+    assert_events(current, change, {did: ("shifting", "automatic")})
+    record = by_id(change)[did]
+    assert record.history[-1].reason == "step 1: 50% after 1s; 1 analysis interval judged"
+    assert (record.step, record.deadline, record.analysis) == (1, T0 + 4, OK)
+    assert (record.intervals_judged, record.extended) == (0, False)  # a new step starts unjudged
+    assert change.service.traffic.weights == {"blue": 50, "green": 50}
+
+
+def test_a_breach_in_an_extended_step_rolls_back_before_more_traffic_moves() -> None:
+    service, current, did = judged_shift(failure_limit=1)
+    service, current = apply(service, current, rollout.step_due(service, current, did, T0 + 1))
+    change = rollout.analysis_result(service, current, did, T0 + 3, FIGURES, "error rate 0.300 > max_error_rate 0.05", 1)
+    assert_events(current, change, {did: ("rolled_back", "automatic"), "shop-1": ("active", "automatic")})
+    record = by_id(change)[did]
+    assert record.step == 0 and record.reason == "analysis: error rate 0.300 > max_error_rate 0.05 (1 consecutive)"
+    assert change.service.traffic.weights == {"blue": 100, "green": 0}
+
+
+def test_a_step_never_ends_on_a_breach_and_failure_limit_keeps_its_meaning() -> None:
+    service, current, did = judged_shift(failure_limit=3, step_seconds=5)
+    # A breach before the deadline: one of three allowed, and the step may not end on it.
+    service, current = apply(service, current, rollout.analysis_result(service, current, did, T0 + 3, FIGURES, "bad", 3))
+    change = rollout.step_due(service, current, did, T0 + 5)
+    assert by_id(change)[did].history[-1].reason == (
+        "step 0 (10%) extended: its last analysis interval breached a threshold (1/3)")
+    service, current = apply(service, current, change)
+    service, current = apply(service, current, rollout.analysis_result(service, current, did, T0 + 6, FIGURES, "bad", 3))
+    assert current[GREEN].status is S.SHIFTING and current[GREEN].step == 0  # type: ignore[union-attr]
+    assert current[GREEN].failures == 2  # type: ignore[union-attr]
+    # A pass resets the count and, past the deadline, ends the step.
+    change = rollout.analysis_result(service, current, did, T0 + 9, OK, None, 3)
+    record = by_id(change)[did]
+    assert (record.step, record.failures) == (1, 0)
+    assert record.history[-1].reason == "step 1: 50% after 5s; 3 analysis intervals judged"
+
+
+def test_the_interval_in_progress_at_the_deadline_is_judged_before_the_step_ends() -> None:
+    service, current, did = judged_shift(step_seconds=5)
+    service, current = apply(service, current, rollout.analysis_result(service, current, did, T0 + 3, OK, None, 2))
+    assert current[GREEN].step == 0 and current[GREEN].intervals_judged == 1  # type: ignore[union-attr]
+    # The deadline passes mid-interval: nothing for the timer to do, no event; the step goes on.
+    analysis = rollout.spec_of(current[GREEN]).analysis  # type: ignore[arg-type]
+    assert not rollout.timer_due(current[GREEN], analysis, T0 + 5)  # type: ignore[arg-type]
+    with pytest.raises(ConflictError, match="ends with the analysis interval in progress"):
+        rollout.step_due(service, current, did, T0 + 5)
+    change = rollout.analysis_result(service, current, did, T0 + 6, OK, None, 2)
+    assert_events(current, change, {did: ("shifting", "automatic")})
+    assert by_id(change)[did].history[-1].reason == "step 1: 50% after 5s; 2 analysis intervals judged"
+
+
+def test_with_analysis_and_no_bake_the_100_percent_step_is_still_judged() -> None:
+    service, current, did = judged_shift(step=2, failure_limit=1)  # at 100 %, bake 0 s
+    record = current[GREEN]
+    assert record.status is S.ACTIVE and record.baking and record.deadline == T0  # type: ignore[union-attr]
+    change = rollout.bake_due(service, current, did, T0)
+    assert_events(current, change, {did: ("active", "automatic")})
+    assert by_id(change)[did].history[-1].reason == "bake extended: no full analysis interval judged yet"
+    service, current = apply(service, current, change)
+    assert current[GREEN].in_progress  # type: ignore[union-attr]
+    bad = rollout.analysis_result(service, current, did, T0 + 3, FIGURES, "bad", 1)
+    assert by_id(bad)[did].status is S.ROLLED_BACK
+    done = rollout.analysis_result(service, current, did, T0 + 3, OK, None, 1)
+    record = by_id(done)[did]
+    assert record.status is S.ACTIVE and not record.baking and not record.in_progress
+    assert record.history[-1].reason == "bake finished; deployment complete (1 analysis interval judged)"
+
+
+def test_the_cutover_is_timed_once_not_again_at_an_event_of_the_bake() -> None:
+    from controlplane.deploy.driver import _just_activated
+
+    service, current, did = judged_shift(step=1)
+    change = rollout.analysis_result(service, current, did, T0 + 3, OK, None, 2)  # judged: on to 100 %
+    assert _just_activated(by_id(change)[did])
+    service, current = apply(service, current, change)
+    extended = by_id(rollout.bake_due(service, current, did, T0 + 3))[did]
+    assert extended.status is S.ACTIVE and extended.baking and not _just_activated(extended)
+    breached = by_id(rollout.analysis_result(service, current, did, T0 + 6, FIGURES, "bad", 2))[did]
+    assert breached.status is S.ACTIVE and not _just_activated(breached)
+
+
+def test_a_judged_step_before_100_still_holds_for_a_promote_without_auto_promote() -> None:
+    service, current, did = judged_shift(step=1, auto_promote=False)
+    service, current = apply(service, current, rollout.analysis_result(service, current, did, T0 + 3, OK, None, 2))
+    record = current[GREEN]
+    assert record.awaiting_promote and record.step == 1 and record.deadline is None  # type: ignore[union-attr]
+    assert record.history[-1].reason == "holding at 50%: waiting for promote"  # type: ignore[union-attr]
+
+
+def test_no_data_wait_is_bounded_by_no_data_limit() -> None:
+    service, current, did = judged_shift(analysis=dict(SHORT, no_data_limit=3))
+    service, current = apply(service, current, rollout.step_due(service, current, did, T0 + 1))
+    for i in (1, 2):  # waiting: figures only, no judgement, the step goes on
+        change = rollout.analysis_wait(service, current, did, T0 + 3 * i, {"requests": 1}, "only 1 requests in 3s (min_requests 5)",
+                                       no_data_limit=3, failure_limit=2)
+        assert by_id(change)[did].history == current[GREEN].history  # type: ignore[union-attr]
+        service, current = apply(service, current, change)
+    assert current[GREEN].no_data_intervals == 2 and current[GREEN].step == 0  # type: ignore[union-attr]
+    # The third interval in a row counts as a breach; the fourth reaches failure_limit.
+    change = rollout.analysis_wait(service, current, did, T0 + 9, {"requests": 1}, "only 1 requests in 3s (min_requests 5)",
+                                   no_data_limit=3, failure_limit=2)
+    assert by_id(change)[did].history[-1].reason == (
+        "analysis breach 1/2: only 1 requests in 3s (min_requests 5), 3 intervals in a row (no_data_limit 3)")
+    service, current = apply(service, current, change)
+    change = rollout.analysis_wait(service, current, did, T0 + 12, {"requests": 1}, "only 1 requests in 3s (min_requests 5)",
+                                   no_data_limit=3, failure_limit=2)
+    record = by_id(change)[did]
+    assert record.status is S.ROLLED_BACK and record.step == 0
+    assert record.reason == "analysis: only 1 requests in 3s (min_requests 5), 4 intervals in a row (no_data_limit 3) (2 consecutive)"
+
+
+def test_the_extension_event_counts_the_intervals_that_waited_for_traffic() -> None:
+    service, current, did = judged_shift()
+    change = rollout.analysis_wait(service, current, did, T0 + 0.5, {"requests": 0}, "only 0 requests", no_data_limit=10, failure_limit=2)
+    service, current = apply(service, current, change)
+    reason = by_id(rollout.step_due(service, current, did, T0 + 1))[did].history[-1].reason
+    assert reason == "step 0 (10%) extended: no full analysis interval judged yet (1 interval(s) with fewer than 5 requests; no_data_limit 10)"
+
+
+def test_the_judging_state_survives_a_restart_and_old_records_load() -> None:
+    service, current, did = judged_shift()
+    service, current = apply(service, current, rollout.step_due(service, current, did, T0 + 1))
+    record = current[GREEN]
+    assert deployment_from_dict(deployment_to_dict(record)) == record  # type: ignore[arg-type]
+    # A record and spec stored by a release before no_data_limit and the judging fields.
+    old = deployment_to_dict(record)  # type: ignore[arg-type]
+    for key in ("intervals_judged", "no_data_intervals", "extended"):
+        del old[key]
+    old["spec"] = {"version": "v2", "endpoints": [GREEN_ENDPOINT], "strategy": {"steps": [10, 50, 100], "step_seconds": 1},
+                   "analysis": {"interval_seconds": 3, "min_requests": 5}}
+    loaded = deployment_from_dict(old)
+    assert (loaded.intervals_judged, loaded.no_data_intervals, loaded.extended) == (0, 0, False)
+    analysis = rollout.spec_of(loaded).analysis
+    assert analysis == Analysis(interval_seconds=3, min_requests=5, no_data_limit=10)
+    current = {**current, GREEN: loaded}
+    change = rollout.step_due(service, current, did, T0 + 2)
+    assert by_id(change)[did].history[-1].reason == "step 0 (10%) extended: no full analysis interval judged yet"
+
+
+def test_the_driver_parses_a_stored_spec_once_per_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from controlplane.deploy import driver
+
+    calls: list[object] = []
+    real = driver.parse_deployment_spec
+    monkeypatch.setattr(driver, "parse_deployment_spec", lambda body: calls.append(body) or real(body))
+    rollouts = driver.Rollouts(None, (), None, None)  # type: ignore[arg-type]
+    _, current, _ = judged_shift()
+    record = current[GREEN]
+    assert record is not None
+    for _ in range(3):
+        assert rollouts._spec(replace(record, updated_at=T0 + 5)).analysis is not None
+    assert len(calls) == 1
+    # Another deployment of the service (or the same id after the service was re-created) is parsed anew.
+    rollouts._spec(replace(record, deployed_at=T0 + 99))
+    assert len(calls) == 2
+
+
+def test_analysis_spec_no_data_limit() -> None:
+    assert spec(analysis={}).analysis.no_data_limit == 10
+    assert spec(analysis={"no_data_limit": 1}).analysis.no_data_limit == 1
+    with pytest.raises(ValidationError, match="analysis.no_data_limit must be between 1 and 1000"):
+        spec(analysis={"no_data_limit": 0})
+    # An interval longer than the step is accepted: each step lasts at least one interval.
+    assert spec(step_seconds=1, analysis={"interval_seconds": 30}).analysis.interval_seconds == 30
+    body = spec(analysis={"no_data_limit": 4})
+    assert parse_deployment_spec(spec_to_dict(body)) == body
 
 
 # =============================================================================================

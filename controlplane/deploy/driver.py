@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Protocol
 import aiohttp
 
 from . import transitions
-from .spec import Analysis, Migrations, parse_deployment_spec, parse_migrations
+from .spec import Analysis, DeploymentSpec, Migrations, parse_deployment_spec, parse_migrations
 from ..errors import ConflictError, ContractBlocked, MigrationError, NotFoundError
 from ..migrations.files import MigrationSet, Phase
 from ..migrations.gate import contract_blockers, refusal
@@ -91,7 +91,10 @@ class Rollouts:
         self.clock = clock
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._events: dict[str, asyncio.Event] = {}
-        self._windows: dict[str, tuple[str, object, float]] = {}  # service -> (deployment id, snapshot, started)
+        # service -> ((deployment id, step, baking), telemetry snapshot, started): one analysis
+        # interval of one phase; a new step or the bake starts a new one.
+        self._windows: dict[str, tuple[tuple[str, int, bool], object, float]] = {}
+        self._specs: dict[str, tuple[tuple[str, float], DeploymentSpec]] = {}  # service -> ((id, deployed_at), parsed spec)
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
 
@@ -172,7 +175,7 @@ class Rollouts:
         a timer, a manual traffic change): metrics, cutover timing, and a look at its timers."""
         self._count(committed)
         for record in committed.change.deployments:
-            if record.status is S.ACTIVE and record.baking and record.history and record.history[-1].status == S.ACTIVE.value:
+            if _just_activated(record):
                 self._observe_cutover(record, committed.revision)
         self.poke(committed.change.service.name)
 
@@ -222,7 +225,7 @@ class Rollouts:
         d = transitions.in_progress(current)
         if d is not None:
             if d.status is S.DEPLOYING:
-                migrations = parse_deployment_spec(d.spec).migrations if d.spec else None
+                migrations = self._spec(d).migrations
                 if migrations is not None and not transitions.expand_done(d):
                     await self._expand(service, d, migrations)
                     return True, None
@@ -232,20 +235,19 @@ class Rollouts:
                 await self._mutate(name, lambda s, c, t: transitions.shift(s, c, d.id, 0, t, transitions.AUTOMATIC, "smoke tests passed; shifting"))
                 return True, None
             paused = d.paused_remaining is not None
-            analysis = parse_deployment_spec(d.spec).analysis if d.spec else None
+            analysis = self._spec(d).analysis
             if analysis is not None and not paused:
                 window = self._windows.get(name)
-                if window is None or window[0] != d.id:
+                if window is None or window[0] != _phase(d):
                     self._start_window(name, d)
                 elif now >= window[2] + analysis.interval_seconds:
                     await self._analyse(service, d, analysis, window[1])
                     return True, None
-            if not paused and d.deadline is not None and d.deadline <= now:
+            if transitions.timer_due(d, analysis, now):
                 if d.status is S.SHIFTING:
                     await self._mutate(name, lambda s, c, t: transitions.step_due(s, c, d.id, t))
                 else:
                     await self._mutate(name, lambda s, c, t: transitions.bake_due(s, c, d.id, t))
-                self._windows.pop(name, None)  # a new step starts a new analysis interval
                 return True, None
 
         waiting = False
@@ -261,15 +263,12 @@ class Rollouts:
                 waiting = True
 
         wakes = [r.deadline for r in current.values()
-                 if r is not None and r.deadline is not None and r.paused_remaining is None
-                 and (r is d or r.status in (S.DRAINING, S.STANDBY)) and r.deadline > now]
+                 if r is not None and r is not d and r.deadline is not None and r.status in (S.DRAINING, S.STANDBY)
+                 and r.deadline > now]
         if waiting:
             wakes.append(now + DECOMMISSION_RECHECK_SECONDS)
-        window = self._windows.get(name)
-        if d is not None and window is not None and window[0] == d.id and d.paused_remaining is None and d.spec:
-            analysis = parse_deployment_spec(d.spec).analysis
-            if analysis is not None:
-                wakes.append(window[2] + analysis.interval_seconds)
+        if d is not None and d.spec:
+            wakes.extend(self._wakes(name, d, now))
         if d is not None and not wakes:
             return False, now + 3600.0  # paused or awaiting promote: a command will poke us
         return False, min(wakes) if wakes else None
@@ -300,11 +299,35 @@ class Rollouts:
             s, c, record.id, t, transitions.AUTOMATIC, reason.format(s.standby_seconds)))
         return True
 
+    def _wakes(self, name: str, d: Deployment, now: float) -> list[float]:
+        """When the in-progress deployment ``d`` needs a look: its deadline, unless it has passed
+        and only a judged interval can end the phase now; the end of its analysis interval."""
+        if d.paused_remaining is not None:
+            return []
+        analysis = self._spec(d).analysis
+        wakes: list[float] = []
+        if d.deadline is not None and (d.deadline > now or transitions.timer_due(d, analysis, now)):
+            wakes.append(d.deadline)
+        window = self._windows.get(name)
+        if analysis is not None and window is not None and window[0] == _phase(d):
+            wakes.append(window[2] + analysis.interval_seconds)
+        return wakes
+
+    def _spec(self, d: Deployment) -> DeploymentSpec:
+        """``d``'s stored spec, parsed once per deployment (the loop asks on every pass). A spec
+        stored by an older release parses too: fields it lacks take their defaults."""
+        assert d.spec is not None, f"{d.id} is not a workflow deployment"
+        key = (d.id, d.deployed_at)
+        cached = self._specs.get(d.service)
+        if cached is None or cached[0] != key:
+            cached = self._specs[d.service] = (key, parse_deployment_spec(d.spec))
+        return cached[1]
+
     async def _mutate(self, name: str, transition: Callable[[Service, Any, float], Change]) -> Committed:
         committed = await self.repo.mutate(name, lambda s, c, now: transition(_require(s), c, now))
         self._count(committed)
         for record in committed.change.deployments:
-            if record.status is S.ACTIVE and record.baking and record.history and record.history[-1].status == S.ACTIVE.value:
+            if _just_activated(record):
                 self._observe_cutover(record, committed.revision)
         return committed  # the loop that called us looks again by itself
 
@@ -374,7 +397,7 @@ class Rollouts:
     # -- smoke tests ---------------------------------------------------------------------------
 
     async def _smoke(self, service: Service, d: Deployment) -> None:
-        spec = parse_deployment_spec(d.spec)
+        spec = self._spec(d)
         fleets = tuple(f for f in self.fleets if f.serves(service.name))
         revision = (await self.repo.kv.revision())
         require_all = spec.require_all_proxies if spec.require_all_proxies is not None else service.require_all_proxies
@@ -412,7 +435,7 @@ class Rollouts:
 
     def _start_window(self, name: str, d: Deployment) -> None:
         if self.telemetry is not None:
-            self._windows[name] = (d.id, self.telemetry.snapshot(), self.clock())
+            self._windows[name] = (_phase(d), self.telemetry.snapshot(), self.clock())
 
     async def _analyse(self, service: Service, d: Deployment, analysis: Analysis, snapshot: object) -> None:
         assert self.telemetry is not None
@@ -428,7 +451,8 @@ class Rollouts:
         if reason:
             figures["reason"] = reason
         if verdict == "wait":
-            await self._mutate(service.name, lambda s, c, t: transitions.analysis_wait(s, c, d.id, t, figures))
+            await self._mutate(service.name, lambda s, c, t: transitions.analysis_wait(
+                s, c, d.id, t, figures, reason or "no data", no_data_limit=analysis.no_data_limit, failure_limit=analysis.failure_limit))
         else:
             await self._mutate(service.name, lambda s, c, t: transitions.analysis_result(
                 s, c, d.id, t, figures, reason if verdict == "breach" else None, analysis.failure_limit))
@@ -474,6 +498,18 @@ def _noted(record: Deployment, now: float, reason: str) -> Deployment:
     from ..model import Event
 
     return replace(record, updated_at=now, history=record.history + (Event(now, record.status.value, transitions.AUTOMATIC, reason),))
+
+
+def _just_activated(record: Deployment) -> bool:
+    """This change put ``record`` at 100 % (not a later event of its bake: a breach, an
+    extension, a pause), so its cutover is timed once."""
+    statuses = [e.status for e in record.history[-2:]]
+    return record.status is S.ACTIVE and record.baking and statuses[-1:] == [S.ACTIVE.value] and statuses[:-1] != [S.ACTIVE.value]
+
+
+def _phase(d: Deployment) -> tuple[str, int, bool]:
+    """The step or bake an analysis interval belongs to: an interval never spans two."""
+    return d.id, d.step, d.baking
 
 
 def _require(service: Service | None) -> Service:

@@ -56,12 +56,23 @@ class Smoke:
 
 @dataclass(frozen=True)
 class Analysis:
+    """Judge the new environment every ``interval_seconds`` while it shifts and bakes.
+
+    A step or bake with analysis never ends unjudged: it ends with the first interval judged ok
+    at or after its deadline, so it lasts at least one interval (``interval_seconds`` longer than
+    ``step_seconds`` is allowed: each step lasts one interval). Intervals that wait for traffic
+    (``no_data`` "wait") judge nothing; ``no_data_limit`` bounds that wait.
+    """
+
     interval_seconds: float = 5.0
     max_error_rate: float = 0.01
     max_p99_ms: float | None = 500.0
     min_requests: int = 20
     no_data: str = "wait"  # wait | fail | pass
     failure_limit: int = 2
+    # With no_data "wait": the Nth consecutive interval without min_requests requests (N >=
+    # no_data_limit) counts as a breach, so waiting for traffic cannot hold a step forever.
+    no_data_limit: int = 10
 
 
 @dataclass(frozen=True)
@@ -198,7 +209,8 @@ def parse_smoke(body: object) -> Smoke:
 
 def parse_analysis(body: object) -> Analysis:
     spec = require_object("analysis", body)
-    reject_unknown("analysis", spec, {"interval_seconds", "max_error_rate", "max_p99_ms", "min_requests", "no_data", "failure_limit"})
+    reject_unknown("analysis", spec, {"interval_seconds", "max_error_rate", "max_p99_ms", "min_requests", "no_data", "failure_limit",
+                                      "no_data_limit"})
     default = Analysis()
     max_p99 = spec.get("max_p99_ms", default.max_p99_ms)
     no_data = spec.get("no_data", default.no_data)
@@ -211,6 +223,7 @@ def parse_analysis(body: object) -> Analysis:
         min_requests=int(_number("analysis.min_requests", spec.get("min_requests", default.min_requests), minimum=0, maximum=10**9, integer=True)),
         no_data=no_data,
         failure_limit=int(_number("analysis.failure_limit", spec.get("failure_limit", default.failure_limit), minimum=1, maximum=1000, integer=True)),
+        no_data_limit=int(_number("analysis.no_data_limit", spec.get("no_data_limit", default.no_data_limit), minimum=1, maximum=1000, integer=True)),
     )
 
 

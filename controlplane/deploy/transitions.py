@@ -15,6 +15,9 @@ Lifecycle of the deployment in the idle environment::
         └──smoke failed/abort──► failed └──┴── rollback/abort/analysis ──► rolled_back
 
 and of the environment it replaces: active ──(weight 0)──► draining ──► standby ──► decommissioned.
+
+With analysis, a step or the bake ends only with a judged interval (:func:`analysis_result`):
+its deadline is a minimum, never a reason to move on unjudged (:func:`analysis_hold`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Mapping
 
-from .spec import DeploymentSpec, Strategy, parse_deployment_spec, spec_to_dict
+from .spec import Analysis, DeploymentSpec, Strategy, parse_deployment_spec, spec_to_dict
 from ..errors import ConflictError
 from ..model import (
     Change,
@@ -170,10 +173,11 @@ def shift(service: Service, current: Current, deployment_id: str, step: int, now
     records: list[Deployment] = []
     if weight < 100:
         records.append(_event(d, S.SHIFTING, now, actor, reason, step=step, deadline=now + strategy.step_seconds,
-                              paused_remaining=None, awaiting_promote=False))
+                              paused_remaining=None, awaiting_promote=False, intervals_judged=0, extended=False))
     else:
         records.append(_event(d, S.ACTIVE, now, actor, reason, step=step, deadline=now + strategy.bake_seconds,
-                              baking=True, activated_at=now, paused_remaining=None, awaiting_promote=False))
+                              baking=True, activated_at=now, paused_remaining=None, awaiting_promote=False,
+                              intervals_judged=0, extended=False))
         old = current.get(d.environment.other)
         if old is not None and old.status not in (S.DECOMMISSIONED, S.FAILED):
             records.append(_event(old, S.DRAINING, now, AUTOMATIC, f"replaced by {d.id}; in-flight requests finish",
@@ -182,19 +186,76 @@ def shift(service: Service, current: Current, deployment_id: str, step: int, now
 
 
 def step_due(service: Service, current: Current, deployment_id: str, now: float) -> Change:
-    """The step's time is up: advance, or wait for a promote before 100 %."""
+    """The step's time is up: advance, or wait for a promote before 100 %.
+
+    With analysis the step is not over until it has been judged (see :func:`analysis_hold`):
+    the first call past the deadline of a step that must go on records why, once
+    ("step 0 (10%) extended: ..."); a step that may end ends with the interval in progress
+    (:func:`analysis_result`), never here. Either way a second call raises ConflictError."""
     d = _find(current, deployment_id)
     if d.status is not S.SHIFTING or d.paused_remaining is not None or d.awaiting_promote:
         raise ConflictError(f"deployment {d.id} is not running a timed step")
     if d.deadline is None or d.deadline > now:
         raise ConflictError(f"deployment {d.id}: step {d.step} is not over yet")
+    analysis = spec_of(d).analysis
+    if analysis is not None:
+        return _extend(service, d, now, analysis, f"step {d.step} ({_steps(service, d)[d.step]}%)")
+    return _advance(service, current, d, now, f"after {spec_of(d).strategy.step_seconds:g}s")
+
+
+def _advance(service: Service, current: Current, d: Deployment, now: float, after: str) -> Change:
     steps = _steps(service, d)
     nxt = d.step + 1
     if steps[nxt] == 100 and not spec_of(d).strategy.auto_promote:
         waiting = _event(d, S.SHIFTING, now, AUTOMATIC, f"holding at {steps[d.step]}%: waiting for promote",
                          awaiting_promote=True, deadline=None)
         return Change(service, (waiting,))
-    return shift(service, current, deployment_id, nxt, now, AUTOMATIC, f"step {nxt}: {steps[nxt]}% after {spec_of(d).strategy.step_seconds:g}s")
+    return shift(service, current, d.id, nxt, now, AUTOMATIC, f"step {nxt}: {steps[nxt]}% {after}")
+
+
+NOT_JUDGED = "no full analysis interval judged yet"
+
+
+def analysis_hold(d: Deployment, analysis: Analysis | None) -> str | None:
+    """Why the step or bake of ``d`` must go on past its deadline to be judged, or None.
+
+    Analysis always judges: a phase needs at least one judged interval, and never ends on a
+    breach (more traffic never moves onto a version whose last interval breached; the
+    failure_limit decides when it rolls back). None does not end the phase by itself: it ends
+    with the next interval judged ok (:func:`analysis_result`), so no partial interval at the
+    deadline goes unjudged."""
+    if analysis is None:
+        return None
+    if d.intervals_judged == 0:
+        if d.no_data_intervals:
+            return (f"{NOT_JUDGED} ({d.no_data_intervals} interval(s) with fewer than {analysis.min_requests} requests; "
+                    f"no_data_limit {analysis.no_data_limit})")
+        return NOT_JUDGED
+    if d.failures:
+        return f"its last analysis interval breached a threshold ({d.failures}/{analysis.failure_limit})"
+    return None
+
+
+def timer_due(d: Deployment, analysis: Analysis | None, now: float) -> bool:
+    """Whether :func:`step_due` or :func:`bake_due` has something to do for ``d`` at ``now``: its
+    deadline has passed, and without analysis it ends; with analysis it is extended, once."""
+    if d.deadline is None or d.deadline > now or d.paused_remaining is not None or d.awaiting_promote:
+        return False
+    return analysis is None or (not d.extended and analysis_hold(d, analysis) is not None)
+
+
+def _extend(service: Service, d: Deployment, now: float, analysis: Analysis, phase: str) -> Change:
+    hold = analysis_hold(d, analysis)
+    if hold is None:
+        raise ConflictError(f"deployment {d.id}: {phase} ends with the analysis interval in progress")
+    if d.extended:
+        raise ConflictError(f"deployment {d.id}: {phase} is already extended: {hold}")
+    return Change(service, (_event(d, d.status, now, AUTOMATIC, f"{phase} extended: {hold}", extended=True),))
+
+
+def _judged(d: Deployment) -> str:
+    n = d.intervals_judged
+    return f"{n} analysis interval{'s' if n != 1 else ''} judged"
 
 
 def promote(service: Service, current: Current, deployment_id: str, now: float, *, full: bool = False,
@@ -217,12 +278,22 @@ def promote(service: Service, current: Current, deployment_id: str, now: float, 
 
 
 def bake_due(service: Service, current: Current, deployment_id: str, now: float) -> Change:
+    """The bake's time is up: the deployment is complete. With analysis, as for a step
+    (:func:`step_due`): extended once while unjudged, otherwise it ends with the interval in
+    progress."""
     d = _find(current, deployment_id)
     if d.status is not S.ACTIVE or not d.baking or d.paused_remaining is not None:
         raise ConflictError(f"deployment {d.id} is not baking")
     if d.deadline is None or d.deadline > now:
         raise ConflictError(f"deployment {d.id}: bake is not over yet")
-    return Change(service, (_event(d, S.ACTIVE, now, AUTOMATIC, "bake finished; deployment complete", baking=False, deadline=None),))
+    analysis = spec_of(d).analysis
+    if analysis is not None:
+        return _extend(service, d, now, analysis, "bake")
+    return _bake_finished(service, d, now, "bake finished; deployment complete")
+
+
+def _bake_finished(service: Service, d: Deployment, now: float, reason: str) -> Change:
+    return Change(service, (_event(d, S.ACTIVE, now, AUTOMATIC, reason, baking=False, deadline=None),))
 
 
 def pause(service: Service, current: Current, deployment_id: str, now: float) -> Change:
@@ -283,26 +354,52 @@ def abort(service: Service, current: Current, deployment_id: str, now: float) ->
 
 def analysis_result(service: Service, current: Current, deployment_id: str, now: float, figures: Mapping[str, object],
                     breach: str | None, failure_limit: int) -> Change:
-    """Record one analysis interval; ``failure_limit`` consecutive breaches roll back."""
+    """Record one judged analysis interval; ``failure_limit`` consecutive breaches roll back.
+
+    An interval judged ok at or after the deadline of its step or bake ends that phase, in the
+    same change: the step advances (or holds for a promote), the bake finishes."""
     d = _find(current, deployment_id)
+    return _record_interval(service, current, d, now, figures, breach, failure_limit, no_data_intervals=0)
+
+
+def _record_interval(service: Service, current: Current, d: Deployment, now: float, figures: Mapping[str, object],
+                     breach: str | None, failure_limit: int, *, no_data_intervals: int) -> Change:
     if not (d.status is S.SHIFTING or (d.status is S.ACTIVE and d.baking)):
         raise ConflictError(f"deployment {d.id} is not under analysis")
+    judged = d.intervals_judged + 1
     if breach is None:
-        return Change(service, (replace(d, analysis=dict(figures), failures=0, updated_at=now),))
+        passed = replace(d, analysis=dict(figures), failures=0, intervals_judged=judged, no_data_intervals=no_data_intervals,
+                         updated_at=now)
+        if passed.paused_remaining is not None or passed.deadline is None or passed.deadline > now:
+            return Change(service, (passed,))
+        if passed.baking:
+            return _bake_finished(service, passed, now, f"bake finished; deployment complete ({_judged(passed)})")
+        after = f"after {spec_of(d).strategy.step_seconds:g}s; {_judged(passed)}"
+        return _advance(service, {**current, d.environment: passed}, passed, now, after)
     failures = d.failures + 1
     if failures >= failure_limit:
-        rolled = rollback(service, current, deployment_id, now, AUTOMATIC, f"analysis: {breach} ({failures} consecutive)")
-        first = replace(rolled.deployments[0], analysis=dict(figures), failures=failures)
+        rolled = rollback(service, current, d.id, now, AUTOMATIC, f"analysis: {breach} ({failures} consecutive)")
+        first = replace(rolled.deployments[0], analysis=dict(figures), failures=failures, intervals_judged=judged,
+                        no_data_intervals=no_data_intervals)
         return Change(rolled.service, (first,) + rolled.deployments[1:])
     breached = _event(d, d.status, now, AUTOMATIC, f"analysis breach {failures}/{failure_limit}: {breach}",
-                      analysis=dict(figures), failures=failures)
+                      analysis=dict(figures), failures=failures, intervals_judged=judged, no_data_intervals=no_data_intervals)
     return Change(service, (breached,))
 
 
-def analysis_wait(service: Service, current: Current, deployment_id: str, now: float, figures: Mapping[str, object]) -> Change:
-    """Not enough traffic to judge, and the policy says wait: record the figures only."""
+def analysis_wait(service: Service, current: Current, deployment_id: str, now: float, figures: Mapping[str, object],
+                  reason: str, *, no_data_limit: int, failure_limit: int) -> Change:
+    """Not enough traffic to judge, and the policy says wait: record the figures only; the
+    step or bake goes on (it is not judged). The ``no_data_limit``-th such interval in a row,
+    and every one after it, counts as a breach instead."""
     d = _find(current, deployment_id)
-    return Change(service, (replace(d, analysis=dict(figures), updated_at=now),))
+    if not (d.status is S.SHIFTING or (d.status is S.ACTIVE and d.baking)):
+        raise ConflictError(f"deployment {d.id} is not under analysis")
+    waited = d.no_data_intervals + 1
+    if waited >= no_data_limit:
+        breach = f"{reason}, {waited} intervals in a row (no_data_limit {no_data_limit})"
+        return _record_interval(service, current, d, now, figures, breach, failure_limit, no_data_intervals=waited)
+    return Change(service, (replace(d, analysis=dict(figures), no_data_intervals=waited, updated_at=now),))
 
 
 # ---------------------------------------------------------------------------------------------
