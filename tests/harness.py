@@ -522,6 +522,31 @@ class ControlPlane:
     def xds_address(self) -> str:
         return f"{LOCALHOST}:{self.xds_port}"
 
+    @property
+    def token_path(self) -> Path:
+        """Where ``serve`` generated its admin token (no token in the config)."""
+        return self.state_path.with_name(self.state_path.name + ".token")
+
+    @property
+    def token(self) -> str:
+        """An admin-role token: the first admin token of the config, else the generated one."""
+        if self.config_path is not None:
+            from controlplane.config import load_settings
+
+            admins = [t for t in load_settings(self.config_path).tokens() if t.role == "admin"]
+            if admins:
+                return admins[0].token
+        return self.token_path.read_text().strip()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Headers that authenticate as an admin: pass to any request to the admin API."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def session(self, **kwargs: Any) -> aiohttp.ClientSession:
+        """An aiohttp session whose every request carries the admin token."""
+        return aiohttp.ClientSession(headers=self.headers, **kwargs)
+
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "controlplane", "serve", "--state", str(self.state_path)]
         if self.config_path is not None:
@@ -546,6 +571,7 @@ class ControlPlane:
         )
         self.history.append(self.process)
         await _wait_http_ok(self.process, f"{self.admin_url}/healthz", timeout=self.startup_timeout, what="/healthz")
+        _RUNNING[self.admin_url] = self
 
     async def restart(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` (default SIGKILL: a crash), reap the process, start a new one on the same ports."""
@@ -559,6 +585,18 @@ class ControlPlane:
             except TimeoutError:
                 await self.process.stop(timeout=0)
         await self.start()
+
+
+_RUNNING: dict[str, ControlPlane] = {}
+
+
+def admin_headers(url: str) -> dict[str, str]:
+    """The admin token headers for ``url`` if it belongs to a control plane the harness started
+    (so test clients holding only ``cp.admin_url`` authenticate transparently), else none."""
+    for base, cp in _RUNNING.items():
+        if url == base or url.startswith(base + "/"):
+            return cp.headers
+    return {}
 
 
 @contextlib.asynccontextmanager
@@ -598,6 +636,7 @@ async def run_control_plane(
                 _print_tail(cp.process, 60)
             raise
         finally:
+            _RUNNING.pop(cp.admin_url, None)
             for proc in cp.history:
                 await proc.stop()
 
