@@ -299,7 +299,9 @@ async def _http_ok(session: aiohttp.ClientSession, url: str, proc: ManagedProces
 
 
 async def _wait_http_ok(proc: ManagedProcess, url: str, *, timeout: float, what: str) -> None:
-    async with aiohttp.ClientSession() as session:
+    # A readiness probe only: an https:// server's certificate is checked by the tests themselves.
+    connector = aiohttp.TCPConnector(ssl=False) if url.startswith("https://") else None
+    async with aiohttp.ClientSession(connector=connector) as session:
         await wait_for(
             lambda: _http_ok(session, url, proc),
             timeout=timeout,
@@ -516,7 +518,15 @@ class ControlPlane:
 
     @property
     def admin_url(self) -> str:
-        return f"http://{LOCALHOST}:{self.admin_port}"
+        scheme = "https" if self._settings() is not None and self._settings().admin.tls_cert else "http"
+        return f"{scheme}://{LOCALHOST}:{self.admin_port}"
+
+    def _settings(self) -> Any:
+        if self.config_path is None:
+            return None
+        from controlplane.config import load_settings
+
+        return load_settings(self.config_path)
 
     @property
     def xds_address(self) -> str:
@@ -531,9 +541,7 @@ class ControlPlane:
     def token(self) -> str:
         """An admin-role token: the first admin token of the config, else the generated one."""
         if self.config_path is not None:
-            from controlplane.config import load_settings
-
-            admins = [t for t in load_settings(self.config_path).tokens() if t.role == "admin"]
+            admins = [t for t in self._settings().tokens() if t.role == "admin"]
             if admins:
                 return admins[0].token
         return self.token_path.read_text().strip()
