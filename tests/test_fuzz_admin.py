@@ -19,6 +19,7 @@ import yaml
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance,
@@ -29,6 +30,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 from tests.harness import run_control_plane  # noqa: E402
 
 EXAMPLES_PER_OPERATION = 12
+KNOWN = {"name": "shop", "id": "shop-1"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
@@ -71,8 +73,12 @@ def fuzz(base: str, token: str, document: dict[str, Any]) -> list[str]:
 
         @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
-        @given(case=operation.as_strategy())
-        def run(case: Any) -> None:
+        @given(case=operation.as_strategy(), known=st.booleans())
+        def run(case: Any, known: bool) -> None:
+            if known:  # half the examples aim at the seeded service and deployment instead of random names
+                for key, value in KNOWN.items():
+                    if key in (case.path_parameters or {}):
+                        case.path_parameters[key] = value
             before = quiet_state(session, base)
             response = case.call(base_url=base, session=session)
             case.validate_response(response, checks=CHECKS)
