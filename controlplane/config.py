@@ -246,7 +246,7 @@ def _smoke_commands(raw: object) -> tuple[tuple[str, ...], ...]:
 
 
 def _rules(where: str, raw: object, key: str) -> tuple[str, ...]:
-    from .admin.policy import check_rule
+    from .admin.policy import check_rule  # late: the policy module needs this one's Allowlists
 
     data = _mapping(where, raw)
     _check_keys(where, data, {key})

@@ -123,6 +123,18 @@ async def test_healthz_is_open_and_unknown_paths_need_a_token(tmp_path: Path) ->
         assert (await call(client, "GET", "/v1/nothing", role="viewer"))[0] == 404
 
 
+async def test_a_route_without_a_rule_is_denied(tmp_path: Path) -> None:
+    async def extra(request: Any) -> Any:
+        raise AssertionError("must not run")
+
+    cp = ControlPlane(Settings(), await open_sqlite_store(tmp_path / "state.db"))
+    app = build_admin_app(cp, Authenticator.of(TOKENS.values()))
+    app.router.add_post("/v1/extra", extra)  # a route added without a line in ROUTE_ROLES
+    async with TestClient(TestServer(app)) as client:
+        status, reply = await call(client, "POST", "/v1/extra", {}, role="admin")
+    assert status == 403 and "no access rule" in reply["error"], reply
+
+
 # ---------------------------------------------------------------------------------------------
 # Request hygiene
 
@@ -247,7 +259,10 @@ async def test_history_and_log_name_the_token(tmp_path: Path, caplog: pytest.Log
         status, view = await call(client, "POST", f"/v1/deployments/{created['id']}/abort", role="admin")
         assert status == 200, view
         assert view["history"][-1]["actor"] == "token:oncall", view["history"]
+        status, _ = await call(client, "PUT", "/v1/services/shop/traffic", {"weights": {"blue": 1}}, role="operator")
+        assert status == 400
     audit = [r.getMessage() for r in caplog.records if r.name == "bluegreen.audit"]
+    assert "audit: PUT /v1/services/shop/traffic by token:ci -> 400" in audit  # refused calls too
     assert "audit: POST /v1/services/shop/deployments by token:ci -> 202" in audit
     assert "audit: PUT /v1/services/shop by token:oncall -> 200" in audit
     assert f"audit: POST /v1/deployments/{created['id']}/abort by token:oncall -> 200" in audit

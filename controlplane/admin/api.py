@@ -411,10 +411,9 @@ ROUTES: list[tuple[str, str, Handler]] = [
 def build_admin_app(cp: ControlPlane, auth: Authenticator | None, *, hosts: tuple[str, ...] = ()) -> web.Application:
     """The admin app. ``auth=None`` turns authentication, roles and the Host check off: for
     in-process unit tests only; ``bluegreen serve`` always passes an Authenticator."""
-    middlewares: list[Any] = [errors_middleware]
-    if auth is not None:
-        middlewares.append(security_middleware(auth, hosts))
-    middlewares.append(content_type_middleware)
+    # Security outermost: it sees the final status of every call (errors included) for the audit log.
+    middlewares: list[Any] = [security_middleware(auth, hosts)] if auth is not None else []
+    middlewares += [errors_middleware, content_type_middleware]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[CONTROL_PLANE] = cp
     for method, path, handler in ROUTES:

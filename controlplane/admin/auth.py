@@ -147,19 +147,19 @@ def security_middleware(auth: Authenticator, hosts: Iterable[str]) -> Any:
             return _error(421, f"Host {host!r} is not one this admin API answers to; "
                                "add it to admin.hosts in the config, or use an IP address or localhost")
         key = _route_key(request)
-        rule = ROUTE_ROLES.get(key, Role.ADMIN) if key is not None else Role.VIEWER
-        if key is not None and key in ROUTE_ROLES and rule is OPEN:
+        if key is not None and key in ROUTE_ROLES and ROUTE_ROLES[key] is OPEN:
             return await handler(request)
         principal = auth.authenticate(request.headers.get("Authorization", ""))
         if principal is None:
             return _error(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
                           **{"WWW-Authenticate": 'Bearer realm="bluegreen"'})
-        if key is not None and key not in ROUTE_ROLES:
-            return _error(403, f"{request.method} {key[1]} has no access rule; denied by default")
-        assert rule is not None
-        if principal.role < rule:
-            return _error(403, f"{request.method} {request.path} needs role {rule.label}; "
-                               f"token {principal.name!r} has role {principal.role.label}")
+        if key is not None:  # unmatched paths fall through to the router's 404/405, for any token
+            rule = ROUTE_ROLES.get(key)
+            if rule is None:
+                return _error(403, f"{request.method} {key[1]} has no access rule; denied by default")
+            if principal.role < rule:
+                return _error(403, f"{request.method} {request.path} needs role {rule.label}; "
+                                   f"token {principal.name!r} has role {principal.role.label}")
         request[PRINCIPAL] = principal
         response = await handler(request)
         if request.method in MUTATING:
