@@ -2,7 +2,8 @@
 
 ``serve`` and ``envoy-bootstrap`` run locally; ``status``, ``traffic``, ``switch`` and
 ``rollback`` are thin clients of the admin API for on-call humans (``--admin URL`` or
-``$BLUEGREEN_ADMIN``, token from ``--token`` or ``$BLUEGREEN_TOKEN``).
+``$BLUEGREEN_ADMIN``; the token as :func:`resolve_token` finds it; ``--cacert FILE`` or
+``$BLUEGREEN_CACERT`` to verify an admin API served over TLS with a private CA).
 
 Exit codes: 0 success; 1 the API refused (the message says why); 2 bad usage or config;
 3 the change was stored but not every proxy ACKed it within the wait; 4 cannot reach the API.
@@ -15,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -26,6 +28,36 @@ from .config import load_settings
 from .errors import BlueGreenError, ConfigError
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:18001"
+DEFAULT_TOKEN_FILE = Path("bluegreen.db.token")  # what `bluegreen serve` generates beside ./bluegreen.db
+
+
+def resolve_token(args: argparse.Namespace) -> str | None:
+    """The first of: --token, $BLUEGREEN_TOKEN, --token-file, $BLUEGREEN_TOKEN_FILE, and the token
+    `bluegreen serve` (or `bluegreen sandbox`) generated beside the default state, ./bluegreen.db.token.
+    A token file named explicitly must exist; the default one is only used when it does."""
+    token = getattr(args, "token", None) or os.environ.get("BLUEGREEN_TOKEN")
+    if token:
+        return token.strip()
+    named = getattr(args, "token_file", None) or os.environ.get("BLUEGREEN_TOKEN_FILE")
+    path = Path(named) if named else DEFAULT_TOKEN_FILE
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        if named:
+            raise ConfigError(f"token file {path} does not exist") from None
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the token file {path}: {exc}") from None
+
+
+def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    cacert = getattr(args, "cacert", None) or os.environ.get("BLUEGREEN_CACERT")
+    if not args.admin.startswith("https:"):
+        return None
+    try:
+        return ssl.create_default_context(cafile=cacert)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the CA certificate {cacert}: {exc}") from None
 
 
 class ApiError(Exception):
@@ -38,12 +70,13 @@ def _request(args: argparse.Namespace, method: str, path: str, body: Any = None,
     url = args.admin.rstrip("/") + path + (f"?{query}" if query else "")
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method)
-    request.add_header("Content-Type", "application/json")
-    token = args.token or os.environ.get("BLUEGREEN_TOKEN")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    token = resolve_token(args)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=args.timeout + 10) as response:
+        with urllib.request.urlopen(request, timeout=args.timeout + 10, context=_ssl_context(args)) as response:
             return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as exc:
         try:
@@ -272,6 +305,9 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     options = SandboxOptions(
         listener_port=args.port, preview_port=args.preview_port, xds=args.xds, admin=args.admin,
         envoy_admin_port=args.envoy_admin_port, state_path=Path(args.state) if args.state else None, delta=args.delta,
+        # Without --state the sandbox's token goes where the CLI looks by default, so
+        # `bluegreen traffic demo --green 10` in another terminal needs no token handling.
+        token_path=None if args.state else DEFAULT_TOKEN_FILE,
     )
     asyncio.run(run_sandbox(options))
     return 0
@@ -293,6 +329,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("demo interrupted; everything it started is stopped", file=sys.stderr)
         return 130
+
+
+def _auth_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token", help="bearer token (default: $BLUEGREEN_TOKEN, then the token file)")
+    parser.add_argument("--token-file", help="file holding the bearer token (default: $BLUEGREEN_TOKEN_FILE, then ./bluegreen.db.token)")
+    parser.add_argument("--cacert", help="CA certificate to verify an https:// admin API (default: $BLUEGREEN_CACERT, then the system's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -345,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_text)
         c.add_argument("--admin", default=os.environ.get("BLUEGREEN_ADMIN", DEFAULT_ADMIN_URL), help="admin API URL")
-        c.add_argument("--token", help="bearer token (default: $BLUEGREEN_TOKEN)")
+        _auth_arguments(c)
         c.add_argument("--json", action="store_true", help="print the API's JSON")
         c.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for every proxy to ACK (0: do not wait)")
         return c
@@ -405,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--database", required=True, help="postgresql:// URL")
     m.add_argument("--service", required=True, help="the service whose deployments decide whether contract may run")
     m.add_argument("--admin", default=os.environ.get("BLUEGREEN_ADMIN", DEFAULT_ADMIN_URL), help="admin API URL")
-    m.add_argument("--token", help="bearer token (default: $BLUEGREEN_TOKEN)")
+    _auth_arguments(m)
     m.add_argument("--timeout", type=float, default=10.0)
     m.set_defaults(func=cmd_migrate)
 

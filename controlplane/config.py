@@ -3,7 +3,18 @@
 Example::
 
     admin:
-      token_file: /etc/bluegreen/token   # or `token: "..."`; required to bind a non-loopback address
+      tokens:                            # named bearer tokens, each with a role (viewer, operator, admin)
+        - {name: ci, token_file: /etc/bluegreen/ci.token, role: operator}
+        - {name: oncall, token_file: /etc/bluegreen/oncall.token, role: admin}
+      hosts: [bluegreen.internal]        # Host names the admin API answers to (besides IPs and localhost)
+      tls: {cert: /etc/bluegreen/tls.crt, key: /etc/bluegreen/tls.key}
+    smoke:
+      commands_allowed:                  # argv prefixes a deployment's smoke commands may start with
+        - ["/usr/local/bin/smoke-check"]
+    webhooks:
+      allowed: ["https://hooks.internal/bluegreen/", "10.0.0.0/8"]   # default: loopback only
+    migrations:
+      databases_allowed: ["db.internal:5432"]                          # default: loopback only
     fleets:
       edge:                              # Envoys with node.cluster "edge"
         listeners:
@@ -15,6 +26,10 @@ Example::
     convergence:
       lagging_after_seconds: 10          # a proxy not converged this long is lagging: gates stop waiting for it
 
+The older single-token form ``admin: {token: ...}`` or ``admin: {token_file: ...}`` still works:
+one token named ``admin`` with role ``admin``. With no token configured at all, ``bluegreen
+serve`` generates one (see :mod:`controlplane.serve`). Token values never appear in error messages.
+
 Without a file there is one fleet, ``default``, with listener ``http`` on 127.0.0.1:10000 and
 preview on 127.0.0.1:10001, serving every service.
 """
@@ -22,8 +37,9 @@ preview on 127.0.0.1:10001, serving every service.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +48,52 @@ import yaml
 from .errors import ConfigError, ValidationError
 from .model import DEFAULT_FLEET, Fleet, ListenerSpec, validate_service_name
 
+log = logging.getLogger(__name__)
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,62}$")
+MIN_TOKEN_LENGTH = 16
+ROLES = ("viewer", "operator", "admin")
+LOOPBACK_RULES: tuple[str, ...] = ("127.0.0.0/8", "::1", "localhost")
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """A named bearer token and its role. ``repr`` hides the value: settings get logged."""
+
+    name: str
+    token: str = field(repr=False)
+    role: str = "admin"
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    tokens: tuple[TokenSpec, ...] = ()
+    hosts: tuple[str, ...] = ()
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Allowlists:
+    """What deployments may make the control plane run or call (see controlplane/admin/policy.py)."""
+
+    smoke_commands: tuple[tuple[str, ...], ...] = ()
+    webhooks: tuple[str, ...] = LOOPBACK_RULES
+    databases: tuple[str, ...] = LOOPBACK_RULES
 
 
 @dataclass(frozen=True)
 class Settings:
     fleets: tuple[Fleet, ...] = (DEFAULT_FLEET,)
-    admin_token: str | None = None
+    admin_token: str | None = None  # shorthand for one token named "admin" with role admin
+    admin: AdminSettings = AdminSettings()
+    allow: Allowlists = Allowlists()
     lagging_after_seconds: float = 10.0
+
+    def tokens(self) -> tuple[TokenSpec, ...]:
+        """Every configured token; empty means `bluegreen serve` generates one."""
+        legacy = (TokenSpec("admin", self.admin_token, "admin"),) if self.admin_token else ()
+        return legacy + self.admin.tokens
 
     def fleet(self, name: str) -> Fleet | None:
         for fleet in self.fleets:
@@ -114,26 +168,110 @@ def _fleet(name: str, raw: object) -> Fleet:
     return Fleet(name=name, listeners=listeners, services=chosen)
 
 
+def _token_value(where: str, data: dict[str, Any]) -> str:
+    """The token from ``token`` or ``token_file`` (stripped). Errors never echo the value."""
+    if "token" in data and "token_file" in data:
+        raise ConfigError(f"{where}: give token or token_file, not both")
+    if "token" in data:
+        token = data["token"]
+    elif "token_file" in data:
+        path = Path(str(data["token_file"]))
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}.token_file: {exc}") from exc
+        if path.stat().st_mode & 0o077:
+            log.warning("%s.token_file %s is readable by group or others; chmod 600 it", where, path)
+    else:
+        raise ConfigError(f"{where}: give token or token_file")
+    if not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(f"{where} token: expected a string of at least {MIN_TOKEN_LENGTH} characters")
+    return token
+
+
+def _token_spec(where: str, raw: object) -> TokenSpec:
+    data = _mapping(where, raw)
+    _check_keys(where, data, {"name", "token", "token_file", "role"})
+    name = data.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"{where}.name: expected a name of letters, digits, '_' or '-', got {name!r}")
+    role = data.get("role")
+    if role not in ROLES:
+        raise ConfigError(f"{where}.role: expected one of {', '.join(ROLES)}, got {role!r}")
+    return TokenSpec(name=name, token=_token_value(where, data), role=role)
+
+
+def _string_list(where: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}: expected a list of non-empty strings")
+    return tuple(value)
+
+
+def _admin(raw: object) -> tuple[str | None, AdminSettings]:
+    admin = _mapping("admin", raw)
+    _check_keys("admin", admin, {"token", "token_file", "tokens", "hosts", "tls"})
+    legacy = _token_value("admin", admin) if ("token" in admin or "token_file" in admin) else None
+    raw_tokens = admin.get("tokens", [])
+    if not isinstance(raw_tokens, list):
+        raise ConfigError("admin.tokens: expected a list of {name, token | token_file, role}")
+    tokens = tuple(_token_spec(f"admin.tokens[{i}]", item) for i, item in enumerate(raw_tokens))
+    names = [t.name for t in tokens] + (["admin"] if legacy else [])
+    if len(set(names)) != len(names):
+        raise ConfigError(f"admin.tokens: names must be unique (admin.token is named 'admin'), got {names}")
+    values = [t.token for t in tokens] + ([legacy] if legacy else [])
+    if len(set(values)) != len(values):
+        raise ConfigError("admin.tokens: two tokens have the same value; each name needs its own token")
+    hosts = _string_list("admin.hosts", admin.get("hosts", []))
+    cert = key = None
+    if "tls" in admin:
+        tls = _mapping("admin.tls", admin["tls"])
+        _check_keys("admin.tls", tls, {"cert", "key"})
+        for k in ("cert", "key"):
+            if not isinstance(tls.get(k), str) or not Path(tls[k]).is_file():
+                raise ConfigError(f"admin.tls.{k}: expected the path of a PEM file, got {tls.get(k)!r}")
+        cert, key = tls["cert"], tls["key"]
+    return legacy, AdminSettings(tokens=tokens, hosts=hosts, tls_cert=cert, tls_key=key)
+
+
+def _smoke_commands(raw: object) -> tuple[tuple[str, ...], ...]:
+    smoke = _mapping("smoke", raw)
+    _check_keys("smoke", smoke, {"commands_allowed"})
+    entries = smoke.get("commands_allowed", [])
+    if not isinstance(entries, list):
+        raise ConfigError("smoke.commands_allowed: expected a list of argv prefixes (a program path, or a list of strings)")
+    allowed = []
+    for i, entry in enumerate(entries):
+        prefix = [entry] if isinstance(entry, str) else entry
+        if not isinstance(prefix, list) or not prefix or not all(isinstance(a, str) and a for a in prefix):
+            raise ConfigError(f"smoke.commands_allowed[{i}]: expected a program path or a non-empty list of strings")
+        allowed.append(tuple(prefix))
+    return tuple(allowed)
+
+
+def _rules(where: str, raw: object, key: str) -> tuple[str, ...]:
+    from .admin.policy import check_rule  # late: the policy module needs this one's Allowlists
+
+    data = _mapping(where, raw)
+    _check_keys(where, data, {key})
+    rules = _string_list(f"{where}.{key}", data.get(key, list(LOOPBACK_RULES)))
+    for i, rule in enumerate(rules):
+        problem = check_rule(rule)
+        if problem:
+            raise ConfigError(f"{where}.{key}[{i}]: {problem}")
+    return rules
+
+
 def parse_settings(data: object) -> Settings:
     if data is None:
         return Settings()
     root = _mapping("config", data)
-    _check_keys("config", root, {"admin", "convergence", "fleets"})
-    token = None
-    if "admin" in root:
-        admin = _mapping("admin", root["admin"])
-        _check_keys("admin", admin, {"token", "token_file"})
-        if "token" in admin and "token_file" in admin:
-            raise ConfigError("admin: give token or token_file, not both")
-        if "token" in admin:
-            token = admin["token"]
-        elif "token_file" in admin:
-            try:
-                token = Path(admin["token_file"]).read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"admin.token_file: {exc}") from exc
-        if token is not None and (not isinstance(token, str) or len(token) < 16):
-            raise ConfigError("admin token: expected a string of at least 16 characters")
+    _check_keys("config", root, {"admin", "convergence", "fleets", "smoke", "webhooks", "migrations"})
+    token, admin = _admin(root["admin"]) if "admin" in root else (None, AdminSettings())
+    allow = Allowlists(
+        smoke_commands=_smoke_commands(root["smoke"]) if "smoke" in root else (),
+        webhooks=_rules("webhooks", root["webhooks"], "allowed") if "webhooks" in root else LOOPBACK_RULES,
+        databases=_rules("migrations", root["migrations"], "databases_allowed") if "migrations" in root else LOOPBACK_RULES,
+    )
     fleets: tuple[Fleet, ...] = (DEFAULT_FLEET,)
     if "fleets" in root:
         raw = _mapping("fleets", root["fleets"])
@@ -148,7 +286,7 @@ def parse_settings(data: object) -> Settings:
         if isinstance(raw_lagging, bool) or not isinstance(raw_lagging, (int, float)) or not 0 < raw_lagging <= 3600:
             raise ConfigError(f"convergence.lagging_after_seconds: expected a number of seconds > 0 and <= 3600, got {raw_lagging!r}")
         lagging_after = float(raw_lagging)
-    return Settings(fleets=fleets, admin_token=token, lagging_after_seconds=lagging_after)
+    return Settings(fleets=fleets, admin_token=token, admin=admin, allow=allow, lagging_after_seconds=lagging_after)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

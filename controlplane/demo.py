@@ -84,12 +84,13 @@ async def open_loop(url: str, rate: float, stop: asyncio.Event, load: Load, bega
 
 
 class Admin:
-    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, base: str, token: str) -> None:
         self.session = session
         self.base = base
+        self.headers = {"Authorization": f"Bearer {token}"}
 
     async def call(self, method: str, path: str, body: Any = None, **query: str) -> Any:
-        async with self.session.request(method, self.base + path, json=body, params=query or None) as response:
+        async with self.session.request(method, self.base + path, json=body, params=query or None, headers=self.headers) as response:
             data = await response.json()
             if response.status >= 400:
                 raise RuntimeError(f"{method} {path}: {response.status} {data.get('error')}")
@@ -213,7 +214,7 @@ async def run_demo(options: DemoOptions) -> int:
         loop.add_signal_handler(sig, lambda: main_task.cancel() if main_task else None)
     with tempfile.TemporaryDirectory(prefix="bluegreen-demo-") as tmp:
         async with sandbox(options.sandbox, Path(tmp)) as info, aiohttp.ClientSession() as session:
-            admin = Admin(session, f"http://{options.sandbox.admin}")
+            admin = Admin(session, f"http://{options.sandbox.admin}", info["token"])
             load = Load()
             began = time.monotonic()
             phase = ["steady: v1 on blue"]

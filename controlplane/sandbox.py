@@ -50,6 +50,7 @@ class SandboxOptions:
     envoy_admin_port: int = 9901
     state_path: Path | None = None
     delta: bool = False
+    token_path: Path | None = None  # the generated admin token; default: beside the state file
 
 
 class Child:
@@ -98,7 +99,8 @@ async def sandbox(options: SandboxOptions, workdir: Path) -> AsyncIterator[dict[
         listeners=(ListenerSpec("http", "127.0.0.1", options.listener_port, options.preview_port),),
     )
     state = options.state_path or workdir / "bluegreen.db"
-    serve_options = ServeOptions(settings=Settings(fleets=(fleet,)), state_path=state, xds=options.xds, admin=options.admin)
+    serve_options = ServeOptions(settings=Settings(fleets=(fleet,)), state_path=state, xds=options.xds, admin=options.admin,
+                                 token_path=options.token_path)
     children: list[Child] = []
     try:
         async with running(serve_options) as (cp, _):
@@ -126,7 +128,9 @@ async def sandbox(options: SandboxOptions, workdir: Path) -> AsyncIterator[dict[
                     await asyncio.sleep(0.05)  # the tracker offers futures per change, not per connection
 
             await asyncio.wait_for(converged(), 30)
-            yield {"blue": apps["blue"], "green": apps["green"], "envoy_log": str(envoy.log)}
+            token_file = serve_options.generated_token_path
+            yield {"blue": apps["blue"], "green": apps["green"], "envoy_log": str(envoy.log),
+                   "token_file": str(token_file), "token": token_file.read_text().strip()}
     finally:
         for child in reversed(children):
             await child.stop()
@@ -134,20 +138,23 @@ async def sandbox(options: SandboxOptions, workdir: Path) -> AsyncIterator[dict[
 
 def _instructions(options: SandboxOptions, info: dict[str, str]) -> str:
     admin = f"http://{options.admin}"
+    token_file = info["token_file"]
+    export = "" if token_file == "bluegreen.db.token" else f"\n  export BLUEGREEN_TOKEN_FILE={token_file}"
     return f"""
 bluegreen sandbox is up.
   Envoy (production)  http://127.0.0.1:{options.listener_port}/   -> blue v1 ({info['blue']})
   Envoy (preview)     http://127.0.0.1:{options.preview_port}/   -> the idle environment, green v2 ({info['green']})
   Admin API           {admin}   (Envoy admin: http://127.0.0.1:{options.envoy_admin_port}/)
+  Admin token         {token_file} (the CLI reads it from there; keep it private)
 
-Try, in another terminal:
+Try, in another terminal (in this directory):{export}
   curl -s http://127.0.0.1:{options.listener_port}/
   curl -s -H 'x-bluegreen-preview: 1' http://127.0.0.1:{options.listener_port}/
   bluegreen traffic demo --green 10 --admin {admin}
   bluegreen switch demo --admin {admin}
   bluegreen rollback demo --admin {admin}
   bluegreen status --admin {admin}
-  curl -s {admin}/v1/proxies
+  curl -s -H "Authorization: Bearer $(cat {token_file})" {admin}/v1/proxies
 
 Ctrl-C stops everything.
 """.rstrip()

@@ -1,4 +1,9 @@
-"""`bluegreen serve`: run the control plane until SIGTERM or SIGINT."""
+"""`bluegreen serve`: run the control plane until SIGTERM or SIGINT.
+
+The admin API always authenticates. With no token in the config, the first start generates one
+and stores it beside the state (``<state>.token``, mode 0600); later starts reuse it. The CLI,
+``bluegreen sandbox`` and ``bluegreen demo`` find it there (see :func:`controlplane.cli.resolve_token`).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,11 @@ import contextlib
 import gc
 import ipaddress
 import logging
+import os
 import resource
+import secrets
 import signal
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
@@ -18,7 +26,8 @@ from aiohttp import web
 from .admin.api import build_admin_app
 from .app import ControlPlane
 from .bootstrap import parse_host_port
-from .config import Settings
+from .admin.auth import Authenticator
+from .config import MIN_TOKEN_LENGTH, Settings, TokenSpec
 from .errors import ConfigError, ValidationError
 from .store.sqlite import open_sqlite_store
 
@@ -31,6 +40,71 @@ class ServeOptions:
     state_path: Path
     xds: str = "127.0.0.1:18000"
     admin: str = "127.0.0.1:18001"
+    token_path: Path | None = None  # where the generated token lives; default: <state>.token
+
+    @property
+    def generated_token_path(self) -> Path:
+        return self.token_path or token_path_for(self.state_path)
+
+
+def token_path_for(state_path: Path) -> Path:
+    return state_path.with_name(state_path.name + ".token")
+
+
+def ensure_token_file(path: Path) -> str:
+    """The token stored at ``path``, generating it first if there is none. The file is created
+    complete and with mode 0600 from its first byte (a temporary file linked into place), so a
+    concurrent reader never sees half a token and two starts never overwrite each other."""
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        token = None
+    if token is None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+            try:
+                os.link(tmp, path)
+                log.info("generated an admin token (role admin) in %s; the CLI on this machine finds it there", path)
+            except FileExistsError:
+                pass  # another start won the race: use its token
+        finally:
+            tmp.unlink(missing_ok=True)
+        token = path.read_text().strip()
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(f"the token in {path} is shorter than {MIN_TOKEN_LENGTH} characters; delete the file to generate a new one")
+    if path.stat().st_mode & 0o077:
+        log.warning("%s is readable by group or others; chmod 600 it", path)
+    return token
+
+
+def authenticator_for(options: ServeOptions) -> Authenticator:
+    """The configured tokens, or else the generated one (named "admin", role admin)."""
+    tokens = options.settings.tokens()
+    if not tokens:
+        path = options.generated_token_path
+        tokens = (TokenSpec("admin", ensure_token_file(path), "admin"),)
+        log.info("admin API token: %s (no token in the config)", path)
+    else:
+        log.info("admin API tokens: %s", ", ".join(f"{t.name} ({t.role})" for t in tokens))
+    return Authenticator.of(tokens)
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    admin = settings.admin
+    if admin.tls_cert is None or admin.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(admin.tls_cert, admin.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"admin.tls: cannot load {admin.tls_cert} / {admin.tls_key}: {exc}") from None
+    return context
 
 
 def _is_loopback(host: str) -> bool:
@@ -49,11 +123,15 @@ def check_options(options: ServeOptions) -> tuple[str, int]:
         host, port = parse_host_port(options.admin, what="--admin")
     except ValidationError as exc:
         raise ConfigError(str(exc)) from None
-    if not _is_loopback(host) and not options.settings.admin_token:
+    if not _is_loopback(host) and not options.settings.tokens():
+        # The generated token is for one machine: whoever binds beyond loopback chooses the
+        # tokens (and their roles) deliberately, and hands them out.
         raise ConfigError(
-            f"refusing to bind the admin API to {host}: anyone who can reach it can move traffic. "
-            "Set admin.token or admin.token_file in the config file, or bind 127.0.0.1"
+            f"refusing to bind the admin API to {host} with only a generated token: anyone who can reach it "
+            "could try to move traffic. Configure admin.tokens (or admin.token / admin.token_file), or bind 127.0.0.1"
         )
+    if not _is_loopback(host) and options.settings.admin.tls_cert is None:
+        log.warning("the admin API on %s is plain HTTP: bearer tokens cross the network in clear; set admin.tls", host)
     return host, port
 
 
@@ -61,14 +139,17 @@ def check_options(options: ServeOptions) -> tuple[str, int]:
 async def running(options: ServeOptions) -> AsyncIterator[tuple[ControlPlane, int]]:
     """Start store, control plane and admin API; stop them in reverse order on exit."""
     host, port = check_options(options)
+    auth = authenticator_for(options)
+    tls = ssl_context(options.settings)
     kv = await open_sqlite_store(options.state_path)
     cp = ControlPlane(options.settings, kv)
     try:
         await cp.start(options.xds)
-        runner = web.AppRunner(build_admin_app(cp, options.settings.admin_token), access_log=None)
+        hosts = (*options.settings.admin.hosts, host)
+        runner = web.AppRunner(build_admin_app(cp, auth, hosts=hosts), access_log=None)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, host, port)
+            site = web.TCPSite(runner, host, port, ssl_context=tls)
             await site.start()
             bound = runner.addresses[0][1] if runner.addresses else port
             yield cp, bound
@@ -102,8 +183,8 @@ async def serve(options: ServeOptions) -> None:
         gc.freeze()
         gc.set_threshold(20_000, 10, 10)
         log.info(
-            "serving xDS (ADS, SotW and Delta) on %s, admin API on %s; state %s; fleets: %s; open files limit %d",
-            options.xds, options.admin, options.state_path, ", ".join(f.name for f in options.settings.fleets), open_files,
+            "serving xDS (ADS, SotW and Delta) on %s, admin API on %s%s; state %s; fleets: %s; open files limit %d",
+            options.xds, options.admin, " (TLS)" if options.settings.admin.tls_cert else "", options.state_path, ", ".join(f.name for f in options.settings.fleets), open_files,
         )
         await stop.wait()
         log.info("stopping: proxies keep their last configuration until a control plane is back")

@@ -299,7 +299,9 @@ async def _http_ok(session: aiohttp.ClientSession, url: str, proc: ManagedProces
 
 
 async def _wait_http_ok(proc: ManagedProcess, url: str, *, timeout: float, what: str) -> None:
-    async with aiohttp.ClientSession() as session:
+    # A readiness probe only: an https:// server's certificate is checked by the tests themselves.
+    connector = aiohttp.TCPConnector(ssl=False) if url.startswith("https://") else None
+    async with aiohttp.ClientSession(connector=connector) as session:
         await wait_for(
             lambda: _http_ok(session, url, proc),
             timeout=timeout,
@@ -516,11 +518,42 @@ class ControlPlane:
 
     @property
     def admin_url(self) -> str:
-        return f"http://{LOCALHOST}:{self.admin_port}"
+        scheme = "https" if self._settings() is not None and self._settings().admin.tls_cert else "http"
+        return f"{scheme}://{LOCALHOST}:{self.admin_port}"
+
+    def _settings(self) -> Any:
+        if self.config_path is None:
+            return None
+        from controlplane.config import load_settings
+
+        return load_settings(self.config_path)
 
     @property
     def xds_address(self) -> str:
         return f"{LOCALHOST}:{self.xds_port}"
+
+    @property
+    def token_path(self) -> Path:
+        """Where ``serve`` generated its admin token (no token in the config)."""
+        return self.state_path.with_name(self.state_path.name + ".token")
+
+    @property
+    def token(self) -> str:
+        """An admin-role token: the first admin token of the config, else the generated one."""
+        if self.config_path is not None:
+            admins = [t for t in self._settings().tokens() if t.role == "admin"]
+            if admins:
+                return admins[0].token
+        return self.token_path.read_text().strip()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Headers that authenticate as an admin: pass to any request to the admin API."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def session(self, **kwargs: Any) -> aiohttp.ClientSession:
+        """An aiohttp session whose every request carries the admin token."""
+        return aiohttp.ClientSession(headers=self.headers, **kwargs)
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "controlplane", "serve", "--state", str(self.state_path)]
@@ -546,6 +579,7 @@ class ControlPlane:
         )
         self.history.append(self.process)
         await _wait_http_ok(self.process, f"{self.admin_url}/healthz", timeout=self.startup_timeout, what="/healthz")
+        _RUNNING[self.admin_url] = self
 
     async def restart(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` (default SIGKILL: a crash), reap the process, start a new one on the same ports."""
@@ -559,6 +593,18 @@ class ControlPlane:
             except TimeoutError:
                 await self.process.stop(timeout=0)
         await self.start()
+
+
+_RUNNING: dict[str, ControlPlane] = {}
+
+
+def admin_headers(url: str) -> dict[str, str]:
+    """The admin token headers for ``url`` if it belongs to a control plane the harness started
+    (so test clients holding only ``cp.admin_url`` authenticate transparently), else none."""
+    for base, cp in _RUNNING.items():
+        if url == base or url.startswith(base + "/"):
+            return cp.headers
+    return {}
 
 
 @contextlib.asynccontextmanager
@@ -598,6 +644,7 @@ async def run_control_plane(
                 _print_tail(cp.process, 60)
             raise
         finally:
+            _RUNNING.pop(cp.admin_url, None)
             for proc in cp.history:
                 await proc.stop()
 

@@ -28,9 +28,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane import typeurls
 from controlplane.admin.api import MAX_BODY_BYTES, build_admin_app
+from controlplane.admin.auth import Authenticator
 from controlplane.admin.openapi import OPENAPI
 from controlplane.app import ControlPlane
-from controlplane.config import Settings, load_settings, parse_settings
+from controlplane.config import Settings, TokenSpec, load_settings, parse_settings
 from controlplane.errors import ConfigError
 from controlplane.serve import ServeOptions, check_options, running
 from controlplane.store.sqlite import open_sqlite_store
@@ -190,6 +191,7 @@ class Api:
         data: bytes | None = None
         if isinstance(body, Raw):
             data = body.data
+            hdrs.setdefault("Content-Type", "application/json")
         elif body is not NO_BODY:
             data = json.dumps(body).encode()
             hdrs.setdefault("Content-Type", "application/json")
@@ -228,7 +230,7 @@ async def admin_api(tmp_path: Path, token: str | None = None, settings: Settings
     cp = ControlPlane(settings or Settings(admin_token=token), kv)
     try:
         await cp.start("127.0.0.1:0")
-        app = build_admin_app(cp, token)
+        app = build_admin_app(cp, Authenticator.of([TokenSpec("admin", token, "admin")]) if token else None)
         client = TestClient(TestServer(app))
         await client.start_server()
         try:

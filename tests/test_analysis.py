@@ -74,7 +74,7 @@ async def test_green_answering_5xx_is_rolled_back_automatically(tmp_path: Path) 
         counts = await sample_environments(url, 200)
         assert counts == {"blue": 200}, dict(counts)
 
-        async with session.get(cp.admin_url + "/metrics") as response:
+        async with session.get(cp.admin_url + "/metrics", headers=cp.headers) as response:
             metrics = await response.text()
         assert 'bluegreen_rollbacks_total{reason="automatic",service="shop"} 1.0' in metrics
         assert 'bluegreen_deployments_total{result="rolled_back",service="shop"} 1.0' in metrics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -10,11 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ManagedProcess, envoy_binary, free_port, sample_environments, settle_on, wait_for
+from tests.harness import REPO_ROOT, ManagedProcess, envoy_binary, free_port, sample_environments, settle_on, wait_for
 
 
-def bluegreen(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "controlplane", *args], capture_output=True, text=True, timeout=60)
+PYTHON_ENV = {"PYTHONPATH": str(REPO_ROOT)}
+
+
+def bluegreen(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLUEGREEN_")}
+    return subprocess.run([sys.executable, "-m", "controlplane", *args], capture_output=True, text=True, timeout=60,
+                          cwd=cwd, env={**env, **PYTHON_ENV})
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
@@ -70,7 +76,7 @@ async def test_sandbox_then_move_traffic_with_the_cli(tmp_path: Path) -> None:
     proc = await ManagedProcess.start(
         [sys.executable, "-m", "controlplane", "sandbox", "--port", str(port), "--preview-port", str(preview),
          "--xds", f"127.0.0.1:{xds}", "--admin", f"127.0.0.1:{admin}", "--envoy-admin-port", str(envoy_admin)],
-        name="sandbox", log_dir=tmp_path,
+        name="sandbox", log_dir=tmp_path, cwd=tmp_path, env=PYTHON_ENV,
     )
     try:
         await proc.expect_log("bluegreen sandbox is up", timeout=60)
@@ -78,8 +84,17 @@ async def test_sandbox_then_move_traffic_with_the_cli(tmp_path: Path) -> None:
         assert await sample_environments(url, 20) == {"blue": 20}
         assert await sample_environments(f"http://127.0.0.1:{preview}/", 5) == {"green": 5}
 
+        # The user never handles the token: the sandbox wrote it where the CLI looks by default.
+        assert (tmp_path / "bluegreen.db.token").stat().st_mode & 0o777 == 0o600
+        assert "Admin token         bluegreen.db.token" in proc.log_text()
+
         async def cli(*args: str) -> subprocess.CompletedProcess[str]:
-            return await asyncio.to_thread(bluegreen, *args, "--admin", admin_url)
+            return await asyncio.to_thread(bluegreen, *args, "--admin", admin_url, cwd=tmp_path)
+
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        refused = await asyncio.to_thread(bluegreen, "switch", "demo", "--admin", admin_url, cwd=elsewhere)
+        assert refused.returncode == 1 and "error (401)" in refused.stderr
 
         result = await cli("switch", "demo")
         assert result.returncode == 0, result.stderr

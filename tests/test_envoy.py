@@ -17,6 +17,7 @@ import yaml
 from controlplane.bootstrap import render_bootstrap
 from controlplane.typeurls import LISTENER
 from tests.harness import (
+    admin_headers,
     Envoy,
     binomial_band,
     free_port,
@@ -41,7 +42,8 @@ class Api:
         self.base = base
 
     async def call(self, method: str, path: str, body: Any = None, *, expect: int = 200, **query: str) -> Any:
-        async with self.session.request(method, self.base + path, json=body, params=query or None) as response:
+        async with self.session.request(method, self.base + path, json=body, params=query or None,
+                                        headers=admin_headers(self.base)) as response:
             data = await response.json()
             assert response.status == expect, f"{method} {path} -> {response.status}: {data}"
             return data
@@ -219,7 +221,7 @@ async def test_nack_is_reported_not_resent_and_envoy_keeps_serving(tmp_path: Pat
             assert str(taken) in lds["last_nack"]["message"], lds["last_nack"]
             assert lds["acked_version"] != lds["last_nack"]["version"]
             assert not proxy["converged"]
-            async with session.get(cp.admin_url + "/metrics") as response:
+            async with session.get(cp.admin_url + "/metrics", headers=cp.headers) as response:
                 metrics = await response.text()
             assert f'bluegreen_xds_nacks_total{{type_url="{LISTENER}"}} 1.0' in metrics
             assert f'bluegreen_xds_proxy_rejected_config{{fleet="default",node_id="edge-1",type_url="{LISTENER}"}} 1.0' in metrics

@@ -132,7 +132,7 @@ class Stack:
             return await response.json()  # type: ignore[no-any-return]
 
     async def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        async with self.session.get(self.cp.admin_url + "/metrics") as response:
+        async with self.session.get(self.cp.admin_url + "/metrics", headers=self.cp.headers) as response:
             text = await response.text()
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for family in text_string_to_metric_families(text) for s in family.samples}
@@ -230,8 +230,8 @@ async def test_happy_path_10_50_100_then_drain_standby_decommission(tmp_path: Pa
                                        hooks_pending=False)
 
         assert [(st, actor) for st, actor, _ in events(done)] == [
-            ("deploying", "api"), ("ready", "automatic"), ("shifting", "automatic"), ("shifting", "api"),
-            ("active", "api"), ("active", "automatic"),
+            ("deploying", "token:admin"), ("ready", "automatic"), ("shifting", "automatic"), ("shifting", "token:admin"),
+            ("active", "token:admin"), ("active", "automatic"),
         ]
         reasons = [r for _, _, r in events(done)]
         assert reasons[0] == "deploy v2 to green" and "smoke tests passed" in reasons[1]
@@ -275,7 +275,7 @@ async def test_timers_drive_the_steps_and_the_bake(tmp_path: Path) -> None:
         did = await s.deploy(s.body([50, 100], step_seconds=1, bake_seconds=1))
         d = await s.wait_deployment(did, "active and baked", status="active", baking=False)
         assert [(st, actor) for st, actor, _ in events(d)] == [
-            ("deploying", "api"), ("ready", "automatic"), ("shifting", "automatic"), ("active", "automatic"),
+            ("deploying", "token:admin"), ("ready", "automatic"), ("shifting", "automatic"), ("active", "automatic"),
             ("active", "automatic"),
         ]
         assert events(d)[3][2] == "step 1: 100% after 1s"
@@ -532,7 +532,7 @@ async def test_commands_pause_resume_abort_conflicts_and_manual_promote(tmp_path
 
         paused = await s.command(did, "pause")
         assert paused["deadline"] is None and 0 < paused["paused_remaining"] <= LONG_STEP
-        assert events(paused)[-1][:2] == ("shifting", "api") and events(paused)[-1][2] == "paused"
+        assert events(paused)[-1][:2] == ("shifting", "token:admin") and events(paused)[-1][2] == "paused"
         assert await s.command(did, "pause") == paused  # idempotent
         resumed = await s.command(did, "resume")
         assert resumed["paused_remaining"] is None and resumed["deadline"] is not None
@@ -560,7 +560,7 @@ async def test_commands_pause_resume_abort_conflicts_and_manual_promote(tmp_path
         await wait_for(lambda: slow_started(s.green) > slow_before, timeout=15, message="smoke request in flight")
         aborted = await s.command(early, "abort")
         assert (aborted["status"], aborted["reason"]) == ("failed", "aborted")
-        assert events(aborted)[-1][:2] == ("failed", "api")
+        assert events(aborted)[-1][:2] == ("failed", "token:admin")
         assert (await s.service())["traffic"]["weights"] == {"blue": 100, "green": 0}
         assert "only a shifting deployment can be promoted" in (await s.command(early, "promote", expect=409))["error"]
         assert await s.command(early, "abort") == aborted  # idempotent
@@ -585,7 +585,7 @@ async def test_commands_pause_resume_abort_conflicts_and_manual_promote(tmp_path
         await s.wait_deployment("shop-1", "blue on standby", status="standby")
         await s.command(held, "decommission")
         blue = await s.wait_deployment("shop-1", "blue retired on request", status="decommissioned", hooks_pending=False)
-        assert events(blue)[-2][:2] == ("decommissioned", "api") and "on request" in events(blue)[-2][2]
+        assert events(blue)[-2][:2] == ("decommissioned", "token:admin") and "on request" in events(blue)[-2][2]
         assert (await s.service())["environments"]["blue"]["endpoints"] == []
         await s.wait_envoy(None, 100)
         assert await s.sample(100) == Counter({"green": 100})
@@ -653,7 +653,7 @@ async def test_bad_input_is_refused_and_changes_nothing(tmp_path: Path) -> None:
                     await s.api.call("GET", "/v1/services"))
 
         async def raw(method: str, path: str, data: bytes | None = None, **query: str) -> tuple[int, Any]:
-            headers = {"Content-Type": "application/json"} if data is not None else {}
+            headers = {**s.cp.headers, **({"Content-Type": "application/json"} if data is not None else {})}
             async with s.session.request(method, s.cp.admin_url + path, data=data, headers=headers, params=query or None) as response:
                 return response.status, await response.json()
 
@@ -721,10 +721,11 @@ async def in_process(tmp_path: Path) -> AsyncIterator[tuple[Any, Any]]:
 
     from controlplane.admin.api import build_admin_app
     from controlplane.app import ControlPlane
-    from controlplane.config import Settings
+    from controlplane.config import Allowlists, Settings
     from controlplane.store.sqlite import open_sqlite_store
 
-    cp = ControlPlane(Settings(), await open_sqlite_store(tmp_path / "state.db"))
+    settings = Settings(allow=Allowlists(smoke_commands=(("sleep",),)))
+    cp = ControlPlane(settings, await open_sqlite_store(tmp_path / "state.db"))
     try:
         await cp.start("127.0.0.1:0")
         client = TestClient(TestServer(build_admin_app(cp, None)))

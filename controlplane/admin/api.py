@@ -8,7 +8,6 @@ one exception tree map to HTTP statuses here and only here.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -24,7 +23,10 @@ from ..errors import ConflictError, MigrationError, NotFoundError, StoreError, V
 from ..migrations.apply import redact
 from ..model import Deployment, Environment, Service, deployment_to_dict
 from ..store.repository import Committed
+from ..deploy.spec import parse_deployment_spec, parse_migrations
+from .auth import Authenticator, actor_of, content_type_middleware, security_middleware
 from .openapi import OPENAPI
+from .policy import check_deployment, check_migrations
 
 log = logging.getLogger(__name__)
 
@@ -66,22 +68,6 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return _error(500, "internal error; see the control plane's log")
-
-
-def auth_middleware(token: str) -> Any:
-    expected = f"Bearer {token}".encode()
-
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path != "/healthz":
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                response = _error(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
-                response.headers["WWW-Authenticate"] = 'Bearer realm="bluegreen"'
-                return response
-        return await handler(request)
-
-    return check
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +262,7 @@ async def put_service(request: web.Request) -> web.Response:
     _wait_params(request)
     body = await _json_body(request)
     ops = request.app[CONTROL_PLANE].operations
-    return await _mutate(request, lambda: ops.put_service(request.match_info["name"], body))
+    return await _mutate(request, lambda: ops.put_service(request.match_info["name"], body, actor=actor_of(request)))
 
 
 async def put_environment(request: web.Request) -> web.Response:
@@ -284,14 +270,14 @@ async def put_environment(request: web.Request) -> web.Response:
     Environment.parse(request.match_info["env"])
     body = await _json_body(request)
     ops = request.app[CONTROL_PLANE].operations
-    return await _mutate(request, lambda: ops.put_environment(request.match_info["name"], request.match_info["env"], body))
+    return await _mutate(request, lambda: ops.put_environment(request.match_info["name"], request.match_info["env"], body, actor=actor_of(request)))
 
 
 async def put_traffic(request: web.Request) -> web.Response:
     _wait_params(request)
     body = await _json_body(request)
     ops = request.app[CONTROL_PLANE].operations
-    return await _mutate(request, lambda: ops.set_traffic(request.match_info["name"], body))
+    return await _mutate(request, lambda: ops.set_traffic(request.match_info["name"], body, actor=actor_of(request)))
 
 
 async def switch(request: web.Request) -> web.Response:
@@ -306,7 +292,7 @@ async def switch(request: web.Request) -> web.Response:
     if to is not None:
         Environment.parse(to)
     ops = request.app[CONTROL_PLANE].operations
-    return await _mutate(request, lambda: ops.switch(request.match_info["name"], to))
+    return await _mutate(request, lambda: ops.switch(request.match_info["name"], to, actor=actor_of(request)))
 
 
 async def rollback(request: web.Request) -> web.Response:
@@ -315,7 +301,7 @@ async def rollback(request: web.Request) -> web.Response:
     if body != {}:
         raise ValidationError("rollback takes no body")
     ops = request.app[CONTROL_PLANE].operations
-    return await _mutate(request, lambda: ops.rollback(request.match_info["name"]))
+    return await _mutate(request, lambda: ops.rollback(request.match_info["name"], actor=actor_of(request)))
 
 
 async def list_deployments(request: web.Request) -> web.Response:
@@ -329,7 +315,8 @@ async def list_deployments(request: web.Request) -> web.Response:
 async def create_deployment(request: web.Request) -> web.Response:
     cp = request.app[CONTROL_PLANE]
     body = await _json_body(request)
-    committed = await cp.rollouts.deploy(request.match_info["name"], body)
+    check_deployment(parse_deployment_spec(body), cp.settings.allow)  # 400 before anything runs or is stored
+    committed = await cp.rollouts.deploy(request.match_info["name"], body, actor=actor_of(request))
     request.app[CONTROL_PLANE].publisher.accepted(committed.revision, time.monotonic())
     created = next(d for d in committed.change.deployments if d.status.value == "deploying")
     return web.json_response({"id": created.id, "deployment": _deployment_view(created)}, status=202)
@@ -344,6 +331,7 @@ async def get_deployment(request: web.Request) -> web.Response:
 async def contract(request: web.Request) -> web.Response:
     cp = request.app[CONTROL_PLANE]
     body = await _json_body(request)
+    check_migrations(parse_migrations(body), cp.settings.allow)
     return web.json_response(await cp.rollouts.contract(request.match_info["name"], body))
 
 
@@ -370,7 +358,7 @@ def _deployment_action(action: str) -> Handler:
                 raise ValidationError(f"step must be a step index (0, 1, ...) and is only for promote, got {raw_step!r}")
             to_step = int(raw_step)
         committed = await cp.rollouts.command(request.match_info["id"], action, full=full == "true", to_step=to_step,
-                                              force=force == "true")
+                                              force=force == "true", actor=actor_of(request))
         request.app[CONTROL_PLANE].publisher.accepted(committed.revision, time.monotonic())
         await asyncio.wait_for(cp.publisher.wait_published(committed.revision), PUBLISH_TIMEOUT)
         record = await cp.repo.deployment(request.match_info["id"])
@@ -434,10 +422,12 @@ ROUTES: list[tuple[str, str, Handler]] = [
 ]
 
 
-def build_admin_app(cp: ControlPlane, token: str | None) -> web.Application:
-    middlewares = [errors_middleware]
-    if token:
-        middlewares.append(auth_middleware(token))
+def build_admin_app(cp: ControlPlane, auth: Authenticator | None, *, hosts: tuple[str, ...] = ()) -> web.Application:
+    """The admin app. ``auth=None`` turns authentication, roles and the Host check off: for
+    in-process unit tests only; ``bluegreen serve`` always passes an Authenticator."""
+    # Security outermost: it sees the final status of every call (errors included) for the audit log.
+    middlewares: list[Any] = [security_middleware(auth, hosts)] if auth is not None else []
+    middlewares += [errors_middleware, content_type_middleware]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[CONTROL_PLANE] = cp
     for method, path, handler in ROUTES:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .auth import OPEN, ROUTE_ROLES
+
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _SERVICE = {"$ref": "#/components/schemas/Service"}
 
@@ -18,7 +20,7 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 _ERRORS = {
     "400": _json(_ERROR, "Bad input; nothing was changed. The message names the problem."),
-    "401": _json(_ERROR, "Missing or wrong bearer token (only when the config sets a token)."),
+    "401": _json(_ERROR, "Missing or wrong bearer token."),
     "404": _json(_ERROR, "Unknown service."),
     "409": _json(_ERROR, "Valid request that the current state does not allow; nothing was changed."),
     "413": _json(_ERROR, "Body larger than 1 MiB."),
@@ -476,3 +478,25 @@ OPENAPI: dict[str, Any] = {
         },
     },
 }
+
+
+def _secure(document: dict[str, Any]) -> None:
+    """Every operation names the role it needs (from the one table in auth.py) and the errors
+    the security checks answer with."""
+    for path, operations in document["paths"].items():
+        for method, op in operations.items():
+            role = ROUTE_ROLES[(method.upper(), path)]
+            if role is OPEN:
+                op["security"] = []
+                continue
+            op["x-required-role"] = role.label
+            op["description"] = (op.get("description", "") + f" Needs a token with role {role.label} or higher.").strip()
+            responses = op.setdefault("responses", {})
+            responses.setdefault("401", _json(_ERROR, "Missing or wrong bearer token."))
+            responses.setdefault("403", _json(_ERROR, f"The token's role is below {role.label}; the message names the role needed."))
+            responses.setdefault("421", _json(_ERROR, "The Host header names a host this admin API does not answer to (admin.hosts)."))
+            if method in ("post", "put"):
+                responses.setdefault("415", _json(_ERROR, "A body (or a Content-Type) other than application/json."))
+
+
+_secure(OPENAPI)

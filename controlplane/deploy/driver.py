@@ -28,6 +28,7 @@ from ..migrations.gate import contract_blockers, refusal
 from ..metrics import Metrics
 from ..model import Change, Deployment, DeploymentStatus as S, Environment, Fleet, Service
 from ..resources import cluster_name
+from .operations import with_actor
 from .smoke import call_webhook, preview_target, run_smoke
 from ..store.repository import Committed, Repository
 
@@ -127,7 +128,7 @@ class Rollouts:
 
     # -- commands (called by the admin API) -----------------------------------------------------
 
-    async def deploy(self, name: str, body: object) -> Committed:
+    async def deploy(self, name: str, body: object, *, actor: str = transitions.API) -> Committed:
         spec = parse_deployment_spec(body)
         service = await self.repo.service(name)
         idle = service.traffic.idle
@@ -140,12 +141,12 @@ class Rollouts:
                                 f"deploy once they have converged, or decommission {idle.value} with force=true first")
         if spec.migrations is not None:
             await asyncio.to_thread(check_migrations, spec.migrations)  # bad set or lint errors: 400, nothing stored
-        committed = await self.repo.mutate(name, lambda s, c, now: transitions.start(_require(s), c, spec, now))
+        committed = await self.repo.mutate(name, lambda s, c, now: transitions.start(_require(s), c, spec, now, actor))
         self.poke(name)
         return committed
 
     async def command(self, deployment_id: str, action: str, *, full: bool = False, to_step: int | None = None,
-                      force: bool = False) -> Committed:
+                      force: bool = False, actor: str = transitions.API) -> Committed:
         record = await self.repo.deployment(deployment_id)
         name = record.service
         still: tuple[str, ...] = ()
@@ -166,7 +167,7 @@ class Rollouts:
                 still_routing=still, force=force),
         }
         transition = actions[action]
-        committed = await self.repo.mutate(name, lambda s, c, now: transition(_require(s), c, now))
+        committed = await self.repo.mutate(name, lambda s, c, now: with_actor(transition(_require(s), c, now), actor, now))
         self.committed(committed)
         return committed
 

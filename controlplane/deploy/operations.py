@@ -7,6 +7,7 @@ from the store's change notification (see ``fleet.Publisher``), never from here.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping
 
 from ..errors import ConflictError
@@ -43,12 +44,24 @@ def _not_during_deployment(service: Service, current: Current) -> None:
             )
 
 
+def with_actor(change: Change, actor: str, now: float) -> Change:
+    """The change with history events made on request (actor ``api``) credited to ``actor``,
+    the authenticated caller. The pure transitions only know "a request" and "the timer"."""
+    if actor == transitions.API:
+        return change
+    records = tuple(
+        replace(d, history=tuple(replace(e, actor=actor) if e.actor == transitions.API and e.at == now else e for e in d.history))
+        for d in change.deployments
+    )
+    return replace(change, deployments=records)
+
+
 class Operations:
     def __init__(self, repo: Repository, fleets: tuple[Fleet, ...]) -> None:
         self.repo = repo
         self.fleets = fleets
 
-    async def put_service(self, name: str, body: object) -> Committed:
+    async def put_service(self, name: str, body: object, *, actor: str = transitions.API) -> Committed:
         validate_service_name(name)
         others = list((await self.repo.state()).services)
 
@@ -62,9 +75,9 @@ class Operations:
         # The conflict check reads other services outside the transaction; two concurrent
         # creations of clashing routes could both pass. Creating services is rare and done by
         # people or pipelines, and a clash is visible in the route table (first one wins).
-        return await self.repo.mutate(name, mutation, create=True)
+        return await self.repo.mutate(name, lambda s, c, now: with_actor(mutation(s, c, now), actor, now), create=True)
 
-    async def put_environment(self, name: str, env_name: str, body: object) -> Committed:
+    async def put_environment(self, name: str, env_name: str, body: object, *, actor: str = transitions.API) -> Committed:
         env = Environment.parse(env_name)
         state = parse_environment_spec(body)
 
@@ -73,9 +86,9 @@ class Operations:
             _not_during_deployment(service, current)
             return set_environment(service, env, state, current, now)
 
-        return await self.repo.mutate(name, mutation)
+        return await self.repo.mutate(name, lambda s, c, now: with_actor(mutation(s, c, now), actor, now))
 
-    async def set_traffic(self, name: str, body: object) -> Committed:
+    async def set_traffic(self, name: str, body: object, *, actor: str = transitions.API) -> Committed:
         weights = parse_weights(body)
 
         def mutation(service: Service | None, current: Current, now: float) -> Change:
@@ -83,9 +96,9 @@ class Operations:
             _not_during_deployment(service, current)
             return set_weights(service, weights, current, now)
 
-        return await self.repo.mutate(name, mutation)
+        return await self.repo.mutate(name, lambda s, c, now: with_actor(mutation(s, c, now), actor, now))
 
-    async def switch(self, name: str, to: str | None) -> Committed:
+    async def switch(self, name: str, to: str | None, *, actor: str = transitions.API) -> Committed:
         target_env = Environment.parse(to) if to is not None else None
 
         def mutation(service: Service | None, current: Current, now: float) -> Change:
@@ -94,9 +107,9 @@ class Operations:
             target = switch_target(service, target_env)
             return set_weights(service, full_weights(target), current, now)
 
-        return await self.repo.mutate(name, mutation)
+        return await self.repo.mutate(name, lambda s, c, now: with_actor(mutation(s, c, now), actor, now))
 
-    async def rollback(self, name: str) -> Committed:
+    async def rollback(self, name: str, *, actor: str = transitions.API) -> Committed:
         def mutation(service: Service | None, current: Current, now: float) -> Change:
             assert service is not None
             # A deployment made by the workflow is rolled back by the workflow, so its records
@@ -109,4 +122,4 @@ class Operations:
             target = rollback_target(service)
             return set_weights(service, full_weights(target), current, now, rollback=True)
 
-        return await self.repo.mutate(name, mutation)
+        return await self.repo.mutate(name, lambda s, c, now: with_actor(mutation(s, c, now), actor, now))

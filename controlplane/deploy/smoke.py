@@ -88,10 +88,15 @@ async def _check(session: aiohttp.ClientSession, target: PreviewTarget, check: H
     return f"{problem} (after {check.retries + 1} attempts)"
 
 
+# Smoke commands get this environment plus the BLUEGREEN_* variables describing the target, not
+# the control plane's own (which may hold credentials): documented in docs/security.md.
+SMOKE_BASE_ENV: Mapping[str, str] = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+
 async def _command(argv: tuple[str, ...], env: Mapping[str, str], timeout: float) -> str | None:
     try:
         process = await asyncio.create_subprocess_exec(
-            *argv, env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            *argv, env={**SMOKE_BASE_ENV, **env}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )
     except OSError as exc:
         return f"command {argv[0]!r} could not start: {exc}"

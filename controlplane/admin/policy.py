@@ -1,0 +1,151 @@
+"""What a deployment may make the control plane run or call: the server config's allowlists.
+
+The deployment spec parser is pure and knows nothing of the server; these checks run at the
+API boundary, before anything is stored, and refuse with a ValidationError (HTTP 400) that
+names the command or URL (password hidden) and the config key to change.
+
+Rules for URLs (``webhooks.allowed``, ``migrations.databases_allowed``), each one of:
+
+- ``127.0.0.0/8``, ``10.1.2.3``, ``::1``: the URL's host is an IP literal inside that network.
+  Host *names* never match an IP rule: we do not resolve names, whose answers can change.
+- ``hooks.example.com``, ``*.example.com``, optionally ``:PORT``: the URL's host name matches
+  (``*`` is a shell-style wildcard, case-insensitive); with a port, the URL's port must be it.
+- ``https://hooks.example.com/bluegreen/``: scheme, host and port equal, and the URL's path
+  starts with this path. User and password in the URL are ignored for matching.
+
+Smoke commands (``smoke.commands_allowed``): each entry is an argv prefix; a command is allowed
+when its first arguments equal one entry's, element by element (no shell, no wildcards).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+from urllib.parse import parse_qs, urlsplit
+
+from ..config import Allowlists
+from ..deploy.spec import DeploymentSpec, Migrations
+from ..errors import ValidationError
+from ..migrations.apply import redact
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "postgres": 5432, "postgresql": 5432}
+
+
+def check_rule(rule: str) -> str | None:
+    """Why ``rule`` is malformed, or None."""
+    if "://" in rule:
+        parts = urlsplit(rule)
+        if not parts.hostname:
+            return f"URL rule {rule!r} has no host"
+        return None
+    try:
+        ipaddress.ip_network(rule, strict=False)
+        return None
+    except ValueError:
+        pass
+    host, _, port = rule.rpartition(":") if rule.count(":") == 1 else (rule, "", "")
+    if port and not port.isdigit():
+        return f"rule {rule!r}: the port must be a number"
+    if not host:
+        return f"rule {rule!r} has no host"
+    return None
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def _host_matches(rule: str, scheme: str, host: str, port: int | None) -> bool:
+    effective_port = port if port is not None else _DEFAULT_PORTS.get(scheme)
+    try:
+        network = ipaddress.ip_network(rule, strict=False)
+    except ValueError:
+        network = None
+    if network is not None:
+        address = _ip(host)
+        return address is not None and address in network
+    name, _, rule_port = rule.rpartition(":") if rule.count(":") == 1 else (rule, "", "")
+    if rule_port and int(rule_port) != effective_port:
+        return False
+    return _ip(host) is None and fnmatch.fnmatchcase(host.lower(), name.lower())
+
+
+def _url_prefix_matches(rule: str, url: str) -> bool:
+    r, u = urlsplit(rule), urlsplit(url)
+    if (r.scheme.lower(), (r.hostname or "").lower()) != (u.scheme.lower(), (u.hostname or "").lower()):
+        return False
+    if (r.port or _DEFAULT_PORTS.get(r.scheme)) != (u.port or _DEFAULT_PORTS.get(u.scheme)):
+        return False
+    return (u.path or "/").startswith(r.path or "/")
+
+
+def _hosts(url: str) -> list[tuple[str, str, int | None]]:
+    """(scheme, host, port) of every host a URL reaches. PostgreSQL URLs may list several hosts
+    (``h1:5432,h2``), name them in ``?host=`` (which wins), or none (the local Unix socket)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in ("postgres", "postgresql"):
+        query_hosts = parse_qs(parts.query).get("host", []) + parse_qs(parts.query).get("hostaddr", [])
+        netloc = parts.netloc.rpartition("@")[2]
+        listed = [h for q in query_hosts for h in q.split(",")] or netloc.split(",")
+        result: list[tuple[str, str, int | None]] = []
+        for item in listed:
+            if not item or item.startswith("/"):
+                result.append((scheme, "localhost", None))  # a Unix socket: this machine
+                continue
+            probe = urlsplit(f"//{item}")
+            try:
+                port = probe.port
+            except ValueError:
+                raise ValidationError(f"cannot parse the host {item!r} of the database URL {redact(url)}") from None
+            result.append((scheme, (probe.hostname or "localhost").lower(), port))
+        return result
+    try:
+        return [(scheme, (parts.hostname or "").lower(), parts.port)]
+    except ValueError:
+        raise ValidationError(f"cannot parse the port of {redact(url)}") from None
+
+
+def url_allowed(url: str, rules: tuple[str, ...]) -> bool:
+    prefix_rules = [r for r in rules if "://" in r]
+    host_rules = [r for r in rules if "://" not in r]
+    if any(_url_prefix_matches(r, url) for r in prefix_rules):
+        return True
+    return all(any(_host_matches(r, scheme, host, port) for r in host_rules) for scheme, host, port in _hosts(url))
+
+
+def _refuse_url(what: str, url: str, key: str, rules: tuple[str, ...]) -> ValidationError:
+    return ValidationError(
+        f"{what} {redact(url)} is not allowed by the server config's {key} ({', '.join(rules) or 'empty'}); "
+        f"add a rule there to allow it"
+    )
+
+
+def command_allowed(argv: tuple[str, ...], allowed: tuple[tuple[str, ...], ...]) -> bool:
+    return any(argv[: len(prefix)] == prefix for prefix in allowed)
+
+
+def check_migrations(spec: Migrations, allow: Allowlists) -> None:
+    if not url_allowed(spec.database, allow.databases):
+        raise _refuse_url("migrations.database", spec.database, "migrations.databases_allowed", allow.databases)
+
+
+def check_deployment(spec: DeploymentSpec, allow: Allowlists) -> None:
+    """Raise ValidationError for the first command or URL the allowlists do not allow."""
+    for i, argv in enumerate(spec.smoke.commands):
+        if not command_allowed(argv, allow.smoke_commands):
+            configured = "; ".join(" ".join(p) for p in allow.smoke_commands) or "empty: no command may run"
+            raise ValidationError(
+                f"smoke.commands[{i}] {list(argv)!r} is not allowed by the server config's smoke.commands_allowed "
+                f"({configured}); a command must start with one of its argv prefixes"
+            )
+    hooks = [(f"smoke.webhooks[{i}].url", w.url) for i, w in enumerate(spec.smoke.webhooks)]
+    hooks += [(f"decommission.webhooks[{i}].url", w.url) for i, w in enumerate(spec.decommission_webhooks)]
+    for where, url in hooks:
+        if not url_allowed(url, allow.webhooks):
+            raise _refuse_url(where, url, "webhooks.allowed", allow.webhooks)
+    if spec.migrations is not None:
+        check_migrations(spec.migrations, allow)
