@@ -21,7 +21,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
 from controlplane import typeurls
-from tests.harness import free_port, run_control_plane, run_upstream, sample_environments, settle_on, wait_for
+from tests.harness import admin_headers, free_port, run_control_plane, run_upstream, sample_environments, settle_on, wait_for
 from tests.test_envoy import Api, envoy_for, wait_proxies
 
 pytestmark = pytest.mark.envoy
@@ -147,7 +147,7 @@ async def test_a_proxy_that_never_acks_does_not_block_a_release(tmp_path: Path) 
         await wait_for(lambda: _is(proxy_state(api, "stuck"), "lagging"), timeout=30, message="stuck reported lagging")
         view = await api.call("GET", "/v1/services/shop")
         assert view["convergence"]["lagging"] == ["stuck"] and view["convergence"]["converged"]
-        metrics = await (await api.session.get(api.base + "/metrics")).text()
+        metrics = await (await api.session.get(api.base + "/metrics", headers=admin_headers(api.base))).text()
         assert 'bluegreen_xds_lagging_proxies{fleet="default"} 1.0' in metrics
 
         # Asking for every proxy: the gate waits for the stuck one and fails, as it always did.
@@ -199,7 +199,7 @@ async def test_a_proxy_that_rejects_the_cutover_keeps_the_old_environment_until_
         forced = await api.call("POST", f"/v1/deployments/{old['id']}/decommission", force="true")
         assert forced["status"] == "decommissioned" and forced["waiting_for"] is None
         last = forced["history"][-1]
-        assert last["actor"] == "api" and "forced while proxies still routing to blue: nacker" in last["reason"]
+        assert last["actor"] == "token:admin" and "forced while proxies still routing to blue: nacker" in last["reason"]
         # The driver looked again every second while it waited; the wait is in the history once.
         assert sum("decommission waits" in e["reason"] for e in forced["history"]) == 1
         view = await api.call("GET", "/v1/services/shop")
