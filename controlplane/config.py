@@ -12,6 +12,12 @@ Example::
             port: 10000
             preview_port: 10001          # optional: everything here goes to the idle environment
         services: ["shop", "search"]     # optional; default: every service
+    xds:                                 # optional; liveness of proxy connections (defaults shown)
+      keepalive_seconds: 30              # ping a connection idle this long; null: never
+      keepalive_timeout_seconds: 10      # close it if the ping is not answered in time
+      first_request_timeout_seconds: 10  # end a stream that sends no request in time; null: never
+      max_connection_age_seconds: null   # ask clients to reconnect after about this long (+-10 %)
+      max_connection_age_grace_seconds: 60  # then give open streams this long before closing
 
 Without a file there is one fleet, ``default``, with listener ``http`` on 127.0.0.1:10000 and
 preview on 127.0.0.1:10001, serving every service.
@@ -34,9 +40,21 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,62}$")
 
 
 @dataclass(frozen=True)
+class XdsSettings:
+    """The ``xds:`` section: how the ADS server treats proxy connections (seconds)."""
+
+    keepalive_seconds: float | None = 30.0
+    keepalive_timeout_seconds: float = 10.0
+    first_request_timeout_seconds: float | None = 10.0
+    max_connection_age_seconds: float | None = None
+    max_connection_age_grace_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
 class Settings:
     fleets: tuple[Fleet, ...] = (DEFAULT_FLEET,)
     admin_token: str | None = None
+    xds: XdsSettings = XdsSettings()
 
     def fleet(self, name: str) -> Fleet | None:
         for fleet in self.fleets:
@@ -111,11 +129,42 @@ def _fleet(name: str, raw: object) -> Fleet:
     return Fleet(name=name, listeners=listeners, services=chosen)
 
 
+def _seconds(where: str, value: object, *, nullable: bool) -> float | None:
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 365 * 86400:
+        expected = "a number of seconds > 0" + (" or null" if nullable else "")
+        raise ConfigError(f"{where}: expected {expected}, got {value!r}")
+    return float(value)
+
+
+# The xds section's plain duration keys: name -> may it be null. Other kinds of keys (e.g. TLS
+# files) get their own parser in _xds and their name in _XDS_KEYS.
+_XDS_DURATIONS = {
+    "keepalive_seconds": True,
+    "keepalive_timeout_seconds": False,
+    "first_request_timeout_seconds": True,
+    "max_connection_age_seconds": True,
+    "max_connection_age_grace_seconds": False,
+}
+_XDS_KEYS = set(_XDS_DURATIONS)
+
+
+def _xds(raw: object) -> XdsSettings:
+    data = _mapping("xds", raw)
+    _check_keys("xds", data, _XDS_KEYS)
+    values: dict[str, Any] = {}
+    for key, nullable in _XDS_DURATIONS.items():
+        if key in data:
+            values[key] = _seconds(f"xds.{key}", data[key], nullable=nullable)
+    return XdsSettings(**values)
+
+
 def parse_settings(data: object) -> Settings:
     if data is None:
         return Settings()
     root = _mapping("config", data)
-    _check_keys("config", root, {"admin", "fleets"})
+    _check_keys("config", root, {"admin", "fleets", "xds"})
     token = None
     if "admin" in root:
         admin = _mapping("admin", root["admin"])
@@ -137,7 +186,8 @@ def parse_settings(data: object) -> Settings:
         if not raw:
             raise ConfigError("fleets: define at least one fleet")
         fleets = tuple(_fleet(str(name), value) for name, value in raw.items())
-    return Settings(fleets=fleets, admin_token=token)
+    xds = _xds(root["xds"]) if "xds" in root else XdsSettings()
+    return Settings(fleets=fleets, admin_token=token, xds=xds)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
