@@ -483,21 +483,21 @@ def test_delta_reconnect_naming_resources_the_snapshot_lacks_removes_them() -> N
 
 
 def test_delta_unknown_route_is_removed_and_other_removals_go_on() -> None:
-    """A renamed route table: the proxy holds `rt-old`, which the snapshot lacks. It is removed
-    (nothing may require a route), after which cluster removals are no longer blocked."""
+    """A renamed route table and a deleted cluster: the reconnecting proxy holds `rt-old` and
+    `gone`, which the snapshot lacks. Cluster removals wait until the proxy has said which
+    routes it holds; `rt-old` is removed (nothing may require a route), then `gone`."""
     snap = snapshot(1, ["a"])
     stream = DeltaStream(1, "node", "fleet", snap, NOW)
-    versions = {n: r.version for n, r in snap.of_type(CLUSTER).items()} | {"gone": "v0"}
-    out = ddecode(stream.on_request(delta_req(CLUSTER, initial=versions), NOW))
-    assert [list(r.removed_resources) for r in out] == [["gone"]]  # no unknown route held yet
-    stream.on_request(delta_req(CLUSTER, nonce=out[0].nonce), NOW)
-    [eds] = ddecode(stream.on_request(delta_req(ENDPOINT, subscribe=["a"]), NOW))
-    stream.on_request(delta_req(ENDPOINT, nonce=eds.nonce), NOW)
-    [lds] = ddecode(stream.on_request(delta_req(LISTENER), NOW))
-    stream.on_request(delta_req(LISTENER, nonce=lds.nonce), NOW)
+    held = {t: {n: r.version for n, r in snap.of_type(t).items()} for t in (CLUSTER, ENDPOINT, LISTENER)}
+    assert ddecode(stream.on_request(delta_req(CLUSTER, initial=held[CLUSTER] | {"gone": "v0"}), NOW)) == []
+    assert ddecode(stream.on_request(delta_req(ENDPOINT, subscribe=["a"], initial=held[ENDPOINT]), NOW)) == []
+    assert ddecode(stream.on_request(delta_req(LISTENER, initial=held[LISTENER]), NOW)) == []
     [rds] = ddecode(stream.on_request(delta_req(ROUTE, subscribe=["rt", "rt-old"], initial={"rt-old": "v9"}), NOW))
     assert dnames(rds) == ["rt"] and list(rds.removed_resources) == ["rt-old"]
-    stream.on_request(delta_req(ROUTE, nonce=rds.nonce), NOW)
+    [cds] = ddecode(stream.on_request(delta_req(ROUTE, nonce=rds.nonce), NOW))
+    assert list(cds.removed_resources) == ["gone"]
+    stream.on_request(delta_req(CLUSTER, nonce=cds.nonce), NOW)
+    stream.on_request(delta_req(ROUTE, unsubscribe=["rt-old"]), NOW)
     assert stream.converged()
 
 

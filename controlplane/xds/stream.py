@@ -287,6 +287,22 @@ class StreamState:
                 required.update(resource.requires)
         return required, unknown
 
+    def _unreported_holders(self, type_url: str) -> bool:
+        """Is there a type that may require ``type_url`` which the proxy will ask for (the
+        snapshot needs it, see ``converged``) but has not asked for on this stream yet? Until it
+        does, we do not know what it holds of that type (a reconnecting proxy may hold routes
+        naming a cluster only it knows), so removals of ``type_url`` wait."""
+        snapshot = self.snapshot
+        for holder in typeurls.PUSH_ORDER:
+            if not _may_require(holder, type_url):
+                continue
+            state = self.types.get(holder)
+            if state is not None and state.subscribed:
+                continue
+            if snapshot.warmed_names(holder) or (holder in typeurls.WILDCARD_TYPES and snapshot.of_type(holder)):
+                return True
+        return False
+
     def _plan(self, state: TypeState) -> tuple[dict[str, Resource | None], bool]:
         """What the proxy should hold of this type next, and whether that equals the snapshot.
 
@@ -309,7 +325,7 @@ class StreamState:
         leaving = [name for name in current if name not in content and state.wants(name)]
         if leaving:
             required, unknown = self._held_requirements(content.values())
-            blocked = any(_may_require(holder, state.type_url) for holder in unknown)
+            blocked = any(_may_require(holder, state.type_url) for holder in unknown) or self._unreported_holders(state.type_url)
             for name in leaving:
                 if blocked or (state.type_url, name) in required:
                     content[name] = current[name]
