@@ -415,9 +415,9 @@ class SotwStream(StreamState):
             raise ProtocolError(f"{len(request.resource_names)} resource_names for {request.type_url}; at most {MAX_NAMES}")
         first = not state.subscribed
         replied = False
-        if request.response_nonce and not first:
-            # (A first request may carry a nonce from an earlier connection: it is no ACK of
-            # anything sent on this stream, and it is answered like any first request.)
+        if request.response_nonce and not first and state.last_nonce:
+            # (Before we sent anything of this type on this stream, a nonce can only come from
+            # an earlier connection: it is no ACK, and the request is handled as if it had none.)
             if request.response_nonce != state.last_nonce:
                 return []  # stale: the proxy has not yet seen our latest response of this type
             if state.pending_nonce == request.response_nonce:
