@@ -250,6 +250,7 @@ class AdsServer:
                                 f"no request within the first-request limit of {self.first_request_timeout:g} s")
             return
         if isinstance(first, _Malformed):
+            log.warning("refused a stream from %s: %s", context.peer(), _describe(first))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _describe(first))
             return
         node = first.node
@@ -274,6 +275,7 @@ class AdsServer:
         except grpc.aio.AioRpcError:
             pass
         except ProtocolError as exc:
+            log.warning("ended stream %s of %s: %s", stream_id, node.id, exc)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except asyncio.CancelledError:
             if slot.failure is None:
