@@ -262,7 +262,11 @@ class StreamState:
         after the response in flight (which may remove some), with known content?"""
         for type_url, names in resource.requires_by_type:
             state = self.types.get(type_url)
-            if state is None or not state.acked.keys() >= names or not state.sent.keys() >= names:
+            if state is None or not state.acked.keys() >= names:
+                return False
+            # ``sent`` lacks something ``acked`` has only while a response removing it is in
+            # flight; skip the second check otherwise (this runs for every route, every push).
+            if state.pending_nonce is not None and not state.sent.keys() >= names:
                 return False
             if state.unknown and any(state.acked[n] is None or state.sent[n] is None for n in names):
                 return False
