@@ -7,7 +7,7 @@ bytes these classes return. The rules they enforce (DESIGN.md, "Envoy facts"):
   burst of changes costs at most one extra push, and what the proxy holds is always known.
 * ACK vs NACK: a request answering our latest nonce with ``error_detail`` is a NACK. The
   rejected content is recorded (per proxy, exported) and never sent again on this stream; the
-  proxy keeps its last good config, which we go back to treating as what it holds.
+  proxy keeps its last good version of what it rejected (see "Partial NACKs" below).
 * SotW: a request whose nonce is not the latest we sent for its type is stale and ignored;
   a plain ACK is not answered; a changed subscription is answered even at an unchanged version.
   Delta: subscription changes are never ignored (they are deltas), only stale ACKs are.
@@ -30,7 +30,15 @@ another replica's state, a renamed listener). They are recorded as held with con
 A ``None`` resource of type T might require anything of a type earlier than T, so while one is
 held, removals of earlier types wait; nothing waits for removals of T itself or later types. A
 name the snapshot lacks is therefore removed (routes first), a name it has is replaced, and
-once the proxy ACKs those the stream knows everything it holds again and removals go on.
+once the proxy ACKs those the stream knows everything it holds again and removals go on. What
+the proxy holds of a type is known only once it has requested that type on this stream, so
+removals of a type also wait until the proxy has asked for every later type the snapshot needs
+(Envoy asks for all its types at once when it reconnects).
+
+Known limit, SotW: a reconnecting SotW proxy reports only a version per type, not what it
+holds. If that version is not the current content's, the first CDS response is the full current
+set, and a cluster only the proxy knows goes at once, even if a route it still holds names it
+(until the RDS answer replaces that route). Delta proxies report each resource and are safe.
 
 Partial NACKs. Envoy applies the valid resources of a response and rejects only the others (CDS
 and LDS: "Error adding/updating cluster(s) NAME: reason, ..."; removals are applied first). The
