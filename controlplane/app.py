@@ -31,7 +31,7 @@ from .metrics import Metrics
 from .store.base import KVStore
 from .store.repository import Repository
 from .telemetry import MetricsSink, add_metrics_service
-from .xds.server import AdsServer, SnapshotCache
+from .xds.server import AdsServer, SnapshotCache, server_options as xds_server_options
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +60,22 @@ class ControlPlane:
     async def start(self, xds_address: str) -> None:
         await self.publisher.publish_once()  # before the port opens: never serve an empty config
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="publisher")
+        xds = self.settings.xds
+        self.ads.first_request_timeout = xds.first_request_timeout_seconds
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                ("grpc.keepalive_permit_without_calls", 1),
                 # grpcio sets SO_REUSEPORT by default: a second control plane could then bind
                 # the same port silently and split the fleet between two processes.
                 ("grpc.so_reuseport", 0),
-                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-                ("grpc.http2.max_pings_without_data", 0),
+                # Keepalive, ping policy and connection age (the config file's xds: section).
+                *xds_server_options(
+                    keepalive_seconds=xds.keepalive_seconds,
+                    keepalive_timeout_seconds=xds.keepalive_timeout_seconds,
+                    max_connection_age_seconds=xds.max_connection_age_seconds,
+                    max_connection_age_grace_seconds=xds.max_connection_age_grace_seconds,
+                ),
                 # No bandwidth-delay-product pings: they size the window for data we receive,
                 # and ADS requests are small. With them on, every ACK costs an extra PING round
                 # trip: bench/grpc_floor.py measured about a third more server CPU per push.

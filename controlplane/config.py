@@ -25,6 +25,12 @@ Example::
         services: ["shop", "search"]     # optional; default: every service
     convergence:
       lagging_after_seconds: 10          # a proxy not converged this long is lagging: gates stop waiting for it
+    xds:                                 # optional; liveness of proxy connections (defaults shown)
+      keepalive_seconds: 30              # ping a connection idle this long; null: never
+      keepalive_timeout_seconds: 10      # close it if the ping is not answered in time
+      first_request_timeout_seconds: 10  # end a stream that sends no request in time; null: never
+      max_connection_age_seconds: null   # ask clients to reconnect after about this long (+-10 %)
+      max_connection_age_grace_seconds: 60  # then give open streams this long before closing
 
 The older single-token form ``admin: {token: ...}`` or ``admin: {token_file: ...}`` still works:
 one token named ``admin`` with role ``admin``. With no token configured at all, ``bluegreen
@@ -83,12 +89,24 @@ class Allowlists:
 
 
 @dataclass(frozen=True)
+class XdsSettings:
+    """The ``xds:`` section: how the ADS server treats proxy connections (seconds)."""
+
+    keepalive_seconds: float | None = 30.0
+    keepalive_timeout_seconds: float = 10.0
+    first_request_timeout_seconds: float | None = 10.0
+    max_connection_age_seconds: float | None = None
+    max_connection_age_grace_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
 class Settings:
     fleets: tuple[Fleet, ...] = (DEFAULT_FLEET,)
     admin_token: str | None = None  # shorthand for one token named "admin" with role admin
     admin: AdminSettings = AdminSettings()
     allow: Allowlists = Allowlists()
     lagging_after_seconds: float = 10.0
+    xds: XdsSettings = XdsSettings()
 
     def tokens(self) -> tuple[TokenSpec, ...]:
         """Every configured token; empty means `bluegreen serve` generates one."""
@@ -261,11 +279,42 @@ def _rules(where: str, raw: object, key: str) -> tuple[str, ...]:
     return rules
 
 
+def _seconds(where: str, value: object, *, nullable: bool) -> float | None:
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 365 * 86400:
+        expected = "a number of seconds > 0" + (" or null" if nullable else "")
+        raise ConfigError(f"{where}: expected {expected}, got {value!r}")
+    return float(value)
+
+
+# The xds section's plain duration keys: name -> may it be null. Other kinds of keys (e.g. TLS
+# files) get their own parser in _xds and their name in _XDS_KEYS.
+_XDS_DURATIONS = {
+    "keepalive_seconds": True,
+    "keepalive_timeout_seconds": False,
+    "first_request_timeout_seconds": True,
+    "max_connection_age_seconds": True,
+    "max_connection_age_grace_seconds": False,
+}
+_XDS_KEYS = set(_XDS_DURATIONS)
+
+
+def _xds(raw: object) -> XdsSettings:
+    data = _mapping("xds", raw)
+    _check_keys("xds", data, _XDS_KEYS)
+    values: dict[str, Any] = {}
+    for key, nullable in _XDS_DURATIONS.items():
+        if key in data:
+            values[key] = _seconds(f"xds.{key}", data[key], nullable=nullable)
+    return XdsSettings(**values)
+
+
 def parse_settings(data: object) -> Settings:
     if data is None:
         return Settings()
     root = _mapping("config", data)
-    _check_keys("config", root, {"admin", "convergence", "fleets", "smoke", "webhooks", "migrations"})
+    _check_keys("config", root, {"admin", "convergence", "fleets", "smoke", "webhooks", "migrations", "xds"})
     token, admin = _admin(root["admin"]) if "admin" in root else (None, AdminSettings())
     allow = Allowlists(
         smoke_commands=_smoke_commands(root["smoke"]) if "smoke" in root else (),
@@ -286,7 +335,8 @@ def parse_settings(data: object) -> Settings:
         if isinstance(raw_lagging, bool) or not isinstance(raw_lagging, (int, float)) or not 0 < raw_lagging <= 3600:
             raise ConfigError(f"convergence.lagging_after_seconds: expected a number of seconds > 0 and <= 3600, got {raw_lagging!r}")
         lagging_after = float(raw_lagging)
-    return Settings(fleets=fleets, admin_token=token, admin=admin, allow=allow, lagging_after_seconds=lagging_after)
+    xds = _xds(root["xds"]) if "xds" in root else XdsSettings()
+    return Settings(fleets=fleets, admin_token=token, admin=admin, allow=allow, lagging_after_seconds=lagging_after, xds=xds)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

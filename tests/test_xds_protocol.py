@@ -376,7 +376,13 @@ def test_delta_nack_is_not_resent_until_content_changes() -> None:
     cds, eds = ddecode(stream.on_snapshot(snapshot(2, ["a"], cluster_timeouts={"a": 7})))
     assert (cds.type_url, eds.type_url) == (CLUSTER, ENDPOINT)  # a changed cluster gets its endpoints again
     stream.on_request(delta_req(ENDPOINT, nonce=eds.nonce), NOW)
-    assert ddecode(stream.on_request(delta_req(CLUSTER, nonce=cds.nonce, error="bad cluster"), NOW)) == []
+    # The NACK does not say which cluster it rejected, so the proxy holds `a` at the old version
+    # or the new one: `a` goes again at its last good version (never the rejected one), so
+    # that what the proxy holds is known again.
+    again = ddecode(stream.on_request(delta_req(CLUSTER, nonce=cds.nonce, error="bad cluster"), NOW))
+    assert [(r.type_url, [x.version for x in r.resources]) for r in again][0] == (CLUSTER, [snapshot(1, ["a"]).of_type(CLUSTER)["a"].version])
+    for r in again:
+        stream.on_request(delta_req(r.type_url, nonce=r.nonce), NOW)
     state = stream.types[CLUSTER]
     assert state.nacks == 1 and state.last_nack is not None and state.last_nack.message == "bad cluster"
     assert not stream.converged()
@@ -436,3 +442,208 @@ def test_routes_requested_before_their_clusters_are_acked_get_no_empty_answer() 
     [eds] = proxy.subscribe(ENDPOINT, ["a"])
     out = proxy.ack(ENDPOINT)
     assert [r.type_url for r in out] == [ROUTE] and names_of(out[0]) == ["rt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad conditions: reconnects with foreign state, partial NACKs, named subscriptions, bad input
+
+import pytest  # noqa: E402
+
+from controlplane.xds.stream import ProtocolError  # noqa: E402
+
+
+def test_delta_reconnect_naming_resources_the_snapshot_lacks_removes_them() -> None:
+    """An Envoy reconnecting to a control plane with other state reports clusters and a route
+    table this one does not know (or knows at another version). The unknown route may name
+    the unknown cluster, so the route goes first; then the cluster is removed, and the stream
+    converges."""
+    old = snapshot(1, ["a", "old"])
+    new = snapshot(1, ["a"])
+    stream = DeltaStream(1, "node", "fleet", new, NOW)
+    held = {t: {n: r.version for n, r in old.of_type(t).items()} for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)}
+    # The route table (other content: it names `old`) is reported first here; it cannot be
+    # replaced before the clusters it names are known to be held.
+    assert ddecode(stream.on_request(delta_req(ROUTE, subscribe=["rt"], initial=held[ROUTE]), NOW)) == []
+    out = ddecode(stream.on_request(delta_req(CLUSTER, initial=held[CLUSTER]), NOW))
+    assert out == []  # `old` waits: the proxy's route table (unknown content) may still name it
+    out = ddecode(stream.on_request(delta_req(ENDPOINT, subscribe=["a", "old"], initial=held[ENDPOINT]), NOW))
+    [rds] = out  # `a` and its endpoints are held: the route can go, `old` still waits
+    assert rds.type_url == ROUTE and dnames(rds) == ["rt"]
+    assert ddecode(stream.on_request(delta_req(LISTENER, initial=held[LISTENER]), NOW)) == []
+    assert not stream.converged()
+    # The route no longer names `old`. The endpoints named `old` (unknown content too) go
+    # first, as they come after clusters in push order; then the cluster.
+    [eds] = ddecode(stream.on_request(delta_req(ROUTE, nonce=rds.nonce), NOW))
+    assert (eds.type_url, list(eds.removed_resources)) == (ENDPOINT, ["old"])
+    [cds] = ddecode(stream.on_request(delta_req(ENDPOINT, nonce=eds.nonce), NOW))
+    assert (cds.type_url, list(cds.removed_resources)) == (CLUSTER, ["old"])
+    assert ddecode(stream.on_request(delta_req(CLUSTER, nonce=cds.nonce), NOW)) == []
+    stream.on_request(delta_req(ENDPOINT, unsubscribe=["old"]), NOW)
+    assert stream.converged()
+
+
+def test_delta_unknown_route_is_removed_and_other_removals_go_on() -> None:
+    """A renamed route table and a deleted cluster: the reconnecting proxy holds `rt-old` and
+    `gone`, which the snapshot lacks. Cluster removals wait until the proxy has said which
+    routes it holds; `rt-old` is removed (nothing may require a route), then `gone`."""
+    snap = snapshot(1, ["a"])
+    stream = DeltaStream(1, "node", "fleet", snap, NOW)
+    held = {t: {n: r.version for n, r in snap.of_type(t).items()} for t in (CLUSTER, ENDPOINT, LISTENER)}
+    assert ddecode(stream.on_request(delta_req(CLUSTER, initial=held[CLUSTER] | {"gone": "v0"}), NOW)) == []
+    assert ddecode(stream.on_request(delta_req(ENDPOINT, subscribe=["a"], initial=held[ENDPOINT]), NOW)) == []
+    assert ddecode(stream.on_request(delta_req(LISTENER, initial=held[LISTENER]), NOW)) == []
+    [rds] = ddecode(stream.on_request(delta_req(ROUTE, subscribe=["rt", "rt-old"], initial={"rt-old": "v9"}), NOW))
+    assert dnames(rds) == ["rt"] and list(rds.removed_resources) == ["rt-old"]
+    [cds] = ddecode(stream.on_request(delta_req(ROUTE, nonce=rds.nonce), NOW))
+    assert list(cds.removed_resources) == ["gone"]
+    stream.on_request(delta_req(CLUSTER, nonce=cds.nonce), NOW)
+    stream.on_request(delta_req(ROUTE, unsubscribe=["rt-old"]), NOW)
+    assert stream.converged()
+
+
+def test_delta_subscribed_names_that_do_not_exist_are_answered_as_removed() -> None:
+    stream = delta_connected(snapshot(1, ["a"]))
+    [resp] = ddecode(stream.on_request(delta_req(ENDPOINT, subscribe=["nope"]), NOW))
+    assert list(resp.removed_resources) == ["nope"] and dnames(resp) == []
+    assert ddecode(stream.on_request(delta_req(ENDPOINT, nonce=resp.nonce), NOW)) == []
+    # Only once: a later change of something else does not repeat it.
+    out = ddecode(stream.on_snapshot(snapshot(2, ["a"], cla_tags={"a": "x"})))
+    assert [list(r.removed_resources) for r in out] == [[]]
+
+
+def test_sotw_first_request_with_a_nonce_from_an_earlier_connection_is_answered() -> None:
+    snap = snapshot(1, ["a"])
+    stream = SotwStream(2, "node", "fleet", snap, NOW)
+    [resp] = [decode(o) for o in stream.on_request(sotw_req(CLUSTER, version="old", nonce="17"), NOW)]
+    assert names_of(resp) == ["a"]
+    [eds] = [decode(o) for o in stream.on_request(sotw_req(ENDPOINT, names=["a"], nonce="5"), NOW)]
+    assert names_of(eds) == ["a"]
+
+
+def test_delta_first_request_with_a_nonce_from_an_earlier_connection_is_answered() -> None:
+    stream = DeltaStream(2, "node", "fleet", snapshot(1, ["a"]), NOW)
+    [resp] = ddecode(stream.on_request(delta_req(CLUSTER, nonce="17"), NOW))
+    assert dnames(resp) == ["a"]
+
+
+@pytest.mark.parametrize("kind", [SotwStream, DeltaStream])
+@pytest.mark.parametrize("type_url, problem", [
+    ("", "no type_url"),
+    ("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret", "is not served"),
+    ("nonsense", "'nonsense' is not served"),
+])
+def test_bad_type_url_is_a_protocol_error_and_creates_no_state(kind: type, type_url: str, problem: str) -> None:
+    stream = kind(1, "node", "fleet", snapshot(1, ["a"]), NOW)
+    request = sotw_req(type_url) if kind is SotwStream else delta_req(type_url)
+    with pytest.raises(ProtocolError, match=problem):
+        stream.on_request(request, NOW)
+    assert stream.types == {}
+
+
+def test_too_many_names_is_a_protocol_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import controlplane.xds.stream as stream_module
+
+    monkeypatch.setattr(stream_module, "MAX_NAMES", 3)
+    sotw = SotwStream(1, "node", "fleet", snapshot(1, ["a"]), NOW)
+    with pytest.raises(ProtocolError, match="at most 3"):
+        sotw.on_request(sotw_req(ENDPOINT, names=["a", "b", "c", "d"]), NOW)
+    delta = DeltaStream(1, "node", "fleet", snapshot(1, ["a"]), NOW)
+    delta.on_request(delta_req(ENDPOINT, subscribe=["a", "b"]), NOW)
+    with pytest.raises(ProtocolError, match="more than 3"):
+        delta.on_request(delta_req(ENDPOINT, subscribe=["c", "d"]), NOW)
+
+
+def test_delta_rejected_set_stays_bounded_by_the_snapshot() -> None:
+    stream = delta_connected(snapshot(1, ["a"]))
+    for i in range(2, 30):
+        out = ddecode(stream.on_snapshot(snapshot(i, ["a"], cluster_timeouts={"a": i})))
+        for r in out:
+            error = "a: invalid" if r.type_url == CLUSTER else None
+            stream.on_request(delta_req(r.type_url, nonce=r.nonce, error=error), NOW)
+    assert len(stream.types[CLUSTER].rejected) <= 1
+
+
+def test_sotw_partial_cds_nack_holds_back_only_the_rejected_cluster() -> None:
+    """Envoy applies the valid clusters of a CDS response and names the ones it rejects. The
+    valid new cluster is then used (routes may name it); only the rejected one waits."""
+    proxy = connected_proxy(snapshot(1, ["a"]))
+    [cds] = proxy.push(snapshot(2, ["a", "b", "c"]))
+    assert names_of(cds) == ["a", "b", "c"]
+    assert proxy.nack(CLUSTER, "Error adding/updating cluster(s) c: invalid thing") == []
+    state = proxy.stream.types[CLUSTER]
+    assert set(state.acked) == {"a", "b"}
+    [eds] = proxy.subscribe(ENDPOINT, ["a", "b"])  # Envoy warms b
+    assert names_of(eds) == ["a", "b"]
+    out = proxy.ack(ENDPOINT)
+    # The route naming c cannot go yet, but nothing else is held back by c: a route naming
+    # only a and b would. Here the snapshot's route names all three, so it waits.
+    assert [r.type_url for r in out] == []
+    [rds] = [r for r in proxy.push(snapshot(3, ["a", "b", "c"], routed=["a", "b"])) if r.type_url == ROUTE]
+    assert rds.type_url == ROUTE
+    proxy.ack(ROUTE)
+    assert not proxy.stream.converged()  # c is still rejected
+    # c fixed: it goes, then the full route.
+    [cds] = proxy.push(snapshot(4, ["a", "b", "c"], cluster_timeouts={"c": 5}, routed=["a", "b"]))
+    assert names_of(cds) == ["a", "b", "c"]
+
+
+def test_sotw_nack_that_names_nothing_keeps_the_response_possibly_applied() -> None:
+    """An unexplained NACK: the proxy may have applied the response's new route table, whose
+    clusters must then not be removed until the proxy ACKs something again."""
+    proxy = connected_proxy(snapshot(1, ["a"]))
+    proxy.push(snapshot(2, ["a", "b"]))
+    proxy.ack(CLUSTER)
+    proxy.subscribe(ENDPOINT, ["a", "b"])
+    [rds] = proxy.ack(ENDPOINT)
+    assert rds.type_url == ROUTE  # names a and b
+    assert proxy.nack(ROUTE, "something went wrong") == []
+    # b leaves the snapshot; the proxy may hold the route naming b: b stays.
+    out = proxy.push(snapshot(3, ["a"]))
+    assert all(r.type_url != CLUSTER or "b" in names_of(r) for r in out)
+    [rds] = [r for r in out if r.type_url == ROUTE]
+    cds, eds = proxy.ack(ROUTE)  # now the proxy holds a route without b: b may go
+    assert names_of(cds) == ["a"] and names_of(eds) == ["a"]
+
+
+def test_delta_partial_nack_holds_back_only_the_rejected_cluster() -> None:
+    stream = delta_connected(snapshot(1, ["a"]))
+    [cds] = ddecode(stream.on_snapshot(snapshot(2, ["a", "b", "c"])))
+    assert dnames(cds) == ["b", "c"]
+    assert ddecode(stream.on_request(delta_req(CLUSTER, nonce=cds.nonce, error="Error adding/updating cluster(s) c: bad"), NOW)) == []
+    assert set(stream.types[CLUSTER].acked) == {"a", "b"}
+
+
+def test_gating_waits_for_a_cluster_removal_in_flight() -> None:
+    """A cluster being removed (response in flight) does not count as held: a route naming it
+    again must wait, or the removal lands after the route and the route answers 503."""
+    proxy = connected_proxy(snapshot(1, ["a", "b"]))
+    [rds] = proxy.push(snapshot(2, ["a"]))
+    cds, eds = proxy.ack(ROUTE)  # CDS and EDS without b in flight
+    assert names_of(cds) == ["a"]
+    out = proxy.push(snapshot(3, ["a", "b"]))  # b is back, and the route names it again
+    assert [r.type_url for r in out] == []
+    out = proxy.ack(CLUSTER)
+    assert [(r.type_url, names_of(r)) for r in out] == [(CLUSTER, ["a", "b"])]
+
+
+@pytest.mark.parametrize("type_url", [CLUSTER, LISTENER])
+def test_sotw_cds_and_lds_honour_named_subscriptions(type_url: str) -> None:
+    snap = Snapshot.build(1, [cluster("a"), cluster("b"), cla("a"), cla("b"), listener("http"), listener("admin")])
+    name = "a" if type_url == CLUSTER else "http"
+    # Explicit names without "*": those names only.
+    stream = SotwStream(1, "node", "fleet", snap, NOW)
+    [resp] = [decode(o) for o in stream.on_request(sotw_req(type_url, names=[name]), NOW)]
+    assert names_of(resp) == [name]
+    # A later request with both names adds the other one.
+    state = stream.types[type_url]
+    assert not state.wildcard
+    # Explicit "*": everything.
+    stream = SotwStream(2, "node", "fleet", snap, NOW)
+    [resp] = [decode(o) for o in stream.on_request(sotw_req(type_url, names=["*", name]), NOW)]
+    assert len(names_of(resp)) == 2
+    # Empty on the first request: legacy wildcard, which later empty requests keep.
+    stream = SotwStream(3, "node", "fleet", snap, NOW)
+    [resp] = [decode(o) for o in stream.on_request(sotw_req(type_url), NOW)]
+    assert len(names_of(resp)) == 2
+    assert stream.on_request(sotw_req(type_url, nonce=resp.nonce, version=resp.version_info), NOW) == []
+    assert stream.types[type_url].wildcard

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -14,16 +15,23 @@ from google.protobuf import any_pb2
 from google.rpc import status_pb2
 
 from controlplane.app import ControlPlane
-from controlplane.config import Settings
+from controlplane.config import Settings, XdsSettings
 from controlplane.store.sqlite import open_sqlite_store
 from controlplane.typeurls import CLUSTER, LISTENER
+from controlplane.xds.server import SERVICE_NAME, server_options
 from controlplane.xds.stream import SotwStream
 from tests.harness import wait_for
 
 
 @pytest.fixture
 async def control_plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    cp = ControlPlane(Settings(), await open_sqlite_store(tmp_path / "state.db"))
+    async with running(tmp_path, Settings()) as cp:
+        yield cp
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, settings: Settings) -> AsyncIterator[ControlPlane]:
+    cp = ControlPlane(settings, await open_sqlite_store(tmp_path / "state.db"))
     await cp.start("127.0.0.1:0")
     try:
         await cp.operations.put_service("shop", {})
@@ -48,8 +56,8 @@ class Proxy:
         while (request := await self.outbox.get()) is not None:
             yield request
 
-    def send(self, type_url: str, *, nonce: str = "", version: str = "", error: str | None = None) -> None:
-        request = discovery_pb2.DiscoveryRequest(type_url=type_url, response_nonce=nonce, version_info=version)
+    def send(self, type_url: str, *, nonce: str = "", version: str = "", error: str | None = None, names: list[str] | None = None) -> None:
+        request = discovery_pb2.DiscoveryRequest(type_url=type_url, response_nonce=nonce, version_info=version, resource_names=names or [])
         if self.first:
             request.node.CopyFrom(self.node)
             self.first = False
@@ -178,3 +186,150 @@ async def test_healthz_reports_a_failing_publisher(control_plane: ControlPlane, 
         await cp.operations.put_service("cart", {"prefix": "/cart2"})
         await wait_for(lambda: cp.publisher.last_error is None, timeout=10, message="publisher recovered")
         assert (await client.get("/healthz")).status == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad conditions
+
+
+async def expect_status(call: object, code: grpc.StatusCode, *texts: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await asyncio.wait_for(call.read(), 10)  # type: ignore[attr-defined]
+    assert info.value.code() == code, (info.value.code(), info.value.details())
+    for text in texts:
+        assert text in (info.value.details() or ""), info.value.details()
+
+
+@pytest.mark.parametrize("type_url, problem", [
+    ("", "request has no type_url"),
+    ("nonsense", "type_url 'nonsense' is not served"),
+    ("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret", "is not served"),
+])
+async def test_bad_type_url_ends_the_stream_with_invalid_argument(control_plane: ControlPlane, type_url: str, problem: str) -> None:
+    proxy = Proxy(control_plane)
+    try:
+        proxy.send(type_url)
+        await expect_status(proxy.call, grpc.StatusCode.INVALID_ARGUMENT, problem)
+    finally:
+        await proxy.close()
+    await wait_for(lambda: not control_plane.ads.streams, timeout=10, message="stream forgotten")
+
+
+async def test_unknown_type_after_a_good_request_ends_the_stream(control_plane: ControlPlane) -> None:
+    proxy = Proxy(control_plane)
+    try:
+        proxy.send(CLUSTER)
+        await proxy.receive()
+        proxy.send("type.googleapis.com/some.Other")
+        await expect_status(proxy.call, grpc.StatusCode.INVALID_ARGUMENT, "'type.googleapis.com/some.Other' is not served")
+    finally:
+        await proxy.close()
+
+
+@pytest.mark.parametrize("method", ["StreamAggregatedResources", "DeltaAggregatedResources"])
+@pytest.mark.parametrize("first", [True, False], ids=["first", "later"])
+async def test_malformed_message_ends_the_stream_with_invalid_argument(control_plane: ControlPlane, method: str, first: bool) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{control_plane.xds_port}") as channel:
+        call = channel.stream_stream(f"/{SERVICE_NAME}/{method}", request_serializer=lambda b: b,
+                                     response_deserializer=lambda b: b)()
+        if not first:
+            message = (discovery_pb2.DiscoveryRequest if method.startswith("Stream") else discovery_pb2.DeltaDiscoveryRequest)(
+                type_url=CLUSTER, node=base_pb2.Node(id="n1", cluster="default"))
+            await call.write(message.SerializeToString())
+            await asyncio.wait_for(call.read(), 10)
+        await call.write(b"\x0a\xff\xff\xff\xff")  # field 1, length far beyond the message
+        kind = "DiscoveryRequest" if method.startswith("Stream") else "DeltaDiscoveryRequest"
+        await expect_status(call, grpc.StatusCode.INVALID_ARGUMENT, f"malformed {kind}")
+    await wait_for(lambda: not control_plane.ads.streams, timeout=10, message="stream forgotten")
+
+
+async def test_named_sotw_cds_subscription_gets_only_those_clusters(control_plane: ControlPlane) -> None:
+    """A gRPC xDS client subscribes to clusters by name; Envoy by wildcard."""
+    cp = control_plane
+    committed = await cp.operations.put_service("cart", {"prefix": "/cart"})
+    await cp.publisher.wait_published(committed.revision)
+    assert set(cp.cache.get("default").of_type(CLUSTER)) >= {"shop-blue", "cart-blue"}
+    named, wildcard = Proxy(cp, node_id="grpc-client"), Proxy(cp, node_id="envoy")
+    try:
+        named.send(CLUSTER, names=["cart-blue"])
+        response = await named.receive()
+        assert [cluster_name(r) for r in response.resources] == ["cart-blue"]
+        wildcard.send(CLUSTER)
+        response = await wildcard.receive()
+        assert {cluster_name(r) for r in response.resources} >= {"shop-blue", "cart-blue"}
+    finally:
+        await named.close()
+        await wildcard.close()
+
+
+def cluster_name(resource: any_pb2.Any) -> str:
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    message = cluster_pb2.Cluster()
+    resource.Unpack(message)
+    return message.name
+
+
+async def test_first_request_with_a_nonce_from_an_earlier_connection_is_answered(control_plane: ControlPlane) -> None:
+    proxy = Proxy(control_plane)
+    try:
+        proxy.send(CLUSTER, nonce="42", version="from-another-connection")
+        response = await proxy.receive()
+        assert response.type_url == CLUSTER and response.resources
+    finally:
+        await proxy.close()
+
+
+async def test_a_stream_that_sends_nothing_is_ended_after_the_first_request_limit(tmp_path: Path) -> None:
+    settings = Settings(xds=XdsSettings(first_request_timeout_seconds=0.3))
+    async with running(tmp_path, settings) as cp:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{cp.xds_port}") as channel:
+            call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).DeltaAggregatedResources()
+            await expect_status(call, grpc.StatusCode.DEADLINE_EXCEEDED, "first-request limit of 0.3 s")
+
+
+async def test_max_connection_age_makes_clients_reconnect(tmp_path: Path) -> None:
+    """With a maximum connection age the server ends each connection after about that long
+    (GOAWAY, then the grace period): the stream ends UNAVAILABLE, and the client reconnects
+    (to this replica or another)."""
+    settings = Settings(xds=XdsSettings(max_connection_age_seconds=0.5, max_connection_age_grace_seconds=0.5))
+    async with running(tmp_path, settings) as cp:
+        proxy = Proxy(cp)
+        try:
+            proxy.send(CLUSTER)
+            await proxy.receive()
+            await expect_status(proxy.call, grpc.StatusCode.UNAVAILABLE)
+        finally:
+            await proxy.close()
+
+
+def test_server_options_follow_the_xds_settings() -> None:
+    options = dict(server_options(keepalive_seconds=30, keepalive_timeout_seconds=10, max_connection_age_seconds=600,
+                                  max_connection_age_grace_seconds=60))
+    assert options["grpc.keepalive_time_ms"] == 30_000 and options["grpc.keepalive_timeout_ms"] == 10_000
+    assert options["grpc.max_connection_age_ms"] == 600_000 and options["grpc.max_connection_age_grace_ms"] == 60_000
+    assert options["grpc.http2.max_ping_strikes"] == 2
+    options = dict(server_options(keepalive_seconds=None, max_connection_age_seconds=None))
+    assert "grpc.max_connection_age_ms" not in options and "grpc.keepalive_timeout_ms" not in options
+
+
+def test_xds_config_section_is_parsed_and_checked() -> None:
+    from controlplane.config import parse_settings
+    from controlplane.errors import ConfigError
+
+    assert parse_settings({}).xds == XdsSettings()
+    xds = parse_settings({"xds": {"keepalive_seconds": 20, "keepalive_timeout_seconds": 5, "first_request_timeout_seconds": None,
+                                  "max_connection_age_seconds": 1800, "max_connection_age_grace_seconds": 30}}).xds
+    assert xds == XdsSettings(20.0, 5.0, None, 1800.0, 30.0)
+    for bad, problem in [
+        ({"keepalive": 1}, "xds: unknown key(s) keepalive; allowed: first_request_timeout_seconds"),
+        ({"keepalive_seconds": 0}, "xds.keepalive_seconds: expected a number of seconds > 0 or null, got 0"),
+        ({"keepalive_timeout_seconds": None}, "xds.keepalive_timeout_seconds: expected a number of seconds > 0, got None"),
+        ({"max_connection_age_seconds": "1h"}, "xds.max_connection_age_seconds: expected a number of seconds > 0 or null, got '1h'"),
+        ({"first_request_timeout_seconds": True}, "xds.first_request_timeout_seconds"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            parse_settings({"xds": bad})
+        assert problem in str(info.value)
+    with pytest.raises(ConfigError, match="xds: expected a mapping"):
+        parse_settings({"xds": [1]})

@@ -21,13 +21,71 @@ from typing import AsyncIterator, Callable, Protocol as TypingProtocol
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf.message import DecodeError
 
 from .snapshot import EMPTY, Snapshot
-from .stream import DeltaStream, Nack, Outgoing, SotwStream, StreamState
+from .stream import DeltaStream, Nack, Outgoing, ProtocolError, SotwStream, StreamState
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+
+def server_options(*, keepalive_seconds: float | None = 30.0, keepalive_timeout_seconds: float = 10.0,
+                   max_connection_age_seconds: float | None = None, max_connection_age_grace_seconds: float = 60.0,
+                   ) -> list[tuple[str, int]]:
+    """grpc channel options for the ADS server's connection liveness.
+
+    ``keepalive_seconds``: the server pings a connection idle that long, and closes it if the
+    ping is not answered within ``keepalive_timeout_seconds``: a proxy whose host vanished
+    (half-open TCP) stops counting as connected. None: no server pings.
+    ``max_connection_age_seconds``: the server asks each client to reconnect (GOAWAY) after
+    about that long; grpc core spreads it by +-10 % so reconnects do not come in lock step, and
+    a replica added later gets its share. Streams still open get ``max_connection_age_grace_seconds``
+    to finish before the connection is closed. None: connections live as long as they are healthy.
+
+    Client pings are allowed every 5 s even without calls (Envoy's default keepalive is off;
+    a gRPC client set to ping often is refused with GOAWAY after repeated strikes).
+    """
+    options: list[tuple[str, int]] = [
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    if keepalive_seconds is not None:
+        options += [
+            ("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", int(keepalive_timeout_seconds * 1000)),
+        ]
+    else:
+        options.append(("grpc.keepalive_time_ms", 2**31 - 1))  # grpc's "never"
+    if max_connection_age_seconds is not None:
+        options += [
+            ("grpc.max_connection_age_ms", int(max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(max_connection_age_grace_seconds * 1000)),
+        ]
+    return options
+
+
+class _Malformed:
+    """A request that did not parse; handed to the handler, which ends the stream with it."""
+
+    __slots__ = ("kind", "error")
+
+    def __init__(self, kind: str, error: Exception) -> None:
+        self.kind = kind
+        self.error = error
+
+
+def _parser(message_type: type) -> Callable[[bytes], object]:
+    def parse(data: bytes) -> object:
+        try:
+            return message_type.FromString(data)
+        except (DecodeError, ValueError) as exc:
+            return _Malformed(message_type.__name__, exc)
+
+    return parse
 
 
 class UnknownGroup(Exception):
@@ -147,8 +205,13 @@ class _StreamSlot:
 class AdsServer:
     """Serves ``StreamAggregatedResources`` and ``DeltaAggregatedResources`` from a cache."""
 
-    def __init__(self, cache: SnapshotCache, callbacks: Callbacks | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, cache: SnapshotCache, callbacks: Callbacks | None = None, clock: Callable[[], float] = time.time,
+                 first_request_timeout: float | None = None) -> None:
+        """``first_request_timeout``: seconds a new stream may take to send its first request
+        before it is ended with DEADLINE_EXCEEDED (None: no limit). A peer that opens streams
+        and says nothing would otherwise hold a handler each forever."""
         self.cache = cache
+        self.first_request_timeout = first_request_timeout
         self.callbacks: Callbacks = callbacks or NoCallbacks()
         self._clock = clock
         self._ids = itertools.count(1)
@@ -158,12 +221,12 @@ class AdsServer:
         handlers = {
             "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 self._sotw,
-                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                request_deserializer=_parser(discovery_pb2.DiscoveryRequest),
                 response_serializer=_identity,
             ),
             "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 self._delta,
-                request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                request_deserializer=_parser(discovery_pb2.DeltaDiscoveryRequest),
                 response_serializer=_identity,
             ),
         }
@@ -178,8 +241,17 @@ class AdsServer:
     async def _serve(self, kind: type[SotwStream] | type[DeltaStream], requests: AsyncIterator, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
         iterator = requests.__aiter__()
         try:
-            first = await iterator.__anext__()
+            async with asyncio.timeout(self.first_request_timeout):
+                first = await iterator.__anext__()
         except StopAsyncIteration:
+            return
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no request within the first-request limit of {self.first_request_timeout:g} s")
+            return
+        if isinstance(first, _Malformed):
+            log.warning("refused a stream from %s: %s", context.peer(), _describe(first))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _describe(first))
             return
         node = first.node
         try:
@@ -202,6 +274,9 @@ class AdsServer:
                 await self._handle(stream, slot, request, context)
         except grpc.aio.AioRpcError:
             pass
+        except ProtocolError as exc:
+            log.warning("ended stream %s of %s: %s", stream_id, node.id, exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except asyncio.CancelledError:
             if slot.failure is None:
                 raise
@@ -232,6 +307,8 @@ class AdsServer:
             handler.cancel()
 
     async def _handle(self, stream: StreamState, slot: _StreamSlot, request: object, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(request, _Malformed):
+            raise ProtocolError(_describe(request))
         type_url = request.type_url  # type: ignore[attr-defined]
         state = stream.types.get(type_url)
         nacks_before = state.nacks if state is not None else 0
@@ -260,6 +337,10 @@ class AdsServer:
             callback(*args)
         except Exception:
             log.exception("xDS callback %s failed", getattr(callback, "__name__", callback))
+
+
+def _describe(malformed: _Malformed) -> str:
+    return f"malformed {malformed.kind}: {malformed.error}"
 
 
 def _identity(payload: bytes) -> bytes:

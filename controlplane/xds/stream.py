@@ -7,7 +7,7 @@ bytes these classes return. The rules they enforce (DESIGN.md, "Envoy facts"):
   burst of changes costs at most one extra push, and what the proxy holds is always known.
 * ACK vs NACK: a request answering our latest nonce with ``error_detail`` is a NACK. The
   rejected content is recorded (per proxy, exported) and never sent again on this stream; the
-  proxy keeps its last good config, which we go back to treating as what it holds.
+  proxy keeps its last good version of what it rejected (see "Partial NACKs" below).
 * SotW: a request whose nonce is not the latest we sent for its type is stale and ignored;
   a plain ACK is not answered; a changed subscription is answered even at an unchanged version.
   Delta: subscription changes are never ignored (they are deltas), only stale ACKs are.
@@ -19,6 +19,53 @@ bytes these classes return. The rules they enforce (DESIGN.md, "Envoy facts"):
   ``warms_with`` is answered even if unchanged (a changed cluster waits for its EDS answer).
 * Versions are content hashes, so after a control-plane restart a reconnecting proxy whose
   reported version matches the current content needs no response at all.
+
+Contract on ``Resource.requires``: a resource requires only resources of types that come
+*earlier* in ``typeurls.PUSH_ORDER`` (a route requires clusters and endpoints). That order is
+what makes removals of unknown content finite: see "Unknown content" below.
+
+Unknown content. A Delta proxy reconnecting with ``initial_resource_versions`` may name
+resources we do not have at that version, or at all (deleted while the control plane was down,
+another replica's state, a renamed listener). They are recorded as held with content ``None``.
+A ``None`` resource of type T might require anything of a type earlier than T, so while one is
+held, removals of earlier types wait; nothing waits for removals of T itself or later types. A
+name the snapshot lacks is therefore removed (routes first), a name it has is replaced, and
+once the proxy ACKs those the stream knows everything it holds again and removals go on. What
+the proxy holds of a type is known only once it has requested that type on this stream, so
+removals of a type also wait until the proxy has asked for every later type the snapshot needs
+(Envoy asks for all its types at once when it reconnects).
+
+Known limit, SotW: a reconnecting SotW proxy reports only a version per type, not what it
+holds. If that version is not the current content's, the first CDS response is the full current
+set, and a cluster only the proxy knows goes at once, even if a route it still holds names it
+(until the RDS answer replaces that route). Delta proxies report each resource and are safe.
+
+Partial NACKs. Envoy applies the valid resources of a response and rejects only the others (CDS
+and LDS: "Error adding/updating cluster(s) NAME: reason, ..."; removals are applied first). The
+model after a NACK:
+
+* If the NACK's ``error_detail.message`` names some of the resources the response added or
+  changed (whole-word match), exactly those are rejected: the proxy keeps its previous version
+  of them (or lacks them if new), and holds everything else the response carried, removals
+  included. The rejected ``(name, version)`` pairs are never sent again on this stream; siblings
+  are held back by nothing but their own requirements.
+* Otherwise we cannot tell what was applied, and assume the worst for each purpose. Every
+  resource the response added, changed or removed is rejected at that version and counts as
+  possibly held at either version, for removal safety, and as not held, for gating:
+  Delta sends what the proxy had before again (so we learn which version it holds) and
+  records what it did not have, or the response removed, with unknown content (``None``, see
+  above). SotW keeps planning from the last ACKed set, and sends that full set again once it
+  equals the snapshot, even if its version did not change. Both keep the response's
+  requirements in ``maybe_requires`` until the proxy ACKs a response that settles them.
+
+Both cases keep make-before-break: a resource is sent only once its requirements are in what the
+proxy certainly holds now *and* after the response in flight (``acked`` and ``sent``), and a
+removal waits while anything the proxy holds, may hold, or is about to hold requires it.
+
+Bad requests (no or unknown ``type_url``, more names than ``MAX_NAMES``) raise
+:class:`ProtocolError`, which the driver turns into ``INVALID_ARGUMENT``. Per-stream state is
+bounded: one :class:`TypeState` per served type, names capped, the rejected set pruned to
+what the current snapshot could still send.
 """
 
 from __future__ import annotations
@@ -31,6 +78,46 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from .. import typeurls
 from .snapshot import Ref, Resource, Snapshot, content_version, length_delimited
+
+
+# A type's subscribed names (and Delta initial_resource_versions) per stream. Far above any real
+# fleet (one name per cluster); it only bounds what one misbehaving client can make us hold.
+MAX_NAMES = 100_000
+
+
+class ProtocolError(ValueError):
+    """A request that breaks the xDS protocol; the message names the problem. The stream ends."""
+
+
+def _order(type_url: str) -> int:
+    try:
+        return typeurls.PUSH_ORDER.index(type_url)
+    except ValueError:
+        return len(typeurls.PUSH_ORDER)
+
+
+def _may_require(holder_type: str, type_url: str) -> bool:
+    """Can a resource of ``holder_type`` require one of ``type_url``? (Only earlier types.)"""
+    if holder_type in typeurls.PUSH_ORDER and type_url in typeurls.PUSH_ORDER:
+        return _order(type_url) < _order(holder_type)
+    return holder_type != type_url
+
+
+def mentions(message: str, name: str) -> bool:
+    """Does ``message`` name ``name`` as a whole word (not inside a longer name)?"""
+    start = message.find(name)
+    while start != -1:
+        end = start + len(name)
+        before = message[start - 1] if start else " "
+        after = message[end] if end < len(message) else " "
+        if not (_name_char(before) or _name_char(after)):
+            return True
+        start = message.find(name, start + 1)
+    return False
+
+
+def _name_char(char: str) -> bool:
+    return char.isalnum() or char in "_-."
 
 
 class Protocol(str, enum.Enum):
@@ -64,6 +151,7 @@ class TypeState:
     type_url: str
     subscribed: bool = False  # the proxy asked for this type on this stream
     wildcard: bool = False
+    legacy_wildcard: bool = False  # SotW: wildcard by an empty first request; empty lists keep it
     names: set[str] = field(default_factory=set)
     # What the proxy holds (acked) and will hold once it applies the response in flight (sent).
     # A value of None is a resource the proxy reported at a version we do not have the content of.
@@ -73,19 +161,23 @@ class TypeState:
     sent_version: str = ""
     last_nonce: str = ""  # latest nonce sent for this type
     pending_nonce: str | None = None  # nonce of the response in flight, if any
-    pending_updates: tuple[Resource, ...] = ()
+    pending_updates: tuple[Resource, ...] = ()  # what the response in flight adds or changes
+    pending_base: dict[str, Resource | None] | None = None  # ``sent`` before that response
     pending_complete_at: int | None = None  # generation the response in flight completes
     synced_generation: int | None = None  # the proxy holds exactly this generation's content
     synced_pool: Mapping[str, Resource] | None = None
-    rejected_version: str | None = None  # SotW: content version the proxy NACKed
-    rejected: set[tuple[str, str]] = field(default_factory=set)  # Delta: (name, version) NACKed
+    rejected: set[tuple[str, str]] = field(default_factory=set)  # (name, version) NACKed
+    # SotW, after a NACK that did not say which resources it rejected: the requirements of what
+    # the proxy may have applied, kept (for removal safety only) until its next ACK.
+    maybe_requires: frozenset[Ref] = frozenset()
+    uncertain: bool = False  # SotW: since such a NACK, send the full set once it is complete
     force_answer: bool = False  # SotW: answer the next request even if nothing changed
     force_names: set[str] = field(default_factory=set)  # Delta: names to (re)send
     responses: int = 0
     nacks: int = 0
     last_nack: Nack | None = None
     rejecting: bool = False  # the proxy's answer to our latest response of this type was a NACK
-    unknown: bool = False  # acked holds entries of unknown content (Delta initial_resource_versions)
+    unknown: bool = False  # acked or sent may hold entries of unknown content (None)
 
     def wants(self, name: str) -> bool:
         return self.wildcard or name in self.names
@@ -162,26 +254,44 @@ class StreamState:
             return dict(pool)
         return {name: pool[name] for name in state.names if name in pool}
 
+    def _type_state(self, type_url: str) -> TypeState:
+        """The state of a requested type; ProtocolError unless it is one this server serves."""
+        state = self.types.get(type_url)
+        if state is not None:
+            return state
+        if not type_url:
+            raise ProtocolError("request has no type_url")
+        if type_url not in typeurls.PUSH_ORDER:
+            raise ProtocolError(f"type_url {type_url!r} is not served here; served: {', '.join(typeurls.PUSH_ORDER)}")
+        return self._state(type_url)
+
     def _has_applied_all(self, resource: Resource) -> bool:
-        """Has the proxy ACKed every resource ``resource`` requires, with known content?"""
+        """Does the proxy certainly hold every resource ``resource`` requires, now (ACKed) and
+        after the response in flight (which may remove some), with known content?"""
         for type_url, names in resource.requires_by_type:
             state = self.types.get(type_url)
             if state is None or not state.acked.keys() >= names:
                 return False
-            if state.unknown and any(state.acked[n] is None for n in names):
+            # ``sent`` lacks something ``acked`` has only while a response removing it is in
+            # flight; skip the second check otherwise (this runs for every route, every push).
+            if state.pending_nonce is not None and not state.sent.keys() >= names:
+                return False
+            if state.unknown and any(state.acked[n] is None or state.sent[n] is None for n in names):
                 return False
         return True
 
-    def _held_requirements(self, extra: Iterable[Resource | None]) -> tuple[set[Ref], bool]:
-        """Everything required by what the proxy holds or is about to hold. The flag is True if
-        the proxy holds a resource whose content we do not know (it might require anything)."""
+    def _held_requirements(self, extra: Iterable[Resource | None]) -> tuple[set[Ref], set[str]]:
+        """Everything required by what the proxy holds, may hold or is about to hold, and the
+        types of which it holds resources of unknown content (they might require anything of
+        an earlier type)."""
         required: set[Ref] = set()
-        unknown = False
+        unknown: set[str] = set()
         for state in self.types.values():
+            required.update(state.maybe_requires)
             for held in (state.acked, state.sent):
                 for resource in held.values():
                     if resource is None:
-                        unknown = True
+                        unknown.add(state.type_url)
                     else:
                         required.update(resource.requires)
         for resource in extra:
@@ -189,29 +299,47 @@ class StreamState:
                 required.update(resource.requires)
         return required, unknown
 
+    def _unreported_holders(self, type_url: str) -> bool:
+        """Is there a type that may require ``type_url`` which the proxy will ask for (the
+        snapshot needs it, see ``converged``) but has not asked for on this stream yet? Until it
+        does, we do not know what it holds of that type (a reconnecting proxy may hold routes
+        naming a cluster only it knows), so removals of ``type_url`` wait."""
+        snapshot = self.snapshot
+        for holder in typeurls.PUSH_ORDER:
+            if not _may_require(holder, type_url):
+                continue
+            state = self.types.get(holder)
+            if state is not None and state.subscribed:
+                continue
+            if snapshot.warmed_names(holder) or (holder in typeurls.WILDCARD_TYPES and snapshot.of_type(holder)):
+                return True
+        return False
+
     def _plan(self, state: TypeState) -> tuple[dict[str, Resource | None], bool]:
         """What the proxy should hold of this type next, and whether that equals the snapshot.
 
-        New or changed resources whose requirements the proxy has not applied yet are held back
-        (the old version stays); resources the snapshot dropped stay while something the proxy
-        holds still requires them.
+        New or changed resources whose requirements the proxy has not applied yet, or that the
+        proxy rejected at that version, are held back (the old version stays); resources the
+        snapshot dropped stay while something the proxy holds still requires them.
         """
         desired = self._desired(state)
         current = state.sent
+        rejected = state.rejected
         content: dict[str, Resource | None] = {}
         for name, resource in desired.items():
             old = current.get(name)
             if old is not None and old.version == resource.version:
                 content[name] = resource
-            elif self._has_applied_all(resource):
+            elif not (rejected and (name, resource.version) in rejected) and self._has_applied_all(resource):
                 content[name] = resource
             elif name in current:
                 content[name] = old
         leaving = [name for name in current if name not in content and state.wants(name)]
         if leaving:
             required, unknown = self._held_requirements(content.values())
+            blocked = any(_may_require(holder, state.type_url) for holder in unknown) or self._unreported_holders(state.type_url)
             for name in leaving:
-                if unknown or (state.type_url, name) in required:
+                if blocked or (state.type_url, name) in required:
                     content[name] = current[name]
         complete = content.keys() == desired.keys() and all(
             content[n] is not None and content[n].version == r.version for n, r in desired.items()  # type: ignore[union-attr]
@@ -224,19 +352,55 @@ class StreamState:
         state.acked = dict(state.sent)
         state.acked_version = state.sent_version
         state.pending_nonce = None
-        if state.pending_complete_at is not None:
+        complete = state.pending_complete_at is not None
+        if complete:
             state.synced_generation = state.pending_complete_at
         state.pending_complete_at = None
         state.pending_updates = ()
+        state.pending_base = None
+        if state.maybe_requires and (complete or self.protocol is Protocol.SOTW):
+            # The proxy now holds exactly what we sent: a full set (SotW), or the snapshot.
+            state.maybe_requires = frozenset()
+        state.uncertain = False
+        if state.unknown:
+            state.unknown = any(r is None for r in state.acked.values())
 
-    def _keep_last_good(self, state: TypeState) -> None:
-        """After a NACK: the proxy keeps its last good config, which is what it acked."""
-        state.sent = dict(state.acked)
-        state.sent_version = state.acked_version
+    def _nack(self, state: TypeState, message: str, now: float) -> None:
+        """The proxy rejected the response in flight: work out what it holds now (see the
+        module docstring, "Partial NACKs")."""
+        updates = state.pending_updates
+        base = state.pending_base if state.pending_base is not None else state.acked
+        removed = [name for name in base if name not in state.sent]
+        named = [r for r in updates if mentions(message, r.name)]
+        state.nacks += 1
+        state.rejecting = True
+        state.last_nack = Nack(state.sent_version, message, now)
+        # Bounded: forget rejections the current snapshot could not send any more.
+        pool = self.snapshot.of_type(state.type_url)
+        state.rejected = {(n, v) for n, v in state.rejected if n in pool and pool[n].version == v}
+        if named:
+            state.rejected.update((r.name, r.version) for r in named)
+            held = dict(state.acked)
+            for name in removed:
+                held.pop(name, None)
+            rejected_names = {r.name for r in named}
+            for resource in updates:
+                if resource.name not in rejected_names:
+                    held[resource.name] = resource
+            state.acked = held
+            state.sent = dict(held)
+            state.acked_version = state.sent_version = content_version(r for r in held.values() if r is not None)
+        else:
+            state.rejected.update((r.name, r.version) for r in updates)
+            self._after_unexplained_nack(state, updates, removed)
         state.pending_nonce = None
         state.pending_complete_at = None
         state.pending_updates = ()
+        state.pending_base = None
         state.synced_pool = None
+
+    def _after_unexplained_nack(self, state: TypeState, updates: tuple[Resource, ...], removed: list[str]) -> None:
+        raise NotImplementedError
 
     def _mark_warming(self, updates: Iterable[Resource]) -> None:
         for resource in updates:
@@ -257,10 +421,15 @@ class SotwStream(StreamState):
     protocol = Protocol.SOTW
 
     def on_request(self, request: discovery_pb2.DiscoveryRequest, now: float) -> list[Outgoing]:
-        type_url = request.type_url
-        state = self._state(type_url)
+        """Handle one request; the responses to write, in order. ProtocolError on a bad one."""
+        state = self._type_state(request.type_url)
+        if len(request.resource_names) > MAX_NAMES:
+            raise ProtocolError(f"{len(request.resource_names)} resource_names for {request.type_url}; at most {MAX_NAMES}")
+        first = not state.subscribed
         replied = False
-        if request.response_nonce:
+        if request.response_nonce and not first and state.last_nonce:
+            # (Before we sent anything of this type on this stream, a nonce can only come from
+            # an earlier connection: it is no ACK, and the request is handled as if it had none.)
             if request.response_nonce != state.last_nonce:
                 return []  # stale: the proxy has not yet seen our latest response of this type
             if state.pending_nonce == request.response_nonce:
@@ -269,8 +438,8 @@ class SotwStream(StreamState):
                     self._nack(state, request.error_detail.message, now)
                 else:
                     self._ack(state)
-        added = self._subscribe(state, request)
-        if not request.response_nonce:
+        added = self._subscribe(state, request, first)
+        if first:
             # First request for the type on this stream. A proxy reconnecting after a
             # control-plane restart reports the version it holds; versions are content hashes,
             # so if it matches what we would send, the proxy already holds exactly that.
@@ -286,20 +455,35 @@ class SotwStream(StreamState):
             # subscription, and the request that follows a warming trigger.
             answer = added or state.force_answer
         out = self._push(state, force=answer)
-        if replied:
-            out += self._push_all()  # an ACK or NACK may open a gate or release a removal
+        if replied or first:
+            # An ACK or NACK, or what a first request says the proxy holds, may open a gate or
+            # release a removal of another type.
+            out += self._push_all()
         return out
 
-    def _subscribe(self, state: TypeState, request: discovery_pb2.DiscoveryRequest) -> bool:
+    def _subscribe(self, state: TypeState, request: discovery_pb2.DiscoveryRequest, first: bool) -> bool:
         """Record the subscription; True if it asks for something it did not ask for before
-        (such a request is answered even at an unchanged version)."""
+        (such a request is answered even at an unchanged version).
+
+        As the xDS spec has it: "*" among the names subscribes to everything; names without
+        "*" subscribe to those names only; an empty list on the first request for CDS or LDS is
+        the legacy wildcard, which later empty lists keep (Envoy sends names only for EDS and
+        RDS; a gRPC client names the clusters and listeners it wants).
+        """
         names = set(request.resource_names)
-        wildcard = state.type_url in typeurls.WILDCARD_TYPES or "*" in names
-        names.discard("*")
-        added = not state.subscribed or (wildcard and not state.wildcard) or (not wildcard and bool(names - state.names))
+        if "*" in names:
+            wildcard, legacy = True, False
+            names.discard("*")
+        elif names:
+            wildcard = legacy = False
+        else:
+            legacy = (first and state.type_url in typeurls.WILDCARD_TYPES) or state.legacy_wildcard
+            wildcard = legacy
+        added = first or (wildcard and not state.wildcard) or (not wildcard and bool(names - state.names))
         changed = added or wildcard != state.wildcard or (not wildcard and names != state.names)
         state.subscribed = True
         state.wildcard = wildcard
+        state.legacy_wildcard = legacy
         state.names = names
         if changed and not wildcard:
             # The proxy dropped what it no longer subscribes to.
@@ -309,12 +493,18 @@ class SotwStream(StreamState):
             state.synced_pool = None
         return added
 
-    def _nack(self, state: TypeState, message: str, now: float) -> None:
-        state.rejected_version = state.sent_version
-        state.nacks += 1
-        state.rejecting = True
-        state.last_nack = Nack(state.sent_version, message, now)
-        self._keep_last_good(state)
+    def _after_unexplained_nack(self, state: TypeState, updates: tuple[Resource, ...], removed: list[str]) -> None:
+        # Plan on from the last ACKed set: the next response is the full set and corrects
+        # whatever the proxy did apply. Until the proxy ACKs one, what it may have applied keeps
+        # its requirements, and what the response removed counts as possibly gone.
+        last_good = state.acked
+        state.uncertain = True
+        state.maybe_requires = state.maybe_requires.union(*(r.requires for r in updates))
+        state.sent = dict(last_good)
+        state.sent_version = state.acked_version
+        if removed:
+            gone = set(removed)
+            state.acked = {n: r for n, r in last_good.items() if n not in gone}
 
     def _version_of(self, state: TypeState, content: Mapping[str, Resource | None], *, complete: bool) -> str:
         if complete:
@@ -339,13 +529,11 @@ class SotwStream(StreamState):
             # no routes; send nothing until every subscribed resource can go.
             return []
         version = self._version_of(state, content, complete=complete)
-        if version == state.sent_version and not force:
+        if version == state.sent_version and not force and not (complete and state.uncertain):
             if complete:
                 state.synced_generation = self.snapshot.generation
                 state.synced_pool = pool
             return []
-        if version == state.rejected_version:
-            return []  # never re-send what this proxy rejected; wait for new content
         if any(r is None for r in content.values()):
             return []  # cannot happen in SotW: we never record content we do not hold
         resources = [content[n] for n in sorted(content)]
@@ -359,6 +547,7 @@ class SotwStream(StreamState):
             )
         )
         updates = tuple(r for r in resources if r is not None and (state.sent.get(r.name) is None or state.sent[r.name].version != r.version))  # type: ignore[union-attr]
+        state.pending_base = state.sent
         state.sent = dict(content)
         state.sent_version = version
         state.last_nonce = state.pending_nonce = nonce
@@ -377,8 +566,11 @@ class DeltaStream(StreamState):
     protocol = Protocol.DELTA
 
     def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest, now: float) -> list[Outgoing]:
+        """Handle one request; the responses to write, in order. ProtocolError on a bad one."""
         type_url = request.type_url
-        state = self._state(type_url)
+        state = self._type_state(type_url)
+        if len(state.names) + len(request.resource_names_subscribe) > MAX_NAMES or len(request.initial_resource_versions) > MAX_NAMES:
+            raise ProtocolError(f"more than {MAX_NAMES} resource names subscribed for {type_url}")
         acked_or_nacked = False
         if request.response_nonce and request.response_nonce == state.pending_nonce:
             acked_or_nacked = True
@@ -389,7 +581,7 @@ class DeltaStream(StreamState):
         first = not state.subscribed
         self._subscribe(state, request, first)
         out = self._push(state, force=False)
-        if acked_or_nacked:
+        if acked_or_nacked or first:  # (see SotwStream.on_request)
             out += [o for o in self._push_all() if o.type_url != type_url or not out]
         return out
 
@@ -424,12 +616,30 @@ class DeltaStream(StreamState):
                 state.sent.pop(name, None)
                 state.force_names.discard(name)
 
-    def _nack(self, state: TypeState, message: str, now: float) -> None:
-        state.rejected.update((r.name, r.version) for r in state.pending_updates)
-        state.nacks += 1
-        state.rejecting = True
-        state.last_nack = Nack(state.sent_version, message, now)
-        self._keep_last_good(state)
+    def _after_unexplained_nack(self, state: TypeState, updates: tuple[Resource, ...], removed: list[str]) -> None:
+        # A resource the proxy had before is still there, at its old version or the new one:
+        # send it again (at the snapshot's version, or the old one if that is the rejected
+        # one) so we know which. One that is new, or that the response removed, may or may
+        # not be there: unknown content, sent again once it changes or removed again if the
+        # snapshot lacks it. What the response carried may be applied: its requirements stay
+        # until the proxy ACKs a response that brings it to the snapshot.
+        held = dict(state.acked)
+        state.maybe_requires = state.maybe_requires.union(*(r.requires for r in updates))
+        for resource in updates:
+            if not state.wants(resource.name):
+                continue
+            if held.get(resource.name) is not None:
+                state.force_names.add(resource.name)
+            else:
+                held[resource.name] = None
+                state.unknown = True
+        for name in removed:
+            if state.wants(name):
+                held[name] = None
+                state.unknown = True
+        state.acked = held
+        state.sent = dict(held)
+        state.acked_version = state.sent_version = content_version(r for r in held.values() if r is not None)
 
     def _on_warm(self, state: TypeState, name: str) -> None:
         if state.subscribed and state.wants(name):
@@ -459,7 +669,10 @@ class DeltaStream(StreamState):
                 continue
             updates.append(resource)
         removed = sorted(n for n in state.sent if n not in content)
-        if not updates and not removed:
+        # Subscribed names the snapshot does not have are answered as removed, so the proxy
+        # need not wait for its initial fetch timeout to learn they do not exist.
+        absent = [n for n in state.force_names if n not in pool and n not in state.sent and state.wants(n)]
+        if not updates and not removed and not absent:
             state.force_names.clear()
             if complete:
                 state.synced_generation = self.snapshot.generation
@@ -473,6 +686,7 @@ class DeltaStream(StreamState):
                 *(r.delta_field for r in updates),
                 length_delimited(4, state.type_url.encode()),
                 *(length_delimited(6, n.encode()) for n in removed),
+                *(length_delimited(6, n.encode()) for n in sorted(absent)),
                 length_delimited(5, nonce.encode()),
             )
         )
@@ -481,6 +695,7 @@ class DeltaStream(StreamState):
             sent[resource.name] = resource
         for name in removed:
             del sent[name]
+        state.pending_base = state.sent
         state.sent = sent
         state.sent_version = system_version or content_version(r for r in state.sent.values() if r is not None)
         state.pending_nonce = state.last_nonce = nonce
@@ -490,4 +705,4 @@ class DeltaStream(StreamState):
         state.force_names.clear()
         state.responses += 1
         self._mark_warming(updates)
-        return [Outgoing(state.type_url, nonce, state.sent_version, payload, len(updates), len(removed))]
+        return [Outgoing(state.type_url, nonce, state.sent_version, payload, len(updates), len(removed) + len(absent))]
