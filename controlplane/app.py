@@ -30,6 +30,7 @@ from .metrics import Metrics
 from .store.base import KVStore
 from .store.repository import Repository
 from .telemetry import MetricsSink, add_metrics_service
+from .xds.peer import StreamLimiter, StreamLimits
 from .xds.server import AdsServer, SnapshotCache
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,10 @@ class ControlPlane:
         self.convergence = Convergence(self.cache, self.metrics)
         self.builder = SnapshotBuilder(settings.fleets)
         self.publisher = Publisher(self.repo, self.builder, self.cache, self.convergence, self.metrics)
-        self.ads = AdsServer(self.cache, self.convergence)
+        limits = StreamLimits(settings.xds.max_streams, settings.xds.max_streams_per_identity)
+        # One limiter for ADS and metrics streams: a client's caps count both.
+        self.limiter = StreamLimiter(limits, self._count_refused)
+        self.ads = AdsServer(self.cache, self.convergence, limiter=self.limiter, on_refused=self._count_refused)
         self.telemetry = MetricsSink()
         self.rollouts = Rollouts(self.repo, settings.fleets, self.metrics, self.wait_converged)
         self.grpc_server: grpc.aio.Server | None = None
@@ -61,7 +65,7 @@ class ControlPlane:
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="publisher")
         server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.max_receive_message_length", self.settings.xds.max_request_bytes),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
                 ("grpc.keepalive_permit_without_calls", 1),
                 # grpcio sets SO_REUSEPORT by default: a second control plane could then bind
@@ -77,13 +81,28 @@ class ControlPlane:
         )
         self.ads.add_to_server(server)
         add_metrics_service(server, self.telemetry)  # Envoy pushes its stats here (analysis)
-        self.xds_port = server.add_insecure_port(xds_address)
+        self.xds_port = self._listen(server, xds_address)
         if not self.xds_port:
             raise OSError(f"cannot listen for xDS on {xds_address}")
         await server.start()
         self.grpc_server = server
         self.rollouts.telemetry = self.telemetry
         await self.rollouts.start()  # resumes deployments that were under way
+
+    def _listen(self, server: grpc.aio.Server, address: str) -> int:
+        tls = self.settings.xds.tls
+        if tls is None:
+            return server.add_insecure_port(address)
+        # Read at start: a certificate rotation takes a restart (see docs/security-xds.md).
+        credentials = grpc.ssl_server_credentials(
+            ((tls.key.read_bytes(), tls.cert.read_bytes()),),
+            root_certificates=tls.client_ca.read_bytes(),
+            require_client_auth=True,  # no client certificate signed by client_ca: handshake refused
+        )
+        return server.add_secure_port(address, credentials)
+
+    def _count_refused(self, reason: str) -> None:
+        self.metrics.streams_refused.labels(reason=reason).inc()
 
     async def wait_converged(self, fleets: tuple[str, ...], revision: int, timeout: float) -> bool:
         """Wait until ``revision`` is published and every connected proxy of ``fleets`` holds it."""

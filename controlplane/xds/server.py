@@ -22,6 +22,7 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
+from .peer import PeerIdentity, StreamLimiter
 from .snapshot import EMPTY, Snapshot
 from .stream import DeltaStream, Nack, Outgoing, SotwStream, StreamState
 
@@ -32,6 +33,11 @@ SERVICE_NAME = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
 class UnknownGroup(Exception):
     """Raised by a group resolver for a node the cache has no snapshot group for."""
+
+
+class PermissionDenied(Exception):
+    """Raised by a group resolver when the stream's peer identity may not join the group the
+    node claims; the stream ends with PERMISSION_DENIED and this message."""
 
 
 class Callbacks(TypingProtocol):
@@ -77,13 +83,15 @@ class SnapshotCache:
     stream that is busy sees only the newest snapshot when it gets to it (coalescing).
     """
 
-    def __init__(self, resolve_group: Callable[[base_pb2.Node], str]) -> None:
+    def __init__(self, resolve_group: Callable[[base_pb2.Node, PeerIdentity | None], str]) -> None:
         self._resolve = resolve_group
         self._snapshots: dict[str, Snapshot] = {}
         self._watchers: dict[str, dict[int, _StreamSlot]] = {}
 
-    def resolve(self, node: base_pb2.Node) -> str:
-        return self._resolve(node)
+    def resolve(self, node: base_pb2.Node, peer: PeerIdentity | None = None) -> str:
+        """The group of ``node``; raises UnknownGroup, or PermissionDenied if ``peer`` (the
+        transport identity; None when unknown) may not join it."""
+        return self._resolve(node, peer)
 
     def get(self, group: str) -> Snapshot:
         return self._snapshots.get(group, EMPTY)
@@ -147,9 +155,15 @@ class _StreamSlot:
 class AdsServer:
     """Serves ``StreamAggregatedResources`` and ``DeltaAggregatedResources`` from a cache."""
 
-    def __init__(self, cache: SnapshotCache, callbacks: Callbacks | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, cache: SnapshotCache, callbacks: Callbacks | None = None, clock: Callable[[], float] = time.time,
+                 limiter: StreamLimiter | None = None, on_refused: Callable[[str], None] | None = None) -> None:
+        """``limiter`` caps concurrent streams (shared with other services of the same server);
+        ``on_refused(reason)`` is told of each stream refused by the resolver
+        (``fleet_not_allowed``); refusals by caps are reported by the limiter itself."""
         self.cache = cache
         self.callbacks: Callbacks = callbacks or NoCallbacks()
+        self.limiter = limiter or StreamLimiter()
+        self._on_refused = on_refused
         self._clock = clock
         self._ids = itertools.count(1)
         self.streams: dict[int, StreamState] = {}
@@ -176,6 +190,18 @@ class AdsServer:
         await self._serve(DeltaStream, requests, context)
 
     async def _serve(self, kind: type[SotwStream] | type[DeltaStream], requests: AsyncIterator, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        peer = PeerIdentity.from_context(context)
+        refusal = self.limiter.acquire(peer)
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+            return
+        try:
+            await self._serve_admitted(kind, requests, context, peer)
+        finally:
+            self.limiter.release(peer)
+
+    async def _serve_admitted(self, kind: type[SotwStream] | type[DeltaStream], requests: AsyncIterator,  # type: ignore[type-arg]
+                              context: grpc.aio.ServicerContext, peer: PeerIdentity) -> None:
         iterator = requests.__aiter__()
         try:
             first = await iterator.__anext__()
@@ -183,9 +209,14 @@ class AdsServer:
             return
         node = first.node
         try:
-            group = self.cache.resolve(node)
+            group = self.cache.resolve(node, peer)
         except UnknownGroup as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            return
+        except PermissionDenied as exc:
+            self._notify(self._on_refused or _ignore, "fleet_not_allowed")
+            log.warning("refused xDS stream of node %r from %s: %s", node.id, peer.describe(), exc)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
             return
         stream_id = next(self._ids)
         stream = kind(stream_id, node.id, group, self.cache.get(group), self._clock())
@@ -264,3 +295,7 @@ class AdsServer:
 
 def _identity(payload: bytes) -> bytes:
     return payload
+
+
+def _ignore(*args: object) -> None:
+    pass
