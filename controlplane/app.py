@@ -26,6 +26,7 @@ from .config import Settings
 from .deploy.driver import Rollouts
 from .deploy.operations import Operations
 from .fleet import Convergence, Publisher, SnapshotBuilder, fleet_resolver, service_version  # noqa: F401  (re-exported)
+from .fleet.telemetry_auth import telemetry_authorizer
 from .metrics import Metrics
 from .store.base import KVStore
 from .store.repository import Repository
@@ -54,7 +55,10 @@ class ControlPlane:
         # One limiter for ADS and metrics streams: a client's caps count both.
         self.limiter = StreamLimiter(limits, self._count_refused)
         self.ads = AdsServer(self.cache, self.convergence, limiter=self.limiter, on_refused=self._count_refused)
-        self.telemetry = MetricsSink()
+        self.telemetry = MetricsSink(
+            authorize=telemetry_authorizer(self.ads, self.cache, mtls=settings.xds.tls is not None),
+            on_dropped=lambda reason, n: self.metrics.telemetry_dropped.labels(reason=reason).inc(n),
+        )
         self.rollouts = Rollouts(self.repo, settings.fleets, self.metrics, self.wait_converged)
         self.grpc_server: grpc.aio.Server | None = None
         self.xds_port: int | None = None
@@ -80,7 +84,7 @@ class ControlPlane:
             ]
         )
         self.ads.add_to_server(server)
-        add_metrics_service(server, self.telemetry)  # Envoy pushes its stats here (analysis)
+        add_metrics_service(server, self.telemetry, self.limiter)  # Envoy pushes its stats here (analysis)
         self.xds_port = self._listen(server, xds_address)
         if not self.xds_port:
             raise OSError(f"cannot listen for xDS on {xds_address}")

@@ -11,6 +11,9 @@ from string import Template
 
 from .errors import ValidationError
 
+# The bootstrap's static cluster for ADS and the metrics service (see templates/bootstrap.yaml).
+XDS_CLUSTER = "bluegreen_xds"
+
 _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
 
 

@@ -164,6 +164,8 @@ class AdsServer:
         self.callbacks: Callbacks = callbacks or NoCallbacks()
         self.limiter = limiter or StreamLimiter()
         self._on_refused = on_refused
+        self._peers: dict[int, PeerIdentity] = {}  # stream id -> transport identity
+        self._by_node: dict[str, set[int]] = {}  # node id -> open stream ids
         self._clock = clock
         self._ids = itertools.count(1)
         self.streams: dict[int, StreamState] = {}
@@ -222,6 +224,8 @@ class AdsServer:
         stream = kind(stream_id, node.id, group, self.cache.get(group), self._clock())
         slot = _StreamSlot(stream_id)
         self.streams[stream_id] = stream
+        self._peers[stream_id] = peer
+        self._by_node.setdefault(node.id, set()).add(stream_id)
         self.cache._watch(group, slot)
         self._notify(self.callbacks.stream_opened, stream)
         handler = asyncio.current_task()
@@ -245,7 +249,17 @@ class AdsServer:
             pusher.cancel()
             self.cache._unwatch(group, slot)
             self.streams.pop(stream_id, None)
+            self._peers.pop(stream_id, None)
+            node_streams = self._by_node.get(node.id)
+            if node_streams is not None:
+                node_streams.discard(stream_id)
+                if not node_streams:
+                    del self._by_node[node.id]
             self._notify(self.callbacks.stream_closed, stream)
+
+    def streams_of(self, node_id: str) -> list[tuple[StreamState, PeerIdentity]]:
+        """The open streams of ``node_id`` with the transport identity of each (O(its streams))."""
+        return [(self.streams[i], self._peers[i]) for i in self._by_node.get(node_id, ()) if i in self.streams]
 
     async def _push_changes(self, stream: StreamState, slot: _StreamSlot, context: grpc.aio.ServicerContext,
                             handler: asyncio.Task[object]) -> None:
