@@ -83,7 +83,8 @@ def render_bootstrap(
 
 
 def _tls_transport_socket(host: str, cert: str | None, key: str | None, ca: str | None) -> str:
-    """The bluegreen_xds cluster's ``transport_socket`` (YAML, indented for the template), or ''."""
+    """The bluegreen_xds cluster's ``transport_socket``: YAML lines indented for the template,
+    each after a newline (the template puts it at the end of the line before), or ''."""
     if (cert is None) != (key is None):
         raise ValidationError("--tls-cert and --tls-key go together: give both or neither")
     if ca is None:
@@ -123,7 +124,7 @@ def _tls_transport_socket(host: str, cert: str | None, key: str | None, ca: str 
         f"                - san_type: {san_type}",
         f"                  matcher: {{ exact: {json.dumps(host)} }}",
     ]
-    return "\n".join(lines) + "\n"
+    return "".join("\n" + line for line in lines)
 
 
 def format_flush_interval(seconds: float) -> str:
