@@ -27,10 +27,12 @@ from .deploy.driver import Rollouts
 from .deploy.operations import Operations
 from .fleet.convergence import WaitResult
 from .fleet import Convergence, Publisher, SnapshotBuilder, fleet_resolver, service_version  # noqa: F401  (re-exported)
+from .fleet.telemetry_auth import telemetry_authorizer
 from .metrics import Metrics
 from .store.base import KVStore
 from .store.repository import Repository
 from .telemetry import MetricsSink, add_metrics_service
+from .xds.peer import StreamLimiter, StreamLimits
 from .xds.server import AdsServer, SnapshotCache, server_options as xds_server_options
 
 log = logging.getLogger(__name__)
@@ -50,8 +52,14 @@ class ControlPlane:
         self.convergence = Convergence(self.cache, self.metrics, lagging_after=settings.lagging_after_seconds)
         self.builder = SnapshotBuilder(settings.fleets)
         self.publisher = Publisher(self.repo, self.builder, self.cache, self.convergence, self.metrics)
-        self.ads = AdsServer(self.cache, self.convergence)
-        self.telemetry = MetricsSink()
+        limits = StreamLimits(settings.xds.max_streams, settings.xds.max_streams_per_identity)
+        # One limiter for ADS and metrics streams: a client's caps count both.
+        self.limiter = StreamLimiter(limits, self._count_refused)
+        self.ads = AdsServer(self.cache, self.convergence, limiter=self.limiter, on_refused=self._count_refused)
+        self.telemetry = MetricsSink(
+            authorize=telemetry_authorizer(self.ads, self.cache, mtls=settings.xds.tls is not None),
+            on_dropped=lambda reason, n: self.metrics.telemetry_dropped.labels(reason=reason).inc(n),
+        )
         self.rollouts = Rollouts(self.repo, settings.fleets, self.metrics, self.wait_converged, self.convergence.routing_to)
         self.grpc_server: grpc.aio.Server | None = None
         self.xds_port: int | None = None
@@ -64,7 +72,7 @@ class ControlPlane:
         self.ads.first_request_timeout = xds.first_request_timeout_seconds
         server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.max_receive_message_length", self.settings.xds.max_request_bytes),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
                 # grpcio sets SO_REUSEPORT by default: a second control plane could then bind
                 # the same port silently and split the fleet between two processes.
@@ -83,14 +91,29 @@ class ControlPlane:
             ]
         )
         self.ads.add_to_server(server)
-        add_metrics_service(server, self.telemetry)  # Envoy pushes its stats here (analysis)
-        self.xds_port = server.add_insecure_port(xds_address)
+        add_metrics_service(server, self.telemetry, self.limiter)  # Envoy pushes its stats here (analysis)
+        self.xds_port = self._listen(server, xds_address)
         if not self.xds_port:
             raise OSError(f"cannot listen for xDS on {xds_address}")
         await server.start()
         self.grpc_server = server
         self.rollouts.telemetry = self.telemetry
         await self.rollouts.start()  # resumes deployments that were under way
+
+    def _listen(self, server: grpc.aio.Server, address: str) -> int:
+        tls = self.settings.xds.tls
+        if tls is None:
+            return server.add_insecure_port(address)
+        # Read at start: a certificate rotation takes a restart (see docs/security-xds.md).
+        credentials = grpc.ssl_server_credentials(
+            ((tls.key.read_bytes(), tls.cert.read_bytes()),),
+            root_certificates=tls.client_ca.read_bytes(),
+            require_client_auth=True,  # no client certificate signed by client_ca: handshake refused
+        )
+        return server.add_secure_port(address, credentials)
+
+    def _count_refused(self, reason: str) -> None:
+        self.metrics.streams_refused.labels(reason=reason).inc()
 
     async def wait_converged(self, fleets: tuple[str, ...], revision: int, timeout: float, *,
                              require_all: bool = False) -> WaitResult | None:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import re
 from importlib import resources
 from string import Template
 
 from .errors import ValidationError
+
+# The bootstrap's static cluster for ADS and the metrics service (see templates/bootstrap.yaml).
+XDS_CLUSTER = "bluegreen_xds"
 
 _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
 
@@ -33,10 +37,18 @@ def render_bootstrap(
     admin_port: int = 9901,
     delta: bool = False,
     stats_flush_seconds: float = 1.0,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    ca: str | None = None,
 ) -> str:
     """The bootstrap text. ``stats_flush_seconds`` is Envoy's ``stats_flush_interval``: how often
     it streams its stats to the control plane's metrics service (the deployment analysis reads
-    them); rounded to whole milliseconds, within [1 ms, 300 s)."""
+    them); rounded to whole milliseconds, within [1 ms, 300 s).
+
+    With ``ca`` (a PEM file path, as Envoy will see it) the xDS connection uses TLS and Envoy
+    verifies that the server's certificate is signed by it and names the ``xds`` host (an IP
+    SAN for an IP address, else a DNS SAN). ``tls_cert`` and ``tls_key`` (together, and only
+    with ``ca``) are the certificate Envoy presents: a control plane with ``xds.tls`` requires one."""
     if not _NODE_ID.match(node_id):
         raise ValidationError(f"invalid node id {node_id!r}: use letters, digits, '.', '_', ':' or '-'")
     if not _NODE_ID.match(fleet):
@@ -54,6 +66,7 @@ def render_bootstrap(
         cluster_type = "STATIC"
     except ValueError:
         cluster_type = "STRICT_DNS"  # e.g. a compose service name
+    transport_socket = _tls_transport_socket(host, tls_cert, tls_key, ca)
     template = Template(resources.files("controlplane").joinpath("templates/bootstrap.yaml").read_text())
     return template.substitute(
         node_id=node_id,
@@ -65,7 +78,53 @@ def render_bootstrap(
         xds_host=host,
         xds_port=port,
         stats_flush=stats_flush,
+        xds_transport_socket=transport_socket,
     )
+
+
+def _tls_transport_socket(host: str, cert: str | None, key: str | None, ca: str | None) -> str:
+    """The bluegreen_xds cluster's ``transport_socket``: YAML lines indented for the template,
+    each after a newline (the template puts it at the end of the line before), or ''."""
+    if (cert is None) != (key is None):
+        raise ValidationError("--tls-cert and --tls-key go together: give both or neither")
+    if ca is None:
+        if cert is not None:
+            raise ValidationError("--tls-cert needs --ca: Envoy must verify the control plane's certificate")
+        return ""
+    for what, value in (("--tls-cert", cert), ("--tls-key", key), ("--ca", ca)):
+        if value is not None and (not value or "\n" in value):
+            raise ValidationError(f"{what}: expected a file path, got {value!r}")
+    try:
+        ipaddress.ip_address(host)
+        san_type = "IP_ADDRESS"
+    except ValueError:
+        san_type = "DNS"
+    lines = [
+        "      transport_socket:",
+        "        name: envoy.transport_sockets.tls",
+        "        typed_config:",
+        '          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext',
+    ]
+    if san_type == "DNS":
+        lines.append(f"          sni: {json.dumps(host)}")
+    lines += [
+        "          common_tls_context:",
+        '            alpn_protocols: ["h2"]',
+    ]
+    if cert is not None and key is not None:
+        lines += [
+            "            tls_certificates:",
+            f"              - certificate_chain: {{ filename: {json.dumps(cert)} }}",
+            f"                private_key: {{ filename: {json.dumps(key)} }}",
+        ]
+    lines += [
+        "            validation_context:",
+        f"              trusted_ca: {{ filename: {json.dumps(ca)} }}",
+        "              match_typed_subject_alt_names:",
+        f"                - san_type: {san_type}",
+        f"                  matcher: {{ exact: {json.dumps(host)} }}",
+    ]
+    return "".join("\n" + line for line in lines)
 
 
 def format_flush_interval(seconds: float) -> str:

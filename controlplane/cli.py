@@ -280,7 +280,8 @@ def _stored_times(view: dict[str, Any]) -> dict[str, Any]:
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     text = render_bootstrap(node_id=args.node_id, fleet=args.fleet, xds=args.xds, admin_address=args.admin_address,
-                            admin_port=args.admin_port, delta=args.delta, stats_flush_seconds=args.stats_flush)
+                            admin_port=args.admin_port, delta=args.delta, stats_flush_seconds=args.stats_flush,
+                            tls_cert=args.tls_cert, tls_key=args.tls_key, ca=args.ca)
     if args.output:
         Path(args.output).write_text(text)
     else:
@@ -381,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", action="store_true", help="use incremental (Delta) xDS instead of State of the World")
     p.add_argument("--stats-flush", type=float, default=1.0,
                    help="seconds between Envoy's stats pushes to the control plane (analysis data; default 1)")
+    p.add_argument("--tls-cert", help="PEM certificate Envoy presents to the control plane (mTLS; with --tls-key, --ca)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--ca", help="PEM CA that signed the control plane's certificate: turns on TLS for xDS")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_bootstrap)
 

@@ -23,14 +23,23 @@ Example::
             port: 10000
             preview_port: 10001          # optional: everything here goes to the idle environment
         services: ["shop", "search"]     # optional; default: every service
+        identities:                      # optional (needs xds.tls): client certificate URI/DNS
+          - "spiffe://example.org/edge/*"  # SANs allowed to join; '*' matches within one path segment
     convergence:
       lagging_after_seconds: 10          # a proxy not converged this long is lagging: gates stop waiting for it
-    xds:                                 # optional; liveness of proxy connections (defaults shown)
+    xds:                                 # optional (defaults shown)
       keepalive_seconds: 30              # ping a connection idle this long; null: never
       keepalive_timeout_seconds: 10      # close it if the ping is not answered in time
       first_request_timeout_seconds: 10  # end a stream that sends no request in time; null: never
       max_connection_age_seconds: null   # ask clients to reconnect after about this long (+-10 %)
       max_connection_age_grace_seconds: 60  # then give open streams this long before closing
+      tls:                               # optional: mTLS on the xDS port
+        cert: /etc/bluegreen/xds.crt     # the server's certificate chain (PEM)
+        key: /etc/bluegreen/xds.key
+        client_ca: /etc/bluegreen/proxies-ca.crt  # proxies must present a certificate it signed
+      max_request_bytes: 16777216        # largest gRPC message accepted (ADS and metrics)
+      max_streams: 100000                # open streams in total (ADS and metrics)
+      max_streams_per_identity: 64       # optional: per certificate identity (or per IP without TLS)
 
 The older single-token form ``admin: {token: ...}`` or ``admin: {token_file: ...}`` still works:
 one token named ``admin`` with role ``admin``. With no token configured at all, ``bluegreen
@@ -88,15 +97,33 @@ class Allowlists:
     databases: tuple[str, ...] = LOOPBACK_RULES
 
 
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_STREAMS = 100_000
+
+
+@dataclass(frozen=True)
+class XdsTls:
+    """PEM files for mTLS on the xDS port, read when the server starts."""
+
+    cert: Path
+    key: Path
+    client_ca: Path
+
+
 @dataclass(frozen=True)
 class XdsSettings:
-    """The ``xds:`` section: how the ADS server treats proxy connections (seconds)."""
+    """The ``xds:`` section: how the ADS server treats proxy connections. Durations are in
+    seconds; caps and durations of None are off."""
 
     keepalive_seconds: float | None = 30.0
     keepalive_timeout_seconds: float = 10.0
     first_request_timeout_seconds: float | None = 10.0
     max_connection_age_seconds: float | None = None
     max_connection_age_grace_seconds: float = 60.0
+    tls: XdsTls | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_streams: int | None = DEFAULT_MAX_STREAMS
+    max_streams_per_identity: int | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +134,9 @@ class Settings:
     allow: Allowlists = Allowlists()
     lagging_after_seconds: float = 10.0
     xds: XdsSettings = XdsSettings()
+    # fleet name -> identity patterns allowed to join it (fleets absent here: any client the
+    # transport admits). See :func:`identity_allowed`.
+    fleet_identities: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def tokens(self) -> tuple[TokenSpec, ...]:
         """Every configured token; empty means `bluegreen serve` generates one."""
@@ -157,12 +187,71 @@ def _listener(where: str, raw: object) -> ListenerSpec:
     return ListenerSpec(name=name, address=address, port=port, preview_port=preview_port)
 
 
+def identity_allowed(patterns: tuple[str, ...], names: tuple[str, ...]) -> bool:
+    """Whether any certificate name (URI or DNS SAN) matches any pattern. A pattern is matched
+    whole and case-sensitively; ``*`` stands for one or more characters other than ``/``, so
+    ``spiffe://example.org/edge/*`` admits ``spiffe://example.org/edge/envoy-1`` but neither
+    ``.../edge`` nor ``.../edge/a/b``."""
+    return any(_identity_regex(p).fullmatch(n) for p in patterns for n in names)
+
+
+_IDENTITY_REGEXES: dict[str, re.Pattern[str]] = {}
+
+
+def _identity_regex(pattern: str) -> re.Pattern[str]:
+    regex = _IDENTITY_REGEXES.get(pattern)
+    if regex is None:
+        regex = _IDENTITY_REGEXES[pattern] = re.compile("[^/]+".join(re.escape(part) for part in pattern.split("*")))
+    return regex
+
+
+def _identities(where: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() == v and v for v in value):
+        raise ConfigError(f"{where}: expected a non-empty list of certificate identities (URI or DNS SANs), "
+                          f"e.g. [\"spiffe://example.org/edge/*\"]")
+    for pattern in value:
+        if "**" in pattern or pattern == "*":
+            raise ConfigError(f"{where}: pattern {pattern!r} is too broad: '*' matches one path segment, give the rest")
+    return tuple(value)
+
+
+def _xds_tls_and_limits(data: dict[str, Any]) -> dict[str, Any]:
+    """The ``xds:`` section's TLS files and stream limits (see the module docstring)."""
+    tls = None
+    if "tls" in data:
+        t = _mapping("xds.tls", data["tls"])
+        _check_keys("xds.tls", t, {"cert", "key", "client_ca"})
+        paths = {}
+        for key in ("cert", "key", "client_ca"):
+            value = t.get(key)
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"xds.tls.{key}: expected a file path (PEM), got {value!r}")
+            if not Path(value).is_file():
+                raise ConfigError(f"xds.tls.{key}: no such file {value!r}")
+            paths[key] = Path(value)
+        tls = XdsTls(**paths)
+    return dict(
+        tls=tls,
+        max_request_bytes=_positive("xds.max_request_bytes", data.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
+                                    minimum=64 * 1024),
+        max_streams=_positive("xds.max_streams", data.get("max_streams", DEFAULT_MAX_STREAMS)),
+        max_streams_per_identity=(_positive("xds.max_streams_per_identity", data["max_streams_per_identity"])
+                                  if data.get("max_streams_per_identity") is not None else None),
+    )
+
+
+def _positive(where: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{where}: expected an integer of at least {minimum}, got {value!r}")
+    return value
+
+
 def _fleet(name: str, raw: object) -> Fleet:
     where = f"fleets.{name}"
     if not _NAME.match(name):
         raise ConfigError(f"{where}: invalid fleet name {name!r}")
     data = _mapping(where, raw)
-    _check_keys(where, data, {"listeners", "services"})
+    _check_keys(where, data, {"listeners", "services", "identities"})
     raw_listeners = data.get("listeners")
     if not isinstance(raw_listeners, list) or not raw_listeners:
         raise ConfigError(f"{where}.listeners: expected a non-empty list")
@@ -297,7 +386,7 @@ _XDS_DURATIONS = {
     "max_connection_age_seconds": True,
     "max_connection_age_grace_seconds": False,
 }
-_XDS_KEYS = set(_XDS_DURATIONS)
+_XDS_KEYS = set(_XDS_DURATIONS) | {"tls", "max_request_bytes", "max_streams", "max_streams_per_identity"}
 
 
 def _xds(raw: object) -> XdsSettings:
@@ -307,6 +396,7 @@ def _xds(raw: object) -> XdsSettings:
     for key, nullable in _XDS_DURATIONS.items():
         if key in data:
             values[key] = _seconds(f"xds.{key}", data[key], nullable=nullable)
+    values.update(_xds_tls_and_limits(data))
     return XdsSettings(**values)
 
 
@@ -322,11 +412,15 @@ def parse_settings(data: object) -> Settings:
         databases=_rules("migrations", root["migrations"], "databases_allowed") if "migrations" in root else LOOPBACK_RULES,
     )
     fleets: tuple[Fleet, ...] = (DEFAULT_FLEET,)
+    identities: dict[str, tuple[str, ...]] = {}
     if "fleets" in root:
         raw = _mapping("fleets", root["fleets"])
         if not raw:
             raise ConfigError("fleets: define at least one fleet")
         fleets = tuple(_fleet(str(name), value) for name, value in raw.items())
+        for name, value in raw.items():
+            if isinstance(value, dict) and "identities" in value:
+                identities[str(name)] = _identities(f"fleets.{name}.identities", value["identities"])
     lagging_after = 10.0
     if "convergence" in root:
         convergence = _mapping("convergence", root["convergence"])
@@ -336,7 +430,11 @@ def parse_settings(data: object) -> Settings:
             raise ConfigError(f"convergence.lagging_after_seconds: expected a number of seconds > 0 and <= 3600, got {raw_lagging!r}")
         lagging_after = float(raw_lagging)
     xds = _xds(root["xds"]) if "xds" in root else XdsSettings()
-    return Settings(fleets=fleets, admin_token=token, admin=admin, allow=allow, lagging_after_seconds=lagging_after, xds=xds)
+    if identities and xds.tls is None:
+        # Without mTLS there is no verified identity to match: the list would refuse every proxy.
+        raise ConfigError(f"fleets.{next(iter(identities))}.identities: needs xds.tls (client certificates)")
+    return Settings(fleets=fleets, admin_token=token, admin=admin, allow=allow, lagging_after_seconds=lagging_after,
+                    xds=xds, fleet_identities=identities)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -77,3 +77,15 @@ class Metrics:
             "bluegreen_analysis_p99_ms", "p99 upstream latency (ms) of the environment in the last analysis interval",
             ["service", "environment"], registry=r,
         )
+        self.streams_refused = Counter(
+            "bluegreen_xds_streams_refused_total",
+            "gRPC streams (ADS and metrics) refused: fleet_not_allowed (certificate identity not in the fleet's "
+            "identities), streams_total or streams_per_identity (caps)",
+            ["reason"], registry=r,
+        )
+        self.telemetry_dropped = Counter(
+            "bluegreen_telemetry_dropped_total",
+            "Metrics-service reports (or parts) not used for analysis, by reason: unauthenticated, node_mismatch, "
+            "foreign_cluster, future_timestamp, absurd_rate, negative_value, malformed",
+            ["reason"], registry=r,
+        )

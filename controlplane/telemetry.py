@@ -17,12 +17,21 @@ over the alternatives because:
   request and error counts but no latency.
 
 xds-protos has neither the metrics service protos nor the Prometheus ``client_model`` protos
-they use, and this project has no protoc build step, so the message classes are built at
-runtime from hand-written descriptors, wire-compatible with upstream (same packages, message
-names, field numbers and types). Only the fields we read are declared; the others (exemplars,
-native/sparse histogram buckets, created timestamps) survive as unknown fields and are ignored.
-If a message already exists in the default descriptor pool (e.g. a later xds-protos ships
-it), that one is used.
+they use: they are in ``protos/`` and compiled by ``protos/generate.py`` (grpcio-tools) into
+``controlplane/_protos/``, whose Node is xds-protos' own ``envoy.config.core.v3.Node``.
+
+Which reports are believed
+--------------------------
+With mTLS on the xDS port, a report counts only if the metrics stream's client certificate is
+that of an open ADS stream of the node it names, and only for clusters of that node's fleet
+(``fleet/telemetry_auth.py``); anything else is dropped and counted
+(``bluegreen_telemetry_dropped_total{reason}``: ``unauthenticated``, ``node_mismatch``,
+``foreign_cluster``). Implausible figures are dropped too, whatever the transport: negative or
+non-finite values, metrics timestamped more than ``MAX_CLOCK_SKEW_SECONDS`` ahead of our
+clock, and increments above ``MAX_REQUESTS_PER_SECOND`` times the seconds since the node's
+previous report (``negative_value``, ``malformed``, ``future_timestamp``, ``absurd_rate``).
+Without mTLS every well-formed, plausible report is believed, as anything on the network can
+reach the port.
 
 What Envoy 1.40 sends (observed with the bootstrap's config)
 ------------------------------------------------------------
@@ -76,9 +85,8 @@ largest own bound not above the merged bound (an underestimate, so quantiles err
 
 Cost: Envoy sends every used stat every flush, about 3 KB per used cluster (the first message
 of a stream, with all gauges and histograms, 70-80 KB for a small config). The handler's
-deserializer (:func:`decode_stream_message`) scans the message's top-level fields and parses
-only the three families above; the whole receive path then takes about 30 us per cluster with
-traffic per flush (6 ms for a proxy with 200 busy clusters), on the event loop. For large fleets
+deserializer (:func:`decode_stream_message`) parses the whole message with the compiled class
+(upb) and keeps the three families above; this runs on the event loop, so for large fleets
 raise ``stats_flush_seconds`` in the bootstrap. A control plane without this service answers
 UNIMPLEMENTED: Envoy retries at every flush, logs nothing at info level, and ADS is unaffected.
 
@@ -94,11 +102,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from typing import Any, AsyncIterator, Callable, Container, Iterable, Iterator, Mapping
 
 import grpc
-from envoy.config.core.v3 import base_pb2  # noqa: F401  (puts base.proto into the default pool)
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from ._protos.envoy.service.metrics.v3 import metrics_service_pb2
+from ._protos.io.prometheus.client import metrics_pb2
+from .xds.peer import PeerIdentity, StreamLimiter
 
 log = logging.getLogger(__name__)
 
@@ -113,104 +123,14 @@ CODE_CLASS_LABELS = ("envoy.response_code_class", "envoy_response_code_class")
 _WANTED = frozenset((REQUESTS_METRIC, CODE_CLASS_METRIC, LATENCY_METRIC))
 
 # --------------------------------------------------------------------------------------------
-# Message classes, built at runtime
+# Message classes: compiled from protos/ (see protos/generate.py)
 # --------------------------------------------------------------------------------------------
 
-_PROMETHEUS_PACKAGE = "io.prometheus.client"
-_PROMETHEUS_FILE = "io/prometheus/client/metrics.proto"
-_METRICS_PACKAGE = "envoy.service.metrics.v3"
-_METRICS_FILE = "envoy/service/metrics/v3/metrics_service.proto"
-_NODE_FILE = "envoy/config/core/v3/base.proto"
-
-_F = descriptor_pb2.FieldDescriptorProto
-_OPTIONAL, _REPEATED = _F.LABEL_OPTIONAL, _F.LABEL_REPEATED
-_SCALARS = {"string": _F.TYPE_STRING, "double": _F.TYPE_DOUBLE, "uint64": _F.TYPE_UINT64, "int64": _F.TYPE_INT64}
-
-
-def _message(file: descriptor_pb2.FileDescriptorProto | descriptor_pb2.DescriptorProto, name: str,
-             fields: Iterable[tuple[str, int, str, bool]] = (), *, nested: bool = False) -> descriptor_pb2.DescriptorProto:
-    """Add message ``name`` with ``(field name, number, type, repeated)`` fields; a type that is
-    not a scalar name is a fully qualified message or enum name (with the leading dot)."""
-    container = file.nested_type if nested else file.message_type  # type: ignore[union-attr]
-    message = container.add(name=name)
-    for field_name, number, type_name, repeated in fields:
-        f = message.field.add(name=field_name, number=number, label=_REPEATED if repeated else _OPTIONAL)
-        if type_name in _SCALARS:
-            f.type = _SCALARS[type_name]
-        elif type_name.endswith("MetricType"):
-            f.type, f.type_name = _F.TYPE_ENUM, type_name
-        else:
-            f.type, f.type_name = _F.TYPE_MESSAGE, type_name
-    return message
-
-
-def prometheus_file() -> descriptor_pb2.FileDescriptorProto:
-    """``io/prometheus/client/metrics.proto`` (prometheus/client_model), the fields Envoy fills."""
-    p = "." + _PROMETHEUS_PACKAGE + "."
-    file = descriptor_pb2.FileDescriptorProto(name=_PROMETHEUS_FILE, package=_PROMETHEUS_PACKAGE, syntax="proto2")
-    enum = file.enum_type.add(name="MetricType")
-    for number, name in enumerate(("COUNTER", "GAUGE", "SUMMARY", "UNTYPED", "HISTOGRAM", "GAUGE_HISTOGRAM")):
-        enum.value.add(name=name, number=number)
-    _message(file, "LabelPair", [("name", 1, "string", False), ("value", 2, "string", False)])
-    _message(file, "Gauge", [("value", 1, "double", False)])
-    _message(file, "Counter", [("value", 1, "double", False)])
-    _message(file, "Quantile", [("quantile", 1, "double", False), ("value", 2, "double", False)])
-    _message(file, "Summary", [("sample_count", 1, "uint64", False), ("sample_sum", 2, "double", False),
-                               ("quantile", 3, p + "Quantile", True)])
-    _message(file, "Untyped", [("value", 1, "double", False)])
-    _message(file, "Histogram", [("sample_count", 1, "uint64", False), ("sample_count_float", 9, "double", False),
-                                 ("sample_sum", 2, "double", False), ("bucket", 3, p + "Bucket", True)])
-    _message(file, "Bucket", [("cumulative_count", 1, "uint64", False), ("cumulative_count_float", 4, "double", False),
-                              ("upper_bound", 2, "double", False)])
-    _message(file, "Metric", [("label", 1, p + "LabelPair", True), ("gauge", 2, p + "Gauge", False),
-                              ("counter", 3, p + "Counter", False), ("summary", 4, p + "Summary", False),
-                              ("untyped", 5, p + "Untyped", False), ("histogram", 7, p + "Histogram", False),
-                              ("timestamp_ms", 6, "int64", False)])
-    _message(file, "MetricFamily", [("name", 1, "string", False), ("help", 2, "string", False),
-                                    ("type", 3, p + "MetricType", False), ("metric", 4, p + "Metric", True)])
-    return file
-
-
-def metrics_service_file(prometheus_file_name: str = _PROMETHEUS_FILE) -> descriptor_pb2.FileDescriptorProto:
-    """``envoy/service/metrics/v3/metrics_service.proto`` (without its validation annotations)."""
-    m = "." + _METRICS_PACKAGE + "."
-    file = descriptor_pb2.FileDescriptorProto(name=_METRICS_FILE, package=_METRICS_PACKAGE, syntax="proto3",
-                                              dependency=[_NODE_FILE, prometheus_file_name])
-    _message(file, "StreamMetricsResponse")
-    message = _message(file, "StreamMetricsMessage", [
-        ("identifier", 1, m + "StreamMetricsMessage.Identifier", False),
-        ("envoy_metrics", 2, "." + _PROMETHEUS_PACKAGE + ".MetricFamily", True),
-    ])
-    _message(message, "Identifier", [("node", 1, ".envoy.config.core.v3.Node", False)], nested=True)
-    service = file.service.add(name="MetricsService")
-    service.method.add(name=METHOD_NAME, input_type=m + "StreamMetricsMessage", output_type=m + "StreamMetricsResponse",
-                       client_streaming=True)
-    return file
-
-
-def _ensure_messages(pool: Any) -> None:
-    """Add our files to ``pool`` unless it already defines their messages."""
-    try:
-        family = pool.FindMessageTypeByName(_PROMETHEUS_PACKAGE + ".MetricFamily")
-    except KeyError:
-        pool.AddSerializedFile(prometheus_file().SerializeToString())
-        family = pool.FindMessageTypeByName(_PROMETHEUS_PACKAGE + ".MetricFamily")
-    try:
-        pool.FindMessageTypeByName(_METRICS_PACKAGE + ".StreamMetricsMessage")
-    except KeyError:
-        pool.AddSerializedFile(metrics_service_file(family.file.name).SerializeToString())
-
-
-def _class(name: str) -> Any:
-    return message_factory.GetMessageClass(descriptor_pool.Default().FindMessageTypeByName(name))
-
-
-_ensure_messages(descriptor_pool.Default())
-StreamMetricsMessage: Any = _class(_METRICS_PACKAGE + ".StreamMetricsMessage")
-StreamMetricsResponse: Any = _class(_METRICS_PACKAGE + ".StreamMetricsResponse")
-MetricFamily: Any = _class(_PROMETHEUS_PACKAGE + ".MetricFamily")
-Metric: Any = _class(_PROMETHEUS_PACKAGE + ".Metric")
-METRIC_TYPE: Any = descriptor_pool.Default().FindEnumTypeByName(_PROMETHEUS_PACKAGE + ".MetricType")
+StreamMetricsMessage = metrics_service_pb2.StreamMetricsMessage
+StreamMetricsResponse = metrics_service_pb2.StreamMetricsResponse
+MetricFamily = metrics_pb2.MetricFamily
+Metric = metrics_pb2.Metric
+METRIC_TYPE = metrics_pb2.MetricType.DESCRIPTOR
 
 # --------------------------------------------------------------------------------------------
 # Values
@@ -419,9 +339,14 @@ def _histogram(metric: Any) -> Histogram | None:
     return Histogram(bounds, cumulative, count, h.sample_sum)
 
 
-def parse_families(families: Iterable[Any]) -> dict[str, ClusterReport]:
+def parse_families(families: Iterable[Any], *, not_after_ms: float | None = None,
+                   dropped: dict[str, int] | None = None) -> dict[str, ClusterReport]:
     """Per cluster name, the figures in ``families`` (``io.prometheus.client.MetricFamily``
-    messages as Envoy sends them with ``emit_tags_as_labels``). Other stats are skipped."""
+    messages as Envoy sends them with ``emit_tags_as_labels``). Other stats are skipped.
+
+    Implausible metrics are left out and counted in ``dropped`` by reason: a value that is
+    negative (``negative_value``) or not finite (``malformed``), or a ``timestamp_ms`` later
+    than ``not_after_ms`` (``future_timestamp``)."""
     found: dict[str, dict[str, Any]] = {}
     for family in families:
         name = family.name
@@ -431,17 +356,42 @@ def parse_families(families: Iterable[Any]) -> dict[str, ClusterReport]:
             cluster = _label(metric, CLUSTER_LABELS)
             if cluster is None:
                 continue
+            if not_after_ms is not None and metric.timestamp_ms > not_after_ms:
+                _count(dropped, "future_timestamp")
+                continue
             entry = found.setdefault(cluster, {})
-            if name == REQUESTS_METRIC:
-                entry["requests"] = entry.get("requests", 0.0) + _scalar(metric)
-            elif name == CODE_CLASS_METRIC:
-                if _label(metric, CODE_CLASS_LABELS) == "5":
-                    entry["errors"] = entry.get("errors", 0.0) + _scalar(metric)
+            if name == REQUESTS_METRIC or name == CODE_CLASS_METRIC:
+                if name == CODE_CLASS_METRIC and _label(metric, CODE_CLASS_LABELS) != "5":
+                    continue
+                value = _scalar(metric)
+                problem = _implausible(value)
+                if problem is not None:
+                    _count(dropped, problem)
+                    continue
+                key = "requests" if name == REQUESTS_METRIC else "errors"
+                entry[key] = entry.get(key, 0.0) + value
             elif metric.HasField("histogram"):
+                problem = _implausible(metric.histogram.sample_sum)
+                if problem is not None:
+                    _count(dropped, problem)
+                    continue
                 histogram = _histogram(metric)
                 if histogram is not None:
                     entry["latency"] = entry.get("latency", EMPTY_HISTOGRAM) + histogram
     return {cluster: ClusterReport(**entry) for cluster, entry in found.items()}
+
+
+def _implausible(value: float) -> str | None:
+    if not math.isfinite(value):
+        return "malformed"
+    if value < 0:
+        return "negative_value"
+    return None
+
+
+def _count(dropped: dict[str, int] | None, reason: str, n: int = 1) -> None:
+    if dropped is not None:
+        dropped[reason] = dropped.get(reason, 0) + n
 
 
 @dataclass(frozen=True)
@@ -458,86 +408,26 @@ class Received:
         return cls(node_id or None, tuple(f for f in message.envoy_metrics if f.name in _WANTED))
 
 
-_WANTED_BYTES = frozenset(name.encode() for name in _WANTED)
-_Identifier: Any = _class(_METRICS_PACKAGE + ".StreamMetricsMessage.Identifier")
-
-
-class _WireError(Exception):
-    pass
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise _WireError
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _skip(data: bytes, pos: int, wire_type: int) -> int:
-    if wire_type == 0:
-        return _varint(data, pos)[1]
-    if wire_type == 1:
-        return pos + 8
-    if wire_type == 2:
-        length, pos = _varint(data, pos)
-        return pos + length
-    if wire_type == 5:
-        return pos + 4
-    raise _WireError  # groups: not used by these protos
-
-
-def _family_name(data: bytes, start: int, end: int) -> bytes | None:
-    pos = start
-    while pos < end:
-        tag, pos = _varint(data, pos)
-        if tag == 0x0A:  # field 1 (name), length-delimited; Envoy writes it first
-            length, pos = _varint(data, pos)
-            return data[pos:pos + length]
-        pos = _skip(data, pos, tag & 7)
-    return None
-
-
 def decode_stream_message(data: bytes) -> Received:
-    """Deserialize a ``StreamMetricsMessage``, fully parsing only the families the sink reads.
-
-    Envoy sends every used stat each flush (about 3 KB per used cluster and flush), nearly all
-    of them of no interest here; scanning the top-level fields and parsing three families keeps
-    the event loop's cost per message small. Falls back to a full parse on anything unexpected.
-    """
-    try:
-        node_id: str | None = None
-        families = []
-        pos, end = 0, len(data)
-        while pos < end:
-            tag, pos = _varint(data, pos)
-            if tag == 0x12 or tag == 0x0A:  # envoy_metrics (2) / identifier (1), length-delimited
-                length, pos = _varint(data, pos)
-                if pos + length > end:
-                    raise _WireError
-                if tag == 0x12:
-                    if _family_name(data, pos, pos + length) in _WANTED_BYTES:
-                        families.append(MetricFamily.FromString(data[pos:pos + length]))
-                else:
-                    node_id = _Identifier.FromString(data[pos:pos + length]).node.id or None
-                pos += length
-            else:
-                pos = _skip(data, pos, tag & 7)
-        if pos != end:
-            raise _WireError
-        return Received(node_id, tuple(families))
-    except _WireError:
-        return Received.from_message(StreamMetricsMessage.FromString(data))  # raises DecodeError if malformed
+    """Deserialize a ``StreamMetricsMessage`` (the compiled class; raises DecodeError if
+    malformed) and keep the families the sink reads."""
+    return Received.from_message(StreamMetricsMessage.FromString(data))
 
 
 # --------------------------------------------------------------------------------------------
 # Aggregation (pure; the clock is injected)
 # --------------------------------------------------------------------------------------------
+
+
+# Who may report what: (node id claimed, the stream's transport identity) -> (drop reason or
+# None, the cluster names the node may report or None for any). See fleet/telemetry_auth.py.
+Authorizer = Callable[[str, "PeerIdentity | None"], tuple["str | None", "Container[str] | None"]]
+
+# Plausibility bounds. A proxy serving more than this many requests per second (per cluster)
+# is not one we run: such a figure is a forgery or a bug, and must not decide a rollback.
+MAX_REQUESTS_PER_SECOND = 10_000_000
+# How far a metric's timestamp may be ahead of our clock (clock skew between hosts).
+MAX_CLOCK_SKEW_SECONDS = 60.0
 
 
 @dataclass
@@ -547,6 +437,7 @@ class _Stream:
     opened_at: float
     node_id: str | None = None
     messages: int = 0
+    identity: PeerIdentity | None = None
 
 
 @dataclass
@@ -567,8 +458,15 @@ class MetricsSink:
     Not thread-safe: use it from the event loop that runs the gRPC server."""
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic, counters_as_deltas: bool = True,
-                 retention: float = 3600.0) -> None:
+                 retention: float = 3600.0, wall_clock: Callable[[], float] = time.time,
+                 authorize: Authorizer | None = None, on_dropped: Callable[[str, int], None] | None = None) -> None:
+        """``authorize`` decides which node's reports each stream may make (None: all);
+        ``on_dropped(reason, n)`` is told of every report part left out (see :attr:`dropped`)."""
         self._clock = clock
+        self._wall_clock = wall_clock
+        self._authorize = authorize
+        self._on_dropped = on_dropped
+        self.dropped: dict[str, int] = {}  # reason -> report parts left out (see _drop)
         self.counters_as_deltas = counters_as_deltas
         self.retention = retention
         self._ids = itertools.count(1)
@@ -581,17 +479,28 @@ class MetricsSink:
 
     # -- streams (called by the gRPC handler) ------------------------------------------------
 
-    def open_stream(self, peer: str = "") -> int:
+    def open_stream(self, peer: str = "", identity: PeerIdentity | None = None) -> int:
+        """A new metrics stream from gRPC peer ``peer``, whose transport identity is ``identity``."""
         stream_id = next(self._ids)
-        self._streams[stream_id] = _Stream(stream_id, peer, self._clock())
+        self._streams[stream_id] = _Stream(stream_id, peer, self._clock(), identity=identity)
         return stream_id
 
     def receive(self, stream_id: int, message: Any) -> None:
-        """One message of stream ``stream_id``: a :class:`Received` or a ``StreamMetricsMessage``."""
+        """One message of stream ``stream_id``: a :class:`Received` or a ``StreamMetricsMessage``.
+
+        With an authorizer, a message for a node the stream may not speak for is dropped whole
+        (reason from the authorizer), and clusters outside the node's allowed set are left out
+        (``foreign_cluster``); implausible figures are left out too (see :meth:`record`)."""
         if not isinstance(message, Received):
             message = Received.from_message(message)
         stream = self._streams[stream_id]
         stream.messages += 1
+        allowed: Container[str] | None = None
+        if self._authorize is not None:
+            refused, allowed = self._authorize(message.node_id or stream.node_id or "", stream.identity)
+            if refused is not None:
+                self._drop(refused)
+                return
         if message.node_id:
             node_id = message.node_id
             if stream.node_id is not None and stream.node_id != node_id and stream.node_id in self._nodes:
@@ -603,7 +512,22 @@ class MetricsSink:
             stream.node_id = f"unidentified:{stream.peer or '?'}:{stream_id}"
             log.warning("metrics stream %s from %s did not identify its node", stream_id, stream.peer)
             self._nodes.setdefault(stream.node_id, _Node()).streams.add(stream_id)
-        self.record(stream.node_id, parse_families(message.families))
+        dropped: dict[str, int] = {}
+        not_after_ms = (self._wall_clock() + MAX_CLOCK_SKEW_SECONDS) * 1000
+        reports = parse_families(message.families, not_after_ms=not_after_ms, dropped=dropped)
+        if allowed is not None:
+            foreign = [cluster for cluster in reports if cluster not in allowed]
+            for cluster in foreign:
+                del reports[cluster]
+            _count(dropped, "foreign_cluster", len(foreign)) if foreign else None
+        for reason, n in dropped.items():
+            self._drop(reason, n)
+        self.record(stream.node_id, reports)
+
+    def _drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+        if self._on_dropped is not None:
+            self._on_dropped(reason, n)
 
     def close_stream(self, stream_id: int) -> None:
         stream = self._streams.pop(stream_id, None)
@@ -620,9 +544,14 @@ class MetricsSink:
         if node is None:
             node = self._nodes[node_id] = _Node()
         first_sight = node.last_seq == 0
+        # The most a proxy can have served since its previous report (at least 1 s of it).
+        ceiling = MAX_REQUESTS_PER_SECOND * max(1.0, now - node.last_at if not first_sight else 1.0)
         node.last_at, node.last_seq = now, self._seq
         for cluster, report in reports.items():
             requests, errors = self._increments(node, cluster, report, first_sight)
+            if max(requests, errors, report.latency.count if report.latency is not None else 0) > ceiling:
+                self._drop("absurd_rate")
+                continue
             per_node = self._totals.setdefault(cluster, {})
             old = per_node.get(node_id) or Totals()
             latency = old.latency + report.latency if report.latency is not None else old.latency
@@ -632,6 +561,8 @@ class MetricsSink:
         self._wake()
 
     def _increments(self, node: _Node, cluster: str, report: ClusterReport, first_sight: bool) -> tuple[int, int]:
+        """Non-negative increments: parsing left out negative values; in cumulative mode a
+        counter that went down (Envoy restarted) restarts the baseline at its new value."""
         if self.counters_as_deltas:
             return max(0, round(report.requests or 0)), max(0, round(report.errors or 0))
         previous = node.raw.get(cluster)
@@ -741,11 +672,24 @@ class MetricsSink:
 # --------------------------------------------------------------------------------------------
 
 
-def add_metrics_service(server: grpc.aio.Server, sink: MetricsSink) -> None:
-    """Serve ``envoy.service.metrics.v3.MetricsService/StreamMetrics`` into ``sink``."""
+def add_metrics_service(server: grpc.aio.Server, sink: MetricsSink, limiter: StreamLimiter | None = None) -> None:
+    """Serve ``envoy.service.metrics.v3.MetricsService/StreamMetrics`` into ``sink``. Streams
+    count against ``limiter`` (shared with ADS): beyond a cap, RESOURCE_EXHAUSTED."""
 
     async def stream_metrics(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-        stream_id = sink.open_stream(context.peer())
+        identity = PeerIdentity.from_context(context)
+        if limiter is not None:
+            refusal = limiter.acquire(identity)
+            if refusal is not None:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+        try:
+            return await consume(requests, identity, context)
+        finally:
+            if limiter is not None:
+                limiter.release(identity)
+
+    async def consume(requests: AsyncIterator[Any], identity: PeerIdentity, context: grpc.aio.ServicerContext) -> Any:
+        stream_id = sink.open_stream(context.peer(), identity)
         failed = False
         try:
             async for message in requests:

@@ -8,9 +8,10 @@ from typing import Callable
 from envoy.config.core.v3 import base_pb2
 
 from .. import resources
-from ..config import Settings
+from ..config import Settings, identity_allowed
 from ..model import Fleet, Service
-from ..xds.server import UnknownGroup
+from ..xds.peer import PeerIdentity
+from ..xds.server import PermissionDenied, UnknownGroup
 from ..xds.snapshot import Resource, Snapshot, content_version
 
 
@@ -66,16 +67,25 @@ def service_version(service: Service) -> str:
     return content_version(parts)
 
 
-def fleet_resolver(settings: Settings) -> Callable[[base_pb2.Node], str]:
+def fleet_resolver(settings: Settings) -> Callable[[base_pb2.Node, PeerIdentity | None], str]:
+    """Maps a proxy to its fleet (``node.cluster``, default ``default``). A fleet with
+    ``identities`` admits only peers whose verified certificate names match one of them;
+    raises UnknownGroup or PermissionDenied (naming the fleet) otherwise."""
     names = {f.name for f in settings.fleets}
+    identities = settings.fleet_identities
 
-    def resolve(node: base_pb2.Node) -> str:
+    def resolve(node: base_pb2.Node, peer: PeerIdentity | None = None) -> str:
         fleet = node.cluster or "default"
         if fleet not in names:
             raise UnknownGroup(
                 f"unknown fleet {fleet!r} (node.cluster of node {node.id!r}); "
                 f"fleets in the control plane's config: {', '.join(sorted(names))}"
             )
+        allowed = identities.get(fleet)
+        if allowed is not None and (peer is None or not identity_allowed(allowed, peer.names)):
+            who = peer.describe() if peer is not None else "an unidentified peer"
+            raise PermissionDenied(f"{who} may not join fleet {fleet!r} (node {node.id!r}): its certificate "
+                                   f"matches none of fleets.{fleet}.identities")
         return fleet
 
     return resolve

@@ -23,6 +23,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError
 
+from .peer import PeerIdentity, StreamLimiter
 from .snapshot import EMPTY, Snapshot
 from .stream import DeltaStream, Nack, Outgoing, ProtocolError, SotwStream, StreamState
 
@@ -92,6 +93,11 @@ class UnknownGroup(Exception):
     """Raised by a group resolver for a node the cache has no snapshot group for."""
 
 
+class PermissionDenied(Exception):
+    """Raised by a group resolver when the stream's peer identity may not join the group the
+    node claims; the stream ends with PERMISSION_DENIED and this message."""
+
+
 class Callbacks(TypingProtocol):
     """Observers of the ADS server. Called on the event loop, synchronously: they must not
     block. An exception in a callback is logged and does not affect the stream."""
@@ -135,13 +141,15 @@ class SnapshotCache:
     stream that is busy sees only the newest snapshot when it gets to it (coalescing).
     """
 
-    def __init__(self, resolve_group: Callable[[base_pb2.Node], str]) -> None:
+    def __init__(self, resolve_group: Callable[[base_pb2.Node, PeerIdentity | None], str]) -> None:
         self._resolve = resolve_group
         self._snapshots: dict[str, Snapshot] = {}
         self._watchers: dict[str, dict[int, _StreamSlot]] = {}
 
-    def resolve(self, node: base_pb2.Node) -> str:
-        return self._resolve(node)
+    def resolve(self, node: base_pb2.Node, peer: PeerIdentity | None = None) -> str:
+        """The group of ``node``; raises UnknownGroup, or PermissionDenied if ``peer`` (the
+        transport identity; None when unknown) may not join it."""
+        return self._resolve(node, peer)
 
     def get(self, group: str) -> Snapshot:
         return self._snapshots.get(group, EMPTY)
@@ -206,13 +214,21 @@ class AdsServer:
     """Serves ``StreamAggregatedResources`` and ``DeltaAggregatedResources`` from a cache."""
 
     def __init__(self, cache: SnapshotCache, callbacks: Callbacks | None = None, clock: Callable[[], float] = time.time,
-                 first_request_timeout: float | None = None) -> None:
+                 first_request_timeout: float | None = None, limiter: StreamLimiter | None = None,
+                 on_refused: Callable[[str], None] | None = None) -> None:
         """``first_request_timeout``: seconds a new stream may take to send its first request
         before it is ended with DEADLINE_EXCEEDED (None: no limit). A peer that opens streams
-        and says nothing would otherwise hold a handler each forever."""
+        and says nothing would otherwise hold a handler each forever. ``limiter`` caps
+        concurrent streams (shared with other services of the same server); ``on_refused(reason)``
+        is told of each stream refused by the resolver (``fleet_not_allowed``); refusals by caps
+        are reported by the limiter itself."""
         self.cache = cache
         self.first_request_timeout = first_request_timeout
         self.callbacks: Callbacks = callbacks or NoCallbacks()
+        self.limiter = limiter or StreamLimiter()
+        self._on_refused = on_refused
+        self._peers: dict[int, PeerIdentity] = {}  # stream id -> transport identity
+        self._by_node: dict[str, set[int]] = {}  # node id -> open stream ids
         self._clock = clock
         self._ids = itertools.count(1)
         self.streams: dict[int, StreamState] = {}
@@ -239,6 +255,18 @@ class AdsServer:
         await self._serve(DeltaStream, requests, context)
 
     async def _serve(self, kind: type[SotwStream] | type[DeltaStream], requests: AsyncIterator, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        peer = PeerIdentity.from_context(context)
+        refusal = self.limiter.acquire(peer)
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+            return
+        try:
+            await self._serve_admitted(kind, requests, context, peer)
+        finally:
+            self.limiter.release(peer)
+
+    async def _serve_admitted(self, kind: type[SotwStream] | type[DeltaStream], requests: AsyncIterator,  # type: ignore[type-arg]
+                              context: grpc.aio.ServicerContext, peer: PeerIdentity) -> None:
         iterator = requests.__aiter__()
         try:
             async with asyncio.timeout(self.first_request_timeout):
@@ -255,14 +283,21 @@ class AdsServer:
             return
         node = first.node
         try:
-            group = self.cache.resolve(node)
+            group = self.cache.resolve(node, peer)
         except UnknownGroup as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            return
+        except PermissionDenied as exc:
+            self._notify(self._on_refused or _ignore, "fleet_not_allowed")
+            log.warning("refused xDS stream of node %r from %s: %s", node.id, peer.describe(), exc)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
             return
         stream_id = next(self._ids)
         stream = kind(stream_id, node.id, group, self.cache.get(group), self._clock())
         slot = _StreamSlot(stream_id)
         self.streams[stream_id] = stream
+        self._peers[stream_id] = peer
+        self._by_node.setdefault(node.id, set()).add(stream_id)
         self.cache._watch(group, slot)
         self._notify(self.callbacks.stream_opened, stream)
         handler = asyncio.current_task()
@@ -289,7 +324,17 @@ class AdsServer:
             pusher.cancel()
             self.cache._unwatch(group, slot)
             self.streams.pop(stream_id, None)
+            self._peers.pop(stream_id, None)
+            node_streams = self._by_node.get(node.id)
+            if node_streams is not None:
+                node_streams.discard(stream_id)
+                if not node_streams:
+                    del self._by_node[node.id]
             self._notify(self.callbacks.stream_closed, stream)
+
+    def streams_of(self, node_id: str) -> list[tuple[StreamState, PeerIdentity]]:
+        """The open streams of ``node_id`` with the transport identity of each (O(its streams))."""
+        return [(self.streams[i], self._peers[i]) for i in self._by_node.get(node_id, ()) if i in self.streams]
 
     async def _push_changes(self, stream: StreamState, slot: _StreamSlot, context: grpc.aio.ServicerContext,
                             handler: asyncio.Task[object]) -> None:
@@ -345,3 +390,7 @@ def _describe(malformed: _Malformed) -> str:
 
 def _identity(payload: bytes) -> bytes:
     return payload
+
+
+def _ignore(*args: object) -> None:
+    pass
