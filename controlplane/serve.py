@@ -61,7 +61,7 @@ def check_options(options: ServeOptions) -> tuple[str, int]:
 async def running(options: ServeOptions) -> AsyncIterator[tuple[ControlPlane, int]]:
     """Start store, control plane and admin API; stop them in reverse order on exit."""
     host, port = check_options(options)
-    kv = await open_sqlite_store(options.state_path)
+    kv = await open_sqlite_store(options.state_path, lock=True)  # one process per state file
     cp = ControlPlane(options.settings, kv)
     try:
         await cp.start(options.xds)
