@@ -126,7 +126,7 @@ class Rollouts:
     async def command(self, deployment_id: str, action: str, *, full: bool = False, to_step: int | None = None) -> Committed:
         record = await self.repo.deployment(deployment_id)
         name = record.service
-        transitions: dict[str, Callable[[Service, Any, float], Change]] = {
+        actions: dict[str, Callable[[Service, Any, float], Change]] = {
             "promote": lambda s, c, now: transitions.promote(s, c, deployment_id, now, full=full, to_step=to_step),
             "pause": lambda s, c, now: transitions.pause(s, c, deployment_id, now),
             "resume": lambda s, c, now: transitions.resume(s, c, deployment_id, now),
@@ -135,7 +135,7 @@ class Rollouts:
             "decommission": lambda s, c, now: transitions.decommission(s, c, _standby_of(c, deployment_id), now, transitions.API,
                                                                    "decommissioned on request, ending standby early"),
         }
-        transition = transitions[action]
+        transition = actions[action]
         committed = await self.repo.mutate(name, lambda s, c, now: transition(_require(s), c, now))
         self.committed(committed)
         return committed
