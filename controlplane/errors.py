@@ -6,7 +6,8 @@
      ├── ConflictError        the request is valid but contradicts current state (HTTP 409)
      │    └── RevisionConflict   a compare-and-set lost a race; callers normally retry (store layer)
      ├── ConfigError          the control plane's own configuration file is wrong (refuse to start)
-     ├── StoreError           the state backend failed (I/O, corruption); nothing was changed
+     ├── StoreError           the state backend failed (disk full, I/O, corruption, state file in use by
+     │                          another process); the message starts with the cause; nothing was changed (HTTP 503)
      └── MigrationError       a migration set is malformed, fails lint, or failed to apply
           └── ContractBlocked    contract refused: an environment that may need the old schema is still live
 

@@ -141,7 +141,7 @@ async def running(options: ServeOptions) -> AsyncIterator[tuple[ControlPlane, in
     host, port = check_options(options)
     auth = authenticator_for(options)
     tls = ssl_context(options.settings)
-    kv = await open_sqlite_store(options.state_path)
+    kv = await open_sqlite_store(options.state_path, lock=True)  # one process per state file
     cp = ControlPlane(options.settings, kv)
     try:
         await cp.start(options.xds)

@@ -162,8 +162,8 @@ async def test_a_failure_while_pushing_ends_the_stream_with_internal(control_pla
     assert cp.convergence.status("default")["proxies"] == 0
 
 
-async def test_healthz_reports_a_failing_publisher(control_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch) -> None:
-    """If building snapshots fails, proxies keep the last config and /healthz says why."""
+async def test_readyz_reports_a_failing_publisher(control_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If building snapshots fails, proxies keep the last config and /readyz says why."""
     from aiohttp.test_utils import TestClient, TestServer
 
     from controlplane.admin.api import build_admin_app
@@ -178,14 +178,14 @@ async def test_healthz_reports_a_failing_publisher(control_plane: ControlPlane, 
     async with TestClient(TestServer(build_admin_app(cp, None))) as client:
         await cp.operations.put_service("cart", {"prefix": "/cart"})
         await wait_for(lambda: cp.publisher.last_error is not None, timeout=10, message="publisher error recorded")
-        response = await client.get("/healthz")
+        response = await client.get("/readyz")
         body = await response.json()
         assert response.status == 503 and "simulated build failure" in body["error"]
         assert cp.cache.get("default") is before  # nothing half-built was served
         monkeypatch.undo()
         await cp.operations.put_service("cart", {"prefix": "/cart2"})
-        await wait_for(lambda: cp.publisher.last_error is None, timeout=10, message="publisher recovered")
-        assert (await client.get("/healthz")).status == 200
+        await wait_for(lambda: cp.publisher.last_error is None, timeout=60, message="publisher recovered")
+        assert (await client.get("/readyz")).status == 200
 
 
 # ---------------------------------------------------------------------------------------------

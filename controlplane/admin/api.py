@@ -1,4 +1,4 @@
-"""The admin HTTP API (aiohttp): JSON under /v1, plus /healthz and /metrics.
+"""The admin HTTP API (aiohttp): JSON under /v1, plus /healthz, /readyz and /metrics.
 
 Handlers are thin: parse and validate the request (query first, so bad input changes nothing),
 call :class:`~controlplane.deploy.operations.Operations`, and render the resulting state. Errors from the
@@ -33,7 +33,11 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1024 * 1024
 MAX_WAIT_SECONDS = 300.0
 DEFAULT_WAIT_SECONDS = 10.0
-PUBLISH_TIMEOUT = 10.0
+PUBLISH_TIMEOUT = 10.0  # a mutation not published within this answers 503 (stored, not pushed)
+READY_STORE_TIMEOUT = 2.0
+
+#: Paths answered without authentication: a supervisor's probes must not need the admin token.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 CONTROL_PLANE = web.AppKey("control_plane", ControlPlane)
 
@@ -184,11 +188,8 @@ async def _respond_with_state(request: web.Request, committed: Committed | None,
                               accepted: float | None = None) -> web.Response:
     cp = request.app[CONTROL_PLANE]
     revision = committed.revision if committed else cp.publisher.generation
-    if committed is not None:
-        try:
-            await asyncio.wait_for(cp.publisher.wait_published(revision), PUBLISH_TIMEOUT)
-        except asyncio.TimeoutError:
-            log.warning("revision %s not published within %ss", revision, PUBLISH_TIMEOUT)
+    if committed is not None and not await _published_in_time(cp, revision):
+        return _not_pushed(cp, revision)
     status = 200
     wait_result: dict[str, Any] | None = None
     service = committed.change.service if committed else await cp.repo.service(service_name)
@@ -210,19 +211,56 @@ async def _respond_with_state(request: web.Request, committed: Committed | None,
     return web.json_response(view, status=status)
 
 
+async def _published_in_time(cp: ControlPlane, revision: int) -> bool:
+    try:
+        await asyncio.wait_for(cp.publisher.wait_published(revision), PUBLISH_TIMEOUT)
+        return True
+    except asyncio.TimeoutError:
+        log.warning("revision %s not published within %ss: %s", revision, PUBLISH_TIMEOUT, cp.publisher.last_error)
+        return False
+
+
+def _not_pushed(cp: ControlPlane, revision: int) -> web.Response:
+    """503 for a change that is stored but was not published in time: never 200 for a change the
+    proxies cannot have. The publisher keeps retrying; the change goes out once it succeeds."""
+    reason = cp.publisher.last_error or f"the publisher has not caught up within {PUBLISH_TIMEOUT:g}s"
+    return web.json_response({
+        "error": f"stored at revision {revision} but not yet pushed to the proxies: {reason}",
+        "stored": True,
+        "store_revision": revision,
+    }, status=503)
+
+
 # ---------------------------------------------------------------------------------------------
 # Handlers
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """200 while the newest stored state is what the proxies are being served; 503 (with the
-    reason) while publishing it fails. Proxies keep their last config either way."""
+    """Liveness: 200 whenever the event loop answers. It never looks at the store or the
+    publisher, so a supervisor restarting on failure does not restart a process that is merely
+    waiting for its disk or database (see /readyz for that)."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 200 while the store answers and the proxies are served its newest state; 503
+    naming the reason otherwise (store unreachable, last publication failed, or published
+    revision behind the store's). Proxies keep their last config either way."""
     cp = request.app[CONTROL_PLANE]
-    body: dict[str, Any] = {"status": "ok", "published_revision": cp.publisher.generation}
-    if cp.publisher.last_error is not None:
-        body.update(status="degraded", error=cp.publisher.last_error)
+    body: dict[str, Any] = {"status": "ready", "published_revision": cp.publisher.generation}
+    try:
+        # A real read (of a key that need not exist): revision() may be answered from memory.
+        await asyncio.wait_for(cp.kv.get("readyz"), READY_STORE_TIMEOUT)
+        store_revision = await cp.kv.revision()
+    except (StoreError, OSError, asyncio.TimeoutError) as exc:
+        body.update(status="not ready", error=f"state store unreachable: {exc!r}")
         return web.json_response(body, status=503)
-    return web.json_response(body)
+    body["store_revision"] = store_revision
+    if cp.publisher.last_error is not None:
+        body.update(status="not ready", error=cp.publisher.last_error)
+    elif cp.publisher.generation < store_revision:
+        body.update(status="not ready", error=f"published revision {cp.publisher.generation} is behind the store's revision {store_revision}")
+    return web.json_response(body, status=200 if body["status"] == "ready" else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -360,7 +398,8 @@ def _deployment_action(action: str) -> Handler:
         committed = await cp.rollouts.command(request.match_info["id"], action, full=full == "true", to_step=to_step,
                                               force=force == "true", actor=actor_of(request))
         request.app[CONTROL_PLANE].publisher.accepted(committed.revision, time.monotonic())
-        await asyncio.wait_for(cp.publisher.wait_published(committed.revision), PUBLISH_TIMEOUT)
+        if not await _published_in_time(cp, committed.revision):
+            return _not_pushed(cp, committed.revision)
         record = await cp.repo.deployment(request.match_info["id"])
         return web.json_response(_deployment_view(record))
 
@@ -403,6 +442,7 @@ async def list_proxies(request: web.Request) -> web.Response:
 
 ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/healthz", healthz),
+    ("GET", "/readyz", readyz),
     ("GET", "/metrics", metrics),
     ("GET", "/v1/openapi.json", openapi),
     ("GET", "/v1/services", list_services),

@@ -37,11 +37,12 @@ class Role(enum.IntEnum):
         return self.name.lower()
 
 
-OPEN = None  # no token needed: the liveness probe
+OPEN = None  # no token needed: the liveness and readiness probes
 
 # The one table: (method, route template) → the role it needs. Routes missing here are denied.
 ROUTE_ROLES: dict[tuple[str, str], Role | None] = {
     ("GET", "/healthz"): OPEN,
+    ("GET", "/readyz"): OPEN,
     ("GET", "/metrics"): Role.VIEWER,
     ("GET", "/v1/openapi.json"): Role.VIEWER,
     ("GET", "/v1/services"): Role.VIEWER,

@@ -24,7 +24,9 @@ _ERRORS = {
     "404": _json(_ERROR, "Unknown service."),
     "409": _json(_ERROR, "Valid request that the current state does not allow; nothing was changed."),
     "413": _json(_ERROR, "Body larger than 1 MiB."),
-    "503": _json(_ERROR, "The state store failed; nothing was changed."),
+    "503": _json(_ERROR, "The state store failed (the message names the cause, e.g. 'disk full'); nothing was changed. "
+                 "For a change, also: stored (`stored: true`, `store_revision`) but not yet pushed to the proxies "
+                 "because publishing is failing; it is pushed once publishing recovers."),
 }
 
 _WAIT_PARAMS = [
@@ -45,6 +47,17 @@ _WAIT_PARAMS = [
         "description": "Seconds to wait with wait=converged.",
     },
 ]
+
+_READY = {
+    "type": "object",
+    "required": ["status", "published_revision"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ready", "not ready"]},
+        "published_revision": {"type": "integer"},
+        "store_revision": {"type": "integer"},
+        "error": {"type": "string"},
+    },
+}
 
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,46}[a-z0-9])?$"}}
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}, "description": "Deployment id, '<service>-<n>'."}
@@ -76,7 +89,11 @@ OPENAPI: dict[str, Any] = {
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         "schemas": {
-            "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+            "Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {"error": {"type": "string"}, "stored": {"type": "boolean"}, "store_revision": {"type": "integer"}},
+            },
             "Deployment": {
                 "type": ["object", "null"],
                 "required": ["id", "service", "version", "environment", "status", "deployed_at", "activated_at"],
@@ -328,11 +345,20 @@ OPENAPI: dict[str, Any] = {
     "paths": {
         "/healthz": {
             "get": {
-                "summary": "Liveness; never needs the token.",
+                "summary": "Liveness: the process answers. Never needs the token. Restart the process only if this fails.",
                 "security": [],
                 "responses": {
-                    "200": _json({"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}, "published_revision": {"type": "integer"}}}, "Serving the newest stored state."),
-                    "503": _json({"type": "object", "required": ["status", "error"], "properties": {"status": {"type": "string"}, "published_revision": {"type": "integer"}, "error": {"type": "string"}}}, "The newest stored state could not be published; proxies keep their last config."),
+                    "200": _json({"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}, "The event loop is alive."),
+                },
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Readiness: the store answers and the proxies are served its newest state. Never needs the token.",
+                "security": [],
+                "responses": {
+                    "200": _json(_READY, "Ready: the newest stored state is published."),
+                    "503": _json(_READY, "Not ready; `error` names why (store unreachable, publishing failing, published revision behind). Proxies keep their last config."),
                 },
             }
         },

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, TypeVar
 
 import aiohttp
 
@@ -33,6 +33,8 @@ from .smoke import call_webhook, preview_target, run_smoke
 from ..store.repository import Committed, Repository
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CONVERGE_BEFORE_SMOKE_SECONDS = 30.0
 # While a due decommission waits for proxies that still route to the environment, look again
@@ -373,7 +375,7 @@ class Rollouts:
         """Apply the expand files (idempotent: files already recorded are skipped, so a restart
         in the middle re-runs safely) before the new version is smoke-tested."""
         try:
-            report = await asyncio.to_thread(run_expand, migrations, d.id)
+            report = await run_cancellable(lambda cancellation: run_expand(migrations, d.id, cancellation))
         except MigrationError as exc:
             await self._mutate(service.name, lambda s, c, t: transitions.smoke_failed(s, c, d.id, t, f"expand migrations failed: {exc}"))
             return
@@ -391,7 +393,7 @@ class Rollouts:
         blockers = contract_blockers(records, expanded_by)
         if blockers:
             raise ContractBlocked(refusal(name, blockers))
-        report = await asyncio.to_thread(apply_phase, migration_set, Phase.CONTRACT, spec.database)
+        report = await run_cancellable(lambda cancellation: apply_phase(migration_set, Phase.CONTRACT, spec.database, cancellation))
         return {"service": name, "phase": "contract", "applied": list(report.applied), "skipped": list(report.skipped),
                 "expanded_by": expanded_by}
 
@@ -549,17 +551,26 @@ def check_migrations(spec: Migrations) -> MigrationSet:
     return migration_set
 
 
-def run_expand(spec: Migrations, deployment_id: str) -> Any:
+def run_expand(spec: Migrations, deployment_id: str, cancellation: Any = None) -> Any:
     from ..migrations.apply import apply_phase
     from ..migrations.files import load_migration_set
 
-    return apply_phase(load_migration_set(spec.directory), Phase.EXPAND, spec.database, deployment_id=deployment_id)
+    return apply_phase(load_migration_set(spec.directory), Phase.EXPAND, spec.database, deployment_id=deployment_id,
+                       cancellation=cancellation)
 
 
-def apply_phase(migration_set: MigrationSet, phase: Phase, database: str) -> Any:
+def apply_phase(migration_set: MigrationSet, phase: Phase, database: str, cancellation: Any = None) -> Any:
     from ..migrations.apply import apply_phase as apply
 
-    return apply(migration_set, phase, database)
+    return apply(migration_set, phase, database, cancellation=cancellation)
+
+
+async def run_cancellable(run: Callable[[Any], T]) -> T:
+    """A blocking migration call in a thread that the driver's shutdown can cancel (see
+    :func:`controlplane.migrations.apply.run_cancellable`)."""
+    from ..migrations.apply import run_cancellable as run_in_thread
+
+    return await run_in_thread(run)
 
 
 def expanded_by_deployment(migration_set: MigrationSet, database: str) -> str | None:

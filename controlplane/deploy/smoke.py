@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -92,28 +93,54 @@ async def _check(session: aiohttp.ClientSession, target: PreviewTarget, check: H
 # the control plane's own (which may hold credentials): documented in docs/security.md.
 SMOKE_BASE_ENV: Mapping[str, str] = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
+#: Seconds between SIGTERM and SIGKILL when a smoke command's process group is stopped.
+KILL_GRACE_SECONDS = 2.0
+
 
 async def _command(argv: tuple[str, ...], env: Mapping[str, str], timeout: float) -> str | None:
     try:
+        # Its own session, hence its own process group: on timeout or shutdown the whole group
+        # is killed, including children it started in the background (a plain kill would only
+        # reach the direct child and leave those running, holding our pipe open).
         process = await asyncio.create_subprocess_exec(
-            *argv, env={**SMOKE_BASE_ENV, **env}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            *argv, env={**SMOKE_BASE_ENV, **env}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
         )
     except OSError as exc:
         return f"command {argv[0]!r} could not start: {exc}"
     try:
         output, _ = await asyncio.wait_for(process.communicate(), timeout)
     except asyncio.TimeoutError:
-        process.kill()
-        await process.wait()
+        await _stop_group(process)
         return f"command {list(argv)} timed out after {timeout:g}s"
     except asyncio.CancelledError:  # the control plane is stopping: leave no orphan behind
-        process.kill()
-        await process.wait()
+        await _stop_group(process)
         raise
+    _signal_group(process.pid, signal.SIGKILL)  # anything it left running in the background
     if process.returncode != 0:
         tail = output.decode(errors="replace").strip().splitlines()[-3:]
         return f"command {list(argv)} exited {process.returncode}" + (f": {' | '.join(tail)}" if tail else "")
     return None
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass  # the whole group is gone already
+
+
+async def _stop_group(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM the command's process group, SIGKILL it after a grace period, reap the leader.
+    Its group id is its pid (it leads its own session)."""
+    _signal_group(process.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(asyncio.shield(process.wait()), KILL_GRACE_SECONDS)
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        _signal_group(process.pid, signal.SIGKILL)  # members that ignored SIGTERM, or outlived the leader
+        await process.wait()
 
 
 async def call_webhook(session: aiohttp.ClientSession, hook: Webhook, payload: Mapping[str, Any]) -> str | None:

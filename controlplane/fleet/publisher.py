@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 from ..metrics import Metrics
 from ..model import Environment, Service
@@ -17,21 +19,46 @@ from .convergence import Convergence
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Backoff:
+    """Capped exponential backoff with full jitter: attempt ``n`` (0-based) waits a uniformly
+    random time in ``[0, min(cap, initial * 2**n)]``. Jitter keeps replicas that failed
+    together (a store outage) from retrying in lockstep."""
+
+    initial: float = 0.1
+    cap: float = 30.0
+
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        return rand() * min(self.cap, self.initial * 2 ** min(attempt, 63))
+
+
 class Publisher:
     """Follows the store and publishes a snapshot per fleet after every committed change.
 
     Changes that land while a build runs are coalesced into the next build: no fixed debounce
     delay, so a single cutover is pushed as soon as it is committed.
+
+    A failed publication (store read or snapshot build) is retried with :class:`Backoff` until
+    it succeeds, without waiting for another write; ``last_error`` names the failure meanwhile,
+    and the proxies keep the last published config. ``sleep`` and ``rand`` are injectable so
+    tests need no real waiting. (A ten-line loop rather than ``tenacity``/``backoff``: the retry
+    never stops and resets on success, which is all those libraries would add here.)
     """
 
     def __init__(self, repo: Repository, builder: SnapshotBuilder, cache: SnapshotCache, convergence: Convergence,
-                 metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
+                 metrics: Metrics, clock: Callable[[], float] = time.monotonic, *, backoff: Backoff = Backoff(),
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 rand: Callable[[], float] = random.random) -> None:
         self.repo = repo
         self.builder = builder
         self.cache = cache
         self.convergence = convergence
         self.metrics = metrics
         self.clock = clock
+        self.backoff = backoff
+        self._sleep = sleep
+        self._rand = rand
+        self.failures = 0  # consecutive failed attempts; 0 once the newest state is published
         self.generation = -1
         self.state_services: tuple[Service, ...] = ()
         self.last_error: str | None = None  # set while the newest stored state could not be published
@@ -85,11 +112,24 @@ class Publisher:
             await self._published.wait_for(lambda: self.generation >= revision)
 
     async def run(self) -> None:
+        """Publish after every committed change until cancelled; retry failures (see class doc)."""
         async for revision in self.repo.kv.watch():
             if revision > self.generation:
-                try:
-                    await self.publish_once()
-                    self.last_error = None
-                except Exception as exc:
-                    self.last_error = f"publishing store revision {revision} failed: {exc!r}"
-                    log.exception("publishing revision %s failed; proxies keep the last published config", revision)
+                await self._publish_until_done(revision)
+
+    async def _publish_until_done(self, revision: int) -> None:
+        self.failures = 0
+        while True:
+            try:
+                await self.publish_once()
+            except Exception as exc:
+                delay = self.backoff.delay(self.failures, self._rand)
+                self.failures += 1
+                self.last_error = f"publishing store revision {revision} failed: {exc!r}"
+                log.exception("publishing revision %s failed (attempt %d); proxies keep the last published config; "
+                              "retrying in %.2fs", revision, self.failures, delay)
+                await self._sleep(delay)
+            else:
+                self.last_error = None
+                self.failures = 0
+                return

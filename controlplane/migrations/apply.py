@@ -9,7 +9,12 @@
   level (``pg_advisory_xact_lock``): a run spans several transactions (one per file), and files
   with ``CONCURRENTLY`` must run outside any transaction block, where a transaction-level lock
   could not be held at all. The lock goes away with the connection if the process dies.
-  Waiting for it has no time limit (a run that holds it is bounded by its own timeouts).
+  Waiting for it is bounded by ``lock_wait_timeout`` (default 15min): past it the run fails with
+  :class:`MigrationError` naming the lock key and the pid (and application) holding it.
+* **Cancellable.** A :class:`Cancellation` passed in (see :func:`run_cancellable`, which the
+  driver uses so shutdown does not wait for a migration) stops the run between files and
+  cancels the statement in progress on the server (the lock wait or a file's statement); the
+  file's transaction rolls back, as on any failure.
 * **Recorded.** Each applied file gets a row in ``bluegreen_schema_migrations`` (created if
   missing, in the connection's current schema, normally ``public``): file name (the key),
   phase, sha256 checksum, the deployment that applied it and when.
@@ -45,12 +50,14 @@ error message lists invalid indexes it finds after such a failure).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -61,6 +68,8 @@ from ..errors import MigrationError, ValidationError
 from .files import MigrationFile, MigrationSet, Phase
 
 RECORD_TABLE = "bluegreen_schema_migrations"
+
+T = TypeVar("T")
 
 #: Default key of the session-level advisory lock that serializes runs: the first 8 bytes of
 #: ``sha256(b"bluegreen_schema_migrations")`` read as a big-endian signed 64-bit integer, i.e.
@@ -310,6 +319,58 @@ def _describe(file: MigrationFile, exc: psycopg.Error, statement_offset: int = 0
     return "; ".join(parts)
 
 
+class Cancellation:
+    """Stops a running :func:`apply_phase` from another thread: it is checked between files, and
+    :meth:`cancel` also sends PostgreSQL's cancel request for the statement in progress."""
+
+    def __init__(self) -> None:
+        self._requested = threading.Event()
+        self._guard = threading.Lock()
+        self._conn: psycopg.Connection[Any] | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self._requested.is_set()
+
+    def cancel(self) -> None:
+        """Request cancellation; safe to call repeatedly (a cancel request that arrives between
+        two statements cancels nothing, so callers repeat it until the run has ended)."""
+        self._requested.set()
+        with self._guard:
+            conn = self._conn
+        if conn is not None and not conn.closed:
+            try:
+                conn.cancel_safe(timeout=5)
+            except (psycopg.Error, OSError):
+                pass
+
+    def attach(self, conn: psycopg.Connection[Any] | None) -> None:
+        with self._guard:
+            self._conn = conn
+
+    def check(self) -> None:
+        if self.requested:
+            raise MigrationError("migration run cancelled (the control plane is stopping); "
+                                 "files applied before it stay applied and recorded, a re-run resumes")
+
+
+async def run_cancellable(run: Callable[[Cancellation], T], *, repeat_cancel_every: float = 1.0) -> T:
+    """Run ``run(cancellation)`` (a blocking migration call) in a thread. If the awaiting task is
+    cancelled (shutdown), cancel the migration and wait until its thread has ended, so the
+    connection and its advisory lock are gone when this returns; then re-raise CancelledError."""
+    cancellation = Cancellation()
+    future = asyncio.ensure_future(asyncio.to_thread(run, cancellation))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            cancellation.cancel()
+            await asyncio.wait({future}, timeout=repeat_cancel_every)
+        if not future.cancelled():
+            future.exception()  # retrieved: the thread's error is the expected consequence
+        raise
+
+
 def apply_phase(
     migration_set: MigrationSet,
     phase: Phase | str,
@@ -319,6 +380,8 @@ def apply_phase(
     lock_timeout: str = "5s",
     statement_timeout: str = "15min",
     advisory_lock_key: int = ADVISORY_LOCK_KEY,
+    lock_wait_timeout: str = "15min",
+    cancellation: Cancellation | None = None,
 ) -> ApplyReport:
     """Apply the files of ``phase`` not yet recorded, in order; see the module docstring.
 
@@ -333,23 +396,22 @@ def apply_phase(
         raise ValidationError(f"invalid phase {phase!r}: expected 'expand' or 'contract'") from None
     lock_timeout = _check_interval("lock_timeout", lock_timeout)
     statement_timeout = _check_interval("statement_timeout", statement_timeout)
+    lock_wait_timeout = _check_interval("lock_wait_timeout", lock_wait_timeout)
     if not isinstance(advisory_lock_key, int) or not -(2**63) <= advisory_lock_key < 2**63:
         raise ValidationError(f"invalid advisory_lock_key {advisory_lock_key!r}: must be a signed 64-bit integer")
 
     phase_files = [(f, split_statements(f.sql)) for f in migration_set.phase(phase)]
+    cancel = cancellation or Cancellation()
+    cancel.check()
     with _connect(database_url) as conn:
+        cancel.attach(conn)
         try:
-            # No timeouts while waiting for the lock: another run may legitimately hold it for
-            # as long as its own files take.
-            conn.execute("SELECT set_config('lock_timeout', '0', false), set_config('statement_timeout', '0', false)")
-            conn.execute("SELECT pg_advisory_lock(%s)", (advisory_lock_key,))
-        except psycopg.Error as exc:
-            raise MigrationError(f"cannot take the migration lock on {redact(database_url)}: {exc}") from exc
-        try:
+            _take_advisory_lock(conn, advisory_lock_key, lock_wait_timeout, database_url, cancel)
             return _apply_locked(
-                conn, migration_set, phase, phase_files, deployment_id, lock_timeout, statement_timeout, began
+                conn, migration_set, phase, phase_files, deployment_id, lock_timeout, statement_timeout, began, cancel
             )
         finally:
+            cancel.attach(None)
             # Closing the connection releases the lock too; unlock explicitly so a pooled or
             # slow-closing connection does not hold it. Harmless if the connection is broken.
             if not conn.closed and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
@@ -357,6 +419,45 @@ def apply_phase(
                     conn.execute("SELECT pg_advisory_unlock(%s)", (advisory_lock_key,))
                 except psycopg.Error:
                     pass
+
+
+def _take_advisory_lock(conn: psycopg.Connection[Any], key: int, wait: str, database_url: str, cancel: Cancellation) -> None:
+    """Wait at most ``wait`` for the session-level advisory lock (lock_timeout bounds advisory
+    lock waits too). On timeout, name who holds it."""
+    try:
+        # Only the wait is bounded: no statement_timeout, the lock wait is the whole statement.
+        conn.execute("SELECT set_config('lock_timeout', %s, false), set_config('statement_timeout', '0', false)", (wait,))
+        cancel.check()
+        conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+    except psycopg.errors.LockNotAvailable:
+        raise MigrationError(
+            f"timed out after {wait} waiting for the migration lock (advisory lock key {key}) on "
+            f"{redact(database_url)}: held by {_lock_holder(conn, key)}. Another migration run is in progress, "
+            f"or a session holds the lock by hand; try again later, or end that session"
+        ) from None
+    except psycopg.errors.QueryCanceled as exc:
+        cancel.check()
+        raise MigrationError(f"waiting for the migration lock on {redact(database_url)} was cancelled: {exc}") from exc
+    except psycopg.Error as exc:
+        raise MigrationError(f"cannot take the migration lock on {redact(database_url)}: {exc}") from exc
+
+
+def _lock_holder(conn: psycopg.Connection[Any], key: int) -> str:
+    """'pid N (application X, client Y)' for the session holding advisory lock ``key``."""
+    try:
+        row = conn.execute(
+            "SELECT l.pid, a.application_name, a.client_addr FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND l.objsubid = 1 AND ((l.classid::bigint << 32) | l.objid::bigint) = %s",
+            (key,),
+        ).fetchone()
+    except psycopg.Error:
+        return "an unknown session (pg_locks could not be read)"
+    if row is None:
+        return "an unknown session (it released the lock meanwhile)"
+    pid, application, client = row
+    return f"pid {pid} (application {application or '?'}, client {client or 'local socket'})"
 
 
 def _apply_locked(
@@ -368,6 +469,7 @@ def _apply_locked(
     lock_timeout: str,
     statement_timeout: str,
     began: float,
+    cancel: Cancellation,
 ) -> ApplyReport:
     try:
         _session_settings(conn, lock_timeout, statement_timeout)
@@ -422,6 +524,7 @@ def _apply_locked(
     skipped = [f.name for f, _ in phase_files if f.name in recorded]
     record = sql.SQL("INSERT INTO {} (name, phase, checksum, deployment_id) VALUES (%s, %s, %s, %s)").format(table)
     for file, statements in pending:
+        cancel.check()
         values = (file.name, file.phase.value, file.checksum, deployment_id)
         try:
             _session_settings(conn, lock_timeout, statement_timeout)
