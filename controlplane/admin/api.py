@@ -37,7 +37,6 @@ PUBLISH_TIMEOUT = 10.0  # a mutation not published within this answers 503 (stor
 READY_STORE_TIMEOUT = 2.0
 
 #: Paths answered without authentication: a supervisor's probes must not need the admin token.
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 CONTROL_PLANE = web.AppKey("control_plane", ControlPlane)
 
