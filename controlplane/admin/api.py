@@ -36,7 +36,6 @@ DEFAULT_WAIT_SECONDS = 10.0
 PUBLISH_TIMEOUT = 10.0  # a mutation not published within this answers 503 (stored, not pushed)
 READY_STORE_TIMEOUT = 2.0
 
-#: Paths answered without authentication: a supervisor's probes must not need the admin token.
 
 CONTROL_PLANE = web.AppKey("control_plane", ControlPlane)
 
