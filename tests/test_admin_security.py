@@ -88,8 +88,9 @@ def concrete(path: str) -> str:
 def test_every_route_has_exactly_one_rule() -> None:
     routes = {(method, path) for method, path, _ in ROUTES}
     assert routes == set(ROUTE_ROLES), f"without a rule: {routes - set(ROUTE_ROLES)}; rules for no route: {set(ROUTE_ROLES) - routes}"
-    assert [k for k, v in ROUTE_ROLES.items() if v is OPEN] == [("GET", "/healthz")]
-    assert all(ROUTE_ROLES[k] is Role.VIEWER for k in routes if k[0] == "GET" and k[1] != "/healthz")
+    open_probes = [("GET", "/healthz"), ("GET", "/readyz")]
+    assert [k for k, v in ROUTE_ROLES.items() if v is OPEN] == open_probes
+    assert all(ROUTE_ROLES[k] is Role.VIEWER for k in routes if k[0] == "GET" and k not in open_probes)
 
 
 RULES = [(method, path, rule) for (method, path), rule in ROUTE_ROLES.items() if rule is not OPEN]
@@ -119,6 +120,7 @@ async def test_401_and_403_per_role_and_route(tmp_path: Path, method: str, path:
 async def test_healthz_is_open_and_unknown_paths_need_a_token(tmp_path: Path) -> None:
     async with secured(tmp_path) as (cp, client):
         assert (await call(client, "GET", "/healthz", role=None))[0] == 200
+        assert (await call(client, "GET", "/readyz", role=None))[0] == 200
         assert (await call(client, "GET", "/v1/nothing", role=None))[0] == 401
         assert (await call(client, "GET", "/v1/nothing", role="viewer"))[0] == 404
 

@@ -17,7 +17,7 @@ from controlplane.bootstrap import render_bootstrap
 from controlplane.config import identity_allowed, parse_settings
 from controlplane.errors import ConfigError, ValidationError
 from tests.certs import CertFiles, CertificateAuthority
-from tests.harness import Envoy, envoy_binary, free_port, run_control_plane, run_envoy, wait_for
+from tests.harness import Envoy, admin_headers, envoy_binary, free_port, run_control_plane, run_envoy, wait_for
 
 pytestmark = pytest.mark.envoy
 
@@ -63,7 +63,7 @@ async def tls_envoy(cp: Any, node_id: str, fleet: str, pki: Pki, cert: CertFiles
 
 
 async def get_text(session: aiohttp.ClientSession, url: str) -> str:
-    async with session.get(url) as response:
+    async with session.get(url, headers=admin_headers(url)) as response:
         assert response.status == 200, f"GET {url} -> {response.status}"
         return await response.text()
 
@@ -118,7 +118,7 @@ async def test_mtls_refuses_proxies_without_the_right_certificate_and_serves_the
             stats = await envoy.stats()
             assert stats.get("control_plane.connected_state") == 0, envoy
             assert not dynamic_listeners(await envoy.config_dump()), envoy
-        async with session.get(cp.admin_url + "/v1/proxies") as response:
+        async with session.get(cp.admin_url + "/v1/proxies", headers=cp.headers) as response:
             proxies = (await response.json())["proxies"]
         assert [p["node_id"] for p in proxies] == ["edge-1"]
 
