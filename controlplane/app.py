@@ -104,7 +104,7 @@ class ControlPlane:
         tls = self.settings.xds.tls
         if tls is None:
             return server.add_insecure_port(address)
-        # Read at start: a certificate rotation takes a restart (see docs/security-xds.md).
+        # Read at start: a certificate rotation takes a restart (see docs/security.md).
         credentials = grpc.ssl_server_credentials(
             ((tls.key.read_bytes(), tls.cert.read_bytes()),),
             root_certificates=tls.client_ca.read_bytes(),
