@@ -257,6 +257,19 @@ class Ours:
         self.admin.ok("POST", f"/v1/services/svc-0/{kind}")
         return {"kind": kind, "api_seconds": time.perf_counter() - started}
 
+    def settle(self, proxies: int, timeout: float) -> float:
+        """Until our server has read every proxy's ACK of the change (its convergence tracker says
+        all of them acked); the time it saw that."""
+        conv.wait_until(lambda: conv.converged_count(self.admin, proxies), timeout, "every ACK read by the server",
+                        self.proc, self.log, interval=0.01)
+        return time.monotonic()
+
+    def change_waiting(self, k: int) -> float:
+        """A change with ?wait=converged: our server's own convergence figure for it."""
+        kind = "rollback" if k % 2 else "switch"
+        view = self.admin.ok("POST", f"/v1/services/svc-0/{kind}?wait=converged&timeout=60")
+        return view["convergence"]["seconds"]
+
     def capture(self) -> tuple[Resources, Resources, bool]:
         """The resources of state A (now) and B (after a switch); back to A after. The bool: the
         state after the rollback serves A's bytes again."""
@@ -319,7 +332,19 @@ class Gcp:
             out[key] = out["a"][key] and out["b"][key]
         return out
 
+    def stats(self) -> dict[str, int]:
+        return http_json(f"http://127.0.0.1:{self.admin_port}/stats")[1]
+
+    def settle(self, proxies: int, timeout: float) -> float:
+        """Until the peer has read every proxy's ACK of the change (one request per stream since
+        the change); the time it saw that."""
+        expected = self.requests_before_change + proxies
+        conv.wait_until(lambda: self.stats()["requests"] >= expected, timeout, "every ACK read by the peer",
+                        self.proc, self.log, interval=0.01)
+        return time.monotonic()
+
     def change(self, k: int) -> dict[str, Any]:
+        self.requests_before_change = self.stats()["requests"]
         result = self.post(self.states[(k + 1) % 2], self.changing)
         result["kind"] = "B" if k % 2 == 0 else "A"
         return result
@@ -343,6 +368,7 @@ def measure(server: Any, args: argparse.Namespace, proxies: int, case_dir: Path,
         time.sleep(0.5)
         rss_connected = conv.rss_kib(pid)
         version, _, _ = fleet.wait_all("", args.timeout)
+        states0 = fleet.states()
         cpu0, clients0 = conv.cpu_seconds(pid), fleet.cpu()
         system0, own0, procs0 = conv.system_cpu(), conv.own_cpu_seconds(), conv.all_processes_cpu()
         samples = []
@@ -351,7 +377,12 @@ def measure(server: Any, args: argparse.Namespace, proxies: int, case_dir: Path,
             t = time.monotonic()
             sample = server.change(k)
             new, first, last = fleet.wait_all(version, args.timeout)
-            sample.update({"convergence_seconds": last - t, "first_stream_seconds": first - t, "version": new})
+            # The clients have sent every ACK; the next change waits until the server has read them
+            # too, as it would with ?wait=converged. (Without this, our server's ACK backlog at
+            # M = 5000 carried over into the next change until its lagging-proxy rule fired.)
+            settled = server.settle(proxies, args.timeout)
+            sample.update({"convergence_seconds": last - t, "first_stream_seconds": first - t, "version": new,
+                           "server_read_all_acks_seconds": settled - t})
             samples.append(sample)
             version = new
         elapsed = time.monotonic() - started
@@ -360,6 +391,17 @@ def measure(server: Any, args: argparse.Namespace, proxies: int, case_dir: Path,
         others = conv.other_processes(procs0, procs1, {os.getpid(), pid, *fleet.pids})
         n = args.switches
         states = fleet.states()
+        responses = {k: sum(s["responses"].get(TYPES[k], 0) for s in states) - sum(s["responses"].get(TYPES[k], 0) for s in states0)
+                     for k in ORDER}
+        if hasattr(server, "change_waiting"):
+            # Not part of the figures: two more changes, timed by our server and by the clients at
+            # once, to show that the two methods agree.
+            for k in range(n, n + 2):
+                t = time.monotonic()
+                server_seconds = server.change_waiting(k)
+                new, _, last = fleet.wait_all(version, args.timeout)
+                version = new
+                result.setdefault("method_check", []).append({"server_seconds": server_seconds, "client_seconds": last - t})
         result.update({
             "samples": samples,
             "convergence_seconds": conv.summarize([s["convergence_seconds"] for s in samples]),
@@ -376,7 +418,8 @@ def measure(server: Any, args: argparse.Namespace, proxies: int, case_dir: Path,
             "machine_cpu_utilization": (conv.busy(system1) - conv.busy(system0)) / elapsed / (os.cpu_count() or 1),
             "elapsed_seconds": elapsed,
             "client_errors": {k: v for s in states for k, v in s.get("errors", {}).items()},
-            "client_rds_responses": sum(s["responses"].get(TYPES["rds"], 0) for s in states),
+            # Should be {rds: M, others: 0}: a weight change pushes the route configurations only.
+            "client_responses_per_change": {k: v / n for k, v in responses.items()},
         })
         if "handler_seconds" in samples[0]:
             result["handler_seconds"] = conv.summarize([s["handler_seconds"] for s in samples])
@@ -391,7 +434,9 @@ def run_case(services: int, proxies: int, args: argparse.Namespace, workdir: Pat
     case: dict[str, Any] = {"services": services, "proxies": proxies, "switches": args.switches, "runs": []}
     states: tuple[Resources, Resources] | None = None
     for r in range(args.rounds):
-        for kind in ("ours", "gcp"):
+        # ABBA...: each server goes first in every other round, so slow drifts of the machine's load
+        # fall on both. Round 1 starts with ours, which provides the resources for the peer.
+        for kind in (("ours", "gcp") if r % 2 == 0 else ("gcp", "ours")):
             tag = f"r{r}-{kind}"
             print(f"   round {r + 1}/{args.rounds}: {kind}", file=sys.stderr, flush=True)
             if kind == "ours":
@@ -436,12 +481,17 @@ def summarize_case(case: dict[str, Any]) -> dict[str, Any]:
             "changes": len(samples),
             "convergence_seconds": conv.summarize([s["convergence_seconds"] for s in samples]),
             "api_seconds": conv.summarize([s["api_seconds"] for s in samples]),
+            "server_read_all_acks_seconds": conv.summarize([s["server_read_all_acks_seconds"] for s in samples]),
         }
         for key in ("server_cpu_seconds_per_change", "server_cpu_us_per_change_per_stream", "clients_cpu_seconds_per_change",
                     "clients_cpu_us_per_change_per_stream", "rss_kib_per_stream", "other_processes_cpu_seconds_per_change",
                     "machine_cpu_utilization"):
             row[key] = statistics.fmean(r[key] for r in runs)
         row["rss_mib_after_changes"] = statistics.fmean(r["rss_kib"]["after_changes"] for r in runs) / 1024
+        row["client_responses_per_change"] = {k: statistics.fmean(r["client_responses_per_change"][k] for r in runs) for k in ORDER}
+        checks = [c for r in runs for c in r.get("method_check", [])]
+        if checks:
+            row["method_check"] = checks
         if samples and "handler_seconds" in samples[0]:
             row["handler_seconds"] = conv.summarize([s["handler_seconds"] for s in samples])
         out[name] = row
@@ -482,21 +532,29 @@ def markdown(report: dict[str, Any]) -> str:
                   f"per server. The peer serves {same} "
                   f"({counts} resources; "
                   f"a change posts {', '.join(case['types_changed_per_change'])}).", "",
-                  "| server | conv. p50 ms | conv. p99 ms | API p50 ms | API p99 ms | server CPU ms/change | server CPU µs/stream/change "
+                  "| server | conv. p50 ms | conv. p99 ms | all ACKs read p50 ms | API p50 ms | API p99 ms | server CPU ms/change | server CPU µs/stream/change "
                   "| RSS MiB | RSS KiB/stream | clients CPU ms/change | clients CPU µs/stream/change | other procs CPU ms/change | machine busy % |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name in ("bluegreen", "go-control-plane"):
             r = case["summary"][name]
             api = f"{1000 * r['api_seconds']['p50']:.1f}"
             if "handler_seconds" in r:
                 api += f" (handler {1000 * r['handler_seconds']['p50']:.1f})"
             lines.append(f"| {name} | {1000 * r['convergence_seconds']['p50']:.0f} | {1000 * r['convergence_seconds']['p99']:.0f} "
-                         f"| {api} | {1000 * r['api_seconds']['p99']:.1f} | {1000 * r['server_cpu_seconds_per_change']:.0f} "
+                         f"| {1000 * r['server_read_all_acks_seconds']['p50']:.0f} | {api} | {1000 * r['api_seconds']['p99']:.1f} | {1000 * r['server_cpu_seconds_per_change']:.0f} "
                          f"| {r['server_cpu_us_per_change_per_stream']:.0f} | {r['rss_mib_after_changes']:.0f} | {r['rss_kib_per_stream']:.0f} "
                          f"| {1000 * r['clients_cpu_seconds_per_change']:.0f} | {r['clients_cpu_us_per_change_per_stream']:.0f} "
                          f"| {1000 * r['other_processes_cpu_seconds_per_change']:.0f} | {100 * r['machine_cpu_utilization']:.0f} |")
         ratios = case["summary"]["ratio_ours_to_gcp"]
         lines += ["", "Ours / go-control-plane: " + ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in ratios.items()), ""]
+        pushes = "; ".join(f"{name} " + ", ".join(f"{k} {v:g}" for k, v in case["summary"][name]["client_responses_per_change"].items())
+                           for name in ("bluegreen", "go-control-plane"))
+        lines.append(f"Responses per change received by the clients: {pushes}.")
+        checks = case["summary"]["bluegreen"].get("method_check")
+        if checks:
+            lines.append("Method check (extra changes of our server with ?wait=converged, not in the table), server-measured / "
+                         "client-measured ms: " + ", ".join(f"{1000 * c['server_seconds']:.0f} / {1000 * c['client_seconds']:.0f}" for c in checks) + ".")
+        lines.append("")
     return "\n".join(lines)
 
 
