@@ -167,6 +167,14 @@ class Fleet:
         self.logs: list[Path] = []
         n = max(1, math.ceil(proxies / per_process))
         counts = [proxies // n + (1 if i < proxies % n else 0) for i in range(n)]
+        try:
+            self._start(kind, target, counts, cpus, case_dir, tag, connect_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, kind: str, target: str, counts: list[int], cpus: str | None, case_dir: Path, tag: str,
+               connect_timeout: float) -> None:
         env = {**os.environ, "GOMAXPROCS": str(len(expand(cpus))) if cpus else os.environ.get("GOMAXPROCS", "")}
         if not env["GOMAXPROCS"]:
             del env["GOMAXPROCS"]

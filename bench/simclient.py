@@ -257,8 +257,9 @@ async def main() -> int:
     RDS_VERSIONS.streams = args.count
     if args.port_file:
         server = await asyncio.start_server(http_report, "127.0.0.1", 0)
-        with open(args.port_file, "w") as f:
+        with open(args.port_file + ".tmp", "w") as f:  # renamed: the driver never reads a partial number
             f.write(str(server.sockets[0].getsockname()[1]))
+        os.replace(args.port_file + ".tmp", args.port_file)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -347,7 +347,11 @@ func main() {
 	go func() { _ = http.Serve(lis, mux) }()
 	if *portFile != "" {
 		port := lis.Addr().(*net.TCPAddr).Port
-		if err := os.WriteFile(*portFile, []byte(fmt.Sprint(port)), 0o644); err != nil {
+		// Written aside and renamed, so that the driver never reads a partial number.
+		if err := os.WriteFile(*portFile+".tmp", []byte(fmt.Sprint(port)), 0o644); err != nil {
+			log.Fatal(err)
+		}
+		if err := os.Rename(*portFile+".tmp", *portFile); err != nil {
 			log.Fatal(err)
 		}
 	}
