@@ -36,6 +36,7 @@ import math
 import os
 import platform
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -202,14 +203,21 @@ def tail(path: Path, lines: int = 30) -> str:
 # Admin API
 
 
+# The admin API needs a bearer token; the benchmark writes this one into the control plane's config.
+ADMIN_TOKEN = secrets.token_hex(16)
+
+
 class Admin:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, token: str = ADMIN_TOKEN) -> None:
         self.base = f"http://127.0.0.1:{port}"
+        self.token = token
 
     def call(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.base + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"} if data else {})
+        headers = {"Authorization": f"Bearer {self.token}"}
+        if data:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 status, raw = response.status, response.read()
@@ -276,8 +284,9 @@ def distinct_free_ports(n: int, taken: set[int] | None = None) -> list[int]:
 def write_cp_config(path: Path, listener_port: int, preview_port: int) -> int:
     """The control plane's --config: the default fleet, with listener ports picked free at run time
     (instead of the built-in 10000/10001, which may be in use on this machine). Returns the number
-    of listeners every Envoy of the fleet gets."""
-    path.write_text("fleets:\n  default:\n    listeners:\n"
+    of listeners every Envoy of the fleet gets. The admin API's token is ``ADMIN_TOKEN``."""
+    path.write_text(f"admin:\n  token: {ADMIN_TOKEN}\n"
+                    "fleets:\n  default:\n    listeners:\n"
                     f"      - {{name: http, address: 127.0.0.1, port: {listener_port}, preview_port: {preview_port}}}\n")
     return 2
 
@@ -866,7 +875,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cp-cmd", default=f"{sys.executable} -m controlplane serve",
                         help="command that starts the control plane (for A/B runs of a patched build); "
                              "--config, --state, --xds, --admin and --log-level are appended")
+    peer = parser.add_argument_group("comparison with a peer server (bench/peer_compare.py)")
+    peer.add_argument("--peer", choices=["gcp"], help="compare with go-control-plane instead of the single-server run: "
+                      "both servers in the same run, alternating, with client-measured convergence")
+    peer.add_argument("--client", choices=["go", "python"], default="go",
+                      help="--peer only: the fleet simulator, bench/simgo (default) or bench/simclient.py")
+    peer.add_argument("--rounds", type=int, default=2, help="--peer only: rounds of (ours, peer) per case")
+    peer.add_argument("--server-cpus", default="auto", help="--peer only: taskset CPU list for the servers "
+                      "(auto: the first half of the CPUs; none: not pinned)")
+    peer.add_argument("--client-cpus", default="auto", help="--peer only: taskset CPU list for the client processes "
+                      "(auto: the other half; none: not pinned)")
+    peer.add_argument("--build", action="store_true", help="--peer only: run bench/peers/build.sh first "
+                      "(it also runs when bench/.bin/gcp or bench/.bin/simgo is missing)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     if args.envoys < 0:
         parser.error("--envoys must be >= 0")
     largest = max(args.proxies)
@@ -876,6 +899,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.peer:
+        import peer_compare
+
+        return peer_compare.main(args)
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -21,6 +21,11 @@ pool), and behaves like Envoy over SotW ADS:
 Only CDS and LDS payloads are decoded (for the names), and only once per distinct version per
 process: versions are content hashes, so the names of a version never change.
 
+With ``--port-file`` it also serves the same HTTP reports as ``bench/simgo`` (used by
+``bench/convergence.py --peer gcp --client python``): ``GET /state`` and ``GET /wait?not=V&timeout=S``,
+from the CLOCK_MONOTONIC time (``time.monotonic()``) at which each stream ACKed a new
+RouteConfiguration version.
+
 On SIGTERM/SIGINT it writes counters (responses and bytes per type, errors, CPU) to ``--stats``
 and exits.
 """
@@ -35,6 +40,8 @@ import signal
 import sys
 import time
 from collections import Counter
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
@@ -63,6 +70,51 @@ class Stats:
 
 
 STATS = Stats()
+
+
+class RdsVersions:
+    """Per RouteConfiguration version: how many streams hold it, and when the first and the last of
+    them took it (time.monotonic() just after the ACK was written)."""
+
+    def __init__(self, streams: int) -> None:
+        self.streams = streams
+        self.holders: dict[str, dict[str, float]] = {}
+        self.changed = asyncio.Event()
+
+    def took(self, old: str, new: str) -> None:
+        now = time.monotonic()
+        self.left(old)
+        held = self.holders.setdefault(new, {"count": 0, "first": now, "last": now})
+        held["count"] += 1
+        held["last"] = now
+        if held["count"] == self.streams:
+            self.changed.set()
+
+    def left(self, version: str) -> None:
+        held = self.holders.get(version)
+        if version and held is not None:
+            held["count"] -= 1
+            if not held["count"]:
+                del self.holders[version]
+
+    def all_on(self, not_version: str) -> dict[str, Any] | None:
+        for version, held in self.holders.items():
+            if version != not_version and held["count"] == self.streams:
+                return {"version": version, "first": held["first"], "last": held["last"]}
+        return None
+
+    async def wait(self, not_version: str, timeout: float) -> dict[str, Any] | None:
+        deadline = time.monotonic() + timeout
+        while (found := self.all_on(not_version)) is None:
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return self.all_on(not_version)
+        return found
+
+
+RDS_VERSIONS = RdsVersions(0)
 _CLUSTER_NAMES: dict[str, list[str]] = {}  # CDS version -> sorted cluster names
 _ROUTE_NAMES: dict[str, list[str]] = {}  # LDS version -> sorted route config names
 
@@ -110,6 +162,7 @@ async def proxy(target: str, node_id: str, fleet: str) -> None:
     version: dict[str, str] = {}
     names: dict[str, list[str]] = {CDS: [], LDS: [], EDS: [], RDS: []}
     connected = False
+    rds_version = ""
     try:
         first = Request(type_url=CDS)
         first.node.CopyFrom(base_pb2.Node(id=node_id, cluster=fleet))
@@ -129,6 +182,9 @@ async def proxy(target: str, node_id: str, fleet: str) -> None:
             version[type_url] = response.version_info
             await call.write(Request(type_url=type_url, version_info=response.version_info,
                                      response_nonce=response.nonce, resource_names=names[type_url]))
+            if type_url == RDS and response.version_info != rds_version:
+                RDS_VERSIONS.took(rds_version, response.version_info)
+                rds_version = response.version_info
             if not lds_requested and (type_url == EDS or (type_url == CDS and not response.resources)):
                 # Envoy asks for listeners once its initial clusters have warmed (got endpoints).
                 lds_requested = True
@@ -151,6 +207,7 @@ async def proxy(target: str, node_id: str, fleet: str) -> None:
     finally:
         if connected:
             STATS.connected -= 1
+        RDS_VERSIONS.left(rds_version)  # a closed stream holds nothing
         call.cancel()
         await channel.close()
 
@@ -160,6 +217,34 @@ def cpu_seconds() -> float:
     return t.user + t.system
 
 
+def state() -> dict[str, Any]:
+    return {"streams": RDS_VERSIONS.streams, "connected": STATS.connected, "errors": dict(STATS.errors),
+            "responses": dict(STATS.responses), "bytes": dict(STATS.bytes), "rds": RDS_VERSIONS.holders,
+            "cpu_seconds": cpu_seconds()}
+
+
+async def http_report(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """GET /state and GET /wait?not=V&timeout=S, as bench/simgo answers them (HTTP/1.0, one request)."""
+    try:
+        request_line = (await reader.readline()).decode()
+        while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+            pass
+        url = urlsplit(request_line.split()[1])
+        query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        status, body = 404, {"error": "not found"}
+        if url.path == "/state":
+            status, body = 200, state()
+        elif url.path == "/wait":
+            found = await RDS_VERSIONS.wait(query.get("not", ""), float(query["timeout"]))
+            status, body = (200, found) if found else (504, {"error": "timed out", "state": state()})
+        payload = json.dumps(body).encode()
+        writer.write(f"HTTP/1.0 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+                     + payload)
+        await writer.drain()
+    finally:
+        writer.close()
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True)
@@ -167,7 +252,14 @@ async def main() -> int:
     parser.add_argument("--prefix", default="sim-")
     parser.add_argument("--fleet", default="default")
     parser.add_argument("--stats", required=True, help="write counters here on exit (JSON)")
+    parser.add_argument("--port-file", help="serve /state and /wait on a free loopback port and write the port here")
     args = parser.parse_args()
+    RDS_VERSIONS.streams = args.count
+    if args.port_file:
+        server = await asyncio.start_server(http_report, "127.0.0.1", 0)
+        with open(args.port_file + ".tmp", "w") as f:  # renamed: the driver never reads a partial number
+            f.write(str(server.sockets[0].getsockname()[1]))
+        os.replace(args.port_file + ".tmp", args.port_file)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
