@@ -26,7 +26,7 @@ Example::
         identities:                      # optional (needs xds.tls): client certificate URI/DNS
           - "spiffe://example.org/edge/*"  # SANs allowed to join; '*' matches within one path segment
     convergence:
-      lagging_after_seconds: 10          # a proxy not converged this long is lagging: gates stop waiting for it
+      lagging_after_seconds: 10          # a proxy behind that ACKs nothing this long is lagging: gates stop waiting for it
     xds:                                 # optional (defaults shown)
       keepalive_seconds: 30              # ping a connection idle this long; null: never
       keepalive_timeout_seconds: 10      # close it if the ping is not answered in time

@@ -158,6 +158,27 @@ async def test_a_fresh_change_waits_for_a_slow_healthy_proxy(fleet: Fleet) -> No
     assert waiter.result().skipped == ()
 
 
+async def test_a_proxy_that_keeps_applying_back_to_back_changes_is_not_lagging(fleet: Fleet) -> None:
+    """Changes faster than a proxy answers: it is never converged at any one moment, but it
+    keeps applying, so it is slow, not stuck. Lagging counts from its last progress."""
+    busy = fleet.connect("edge-1")
+    fleet.publish(ON_GREEN)
+    fleet.deliver(busy)
+    for i in range(6):  # 3.6 grace periods in all
+        fleet.advance(GRACE * 0.6)
+        fleet.publish(ON_BLUE if i % 2 == 0 else ON_GREEN)  # the next change lands first...
+        for type_url, response in list(busy.latest.items()):  # ...then the proxy applies the older one
+            if busy.stream.types[type_url].pending_nonce == response.nonce:
+                busy.ack(type_url)
+        fleet.changed(busy)
+        fleet.deliver(busy)
+        assert fleet.convergence.state(busy.stream) is ProxyState.PENDING, i
+    assert fleet.gauge("bluegreen_xds_lagging_proxies") == 0
+    fleet.advance(GRACE + 1)  # and once it stops answering, it is lagging
+    assert fleet.convergence.state(busy.stream) is ProxyState.LAGGING
+    assert fleet.gauge("bluegreen_xds_lagging_proxies") == 1
+
+
 async def test_a_rejecting_proxy_does_not_hold_the_gate(fleet: Fleet) -> None:
     healthy, rejecting = fleet.connect("edge-1"), fleet.connect("edge-2")
     fleet.publish(ON_GREEN)

@@ -76,10 +76,14 @@ class _Waiter:
 class FleetProgress:
     streams: dict[int, StreamState] = field(default_factory=dict)
     converged: set[int] = field(default_factory=set)
-    # Streams not converged, with the time (tracker clock) they fell behind.
+    # Streams not converged, with the time (tracker clock) they fell behind or last made progress
+    # (ACKed something), whichever is later: a proxy that keeps applying is slow, not stuck.
     behind_since: dict[int, float] = field(default_factory=dict)
+    # What each stream not converged had ACKed when last classified (see _progress_mark).
+    marks: dict[int, tuple[str, ...]] = field(default_factory=dict)
     # Streams not converged that gates do not wait for: lagging or rejecting.
     excused: set[int] = field(default_factory=set)
+    lagging: set[int] = field(default_factory=set)  # the excused ones that are lagging, not rejecting
     generation: int = 0
     pending_since: float | None = None  # accepted time of the oldest change not yet converged
     reported_converged: int = -1  # the value last set on the converged-proxies gauge
@@ -159,7 +163,9 @@ class Convergence:
         progress.streams.pop(stream.stream_id, None)
         progress.converged.discard(stream.stream_id)
         progress.behind_since.pop(stream.stream_id, None)
+        progress.marks.pop(stream.stream_id, None)
         progress.excused.discard(stream.stream_id)
+        progress.lagging.discard(stream.stream_id)
         self.metrics.connected_proxies.labels(stream.fleet).set(len(progress.streams))
         for type_url in stream.types:
             try:
@@ -199,14 +205,29 @@ class Convergence:
     # -- classification --------------------------------------------------------------------
 
     def _classify(self, progress: FleetProgress, stream: StreamState, now: float) -> None:
-        """Bring ``stream``'s behind-since time and excused flag up to date (converged set first)."""
+        """Bring ``stream``'s behind-since time, excused and lagging flags up to date (converged
+        set first). O(types): this runs per stream per event."""
         sid = stream.stream_id
         if sid in progress.converged:
             progress.behind_since.pop(sid, None)
+            progress.marks.pop(sid, None)
             progress.excused.discard(sid)
+            progress.lagging.discard(sid)
             return
-        since = progress.behind_since.setdefault(sid, now)
-        if _rejecting(stream) or now - since >= self.lagging_after:
+        mark = _progress_mark(stream)
+        if progress.marks.get(sid) != mark:
+            # First seen behind, or it applied something since: the grace period starts again,
+            # so back-to-back changes never make a proxy that keeps up look lagging.
+            progress.marks[sid] = mark
+            progress.behind_since[sid] = now
+        since = progress.behind_since[sid]
+        rejecting = _rejecting(stream)
+        lagging = not rejecting and now - since >= self.lagging_after
+        if lagging:
+            progress.lagging.add(sid)
+        else:
+            progress.lagging.discard(sid)
+        if rejecting or lagging:
             progress.excused.add(sid)
         else:
             progress.excused.discard(sid)
@@ -329,8 +350,7 @@ class Convergence:
         if converged != progress.reported_converged:
             self._converged_gauge[fleet].set(converged)
             progress.reported_converged = converged
-        lagging = sum(1 for sid in progress.excused if self.state(progress.streams[sid]) is ProxyState.LAGGING) \
-            if progress.excused else 0
+        lagging = len(progress.lagging)  # kept by _classify: counting here was O(proxies) per event
         if lagging != progress.reported_lagging:
             self._lagging_gauge[fleet].set(lagging)
             progress.reported_lagging = lagging
@@ -343,6 +363,11 @@ class Convergence:
         for waiter in list(self._waiters):
             if self._try_resolve(waiter):
                 self._waiters.discard(waiter)
+
+
+def _progress_mark(stream: StreamState) -> tuple[str, ...]:
+    """What the proxy has ACKed, per type: it changes whenever the proxy applies a response."""
+    return tuple(state.acked_version for state in stream.types.values())
 
 
 def _rejecting(stream: StreamState) -> bool:
