@@ -208,22 +208,48 @@ class StreamState:
 
     def converged(self) -> bool:
         """True when this proxy holds exactly the current snapshot's content for every type it
-        needs: the wildcard types, and everything the snapshot's resources warm with."""
+        needs: the wildcard types (if the snapshot has wildcard-visible resources of them), and
+        everything that the resources it subscribed to warm with. A client that names what it
+        wants (a proxyless gRPC client) has converged once it holds those and what they warm
+        with; named-only resources it did not name are not its business."""
         snapshot = self.snapshot
         generation = snapshot.generation
+        needed = self._needed_names()
         for type_url in typeurls.PUSH_ORDER:
-            pool = snapshot.of_type(type_url)
             state = self.types.get(type_url)
-            needed = snapshot.warmed_names(type_url)
+            wanted = needed.get(type_url, frozenset())
             if state is None or not state.subscribed:
-                if needed or (type_url in typeurls.WILDCARD_TYPES and pool):
+                if wanted or (type_url in typeurls.WILDCARD_TYPES and snapshot.wildcard_pool(type_url)):
                     return False
                 continue
             if state.pending_nonce is not None or state.synced_generation != generation:
                 return False
-            if not state.wildcard and not needed <= state.names:
+            if not state.wildcard and not wanted <= state.names:
                 return False
         return True
+
+    def _needed_names(self) -> dict[str, set[str]]:
+        """By type, the names this client must be subscribed to because of what it subscribed
+        to: what its wildcard subscriptions and its named resources warm with."""
+        snapshot = self.snapshot
+        needed: dict[str, set[str]] = {}
+        for state in self.types.values():
+            if not state.subscribed:
+                continue
+            if state.wildcard:
+                for type_url, names in snapshot.warmed_by_wildcard(state.type_url).items():
+                    needed.setdefault(type_url, set()).update(names)
+            if not state.names or not snapshot.warms_anything(state.type_url):
+                continue
+            pool = snapshot.of_type(state.type_url)
+            for name in state.names:
+                resource = pool.get(name)
+                if resource is None:
+                    continue
+                for type_url, warmed in resource.warms_with:
+                    if warmed in snapshot.of_type(type_url):
+                        needed.setdefault(type_url, set()).add(warmed)
+        return needed
 
     # -- planning ------------------------------------------------------------------------
 
@@ -250,9 +276,11 @@ class StreamState:
 
     def _desired(self, state: TypeState) -> dict[str, Resource]:
         pool = self.snapshot.of_type(state.type_url)
+        named = {name: pool[name] for name in state.names if name in pool}
         if state.wildcard:
-            return dict(pool)
-        return {name: pool[name] for name in state.names if name in pool}
+            # Named-only resources go to a wildcard subscriber only if it also names them.
+            return {**self.snapshot.wildcard_pool(state.type_url), **named}
+        return named
 
     def _type_state(self, type_url: str) -> TypeState:
         """The state of a requested type; ProtocolError unless it is one this server serves."""
@@ -311,7 +339,7 @@ class StreamState:
             state = self.types.get(holder)
             if state is not None and state.subscribed:
                 continue
-            if snapshot.warmed_names(holder) or (holder in typeurls.WILDCARD_TYPES and snapshot.of_type(holder)):
+            if snapshot.warmed_names(holder) or (holder in typeurls.WILDCARD_TYPES and snapshot.wildcard_pool(holder)):
                 return True
         return False
 
@@ -508,7 +536,11 @@ class SotwStream(StreamState):
 
     def _version_of(self, state: TypeState, content: Mapping[str, Resource | None], *, complete: bool) -> str:
         if complete:
-            return self.snapshot.version(state.type_url, None if state.wildcard else frozenset(state.names))
+            if not state.wildcard:
+                return self.snapshot.version(state.type_url, frozenset(state.names))
+            pool = self.snapshot.of_type(state.type_url)
+            if not any(name in pool and not pool[name].wildcard for name in state.names):
+                return self.snapshot.version(state.type_url)
         return content_version(r for r in content.values() if r is not None)
 
     def _on_warm(self, state: TypeState, name: str) -> None:
