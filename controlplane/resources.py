@@ -10,7 +10,10 @@ Per service ``S`` a fleet gets:
   of the service's domains, a route for ``x-bluegreen-preview: 1`` to the idle environment,
   then the production route with ``weighted_clusters`` listing the deployed environments
   (weights sum to 100); with nothing in the idle environment the preview routes answer 503;
-* in ``<fleet>-preview-routes``: every request to the idle environment, for preview listeners.
+* in ``<fleet>-preview-routes``: every request to the idle environment, for preview listeners;
+* for proxyless gRPC clients dialling ``xds:///S``: an API listener ``S`` and its route
+  configuration ``grpc/S`` (weighted like the production route), both named-only resources
+  that Envoy's wildcard subscriptions never receive.
 
 Services sharing a domain share one virtual host per domain; their routes are ordered longest
 prefix first, so the most specific service wins. Every route requires (make-before-break) the
@@ -27,7 +30,7 @@ from typing import Callable, Iterable, Sequence
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
-from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
@@ -99,7 +102,14 @@ def build_load_assignment(service: Service, env: Environment) -> endpoint_pb2.Cl
         )
         for e in state.endpoints
     ]
-    localities = [endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)] if lb_endpoints else []
+    # The locality and its weight are for proxyless gRPC clients, which refuse a locality entry
+    # without a locality and skip one without a weight (gRFC A27); Envoy ignores the weight
+    # unless a cluster asks for locality-weighted balancing.
+    localities = [
+        endpoint_components_pb2.LocalityLbEndpoints(
+            locality=base_pb2.Locality(), lb_endpoints=lb_endpoints, load_balancing_weight=wrappers_pb2.UInt32Value(value=1)
+        )
+    ] if lb_endpoints else []
     return endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name(service.name, env), endpoints=localities)
 
 
@@ -136,23 +146,23 @@ def in_fleet(service: Service, env: Environment) -> bool:
     return service.environment(env).registered or service.traffic.weight(env) > 0
 
 
-def _weighted(service: Service) -> route_components_pb2.RouteAction:
+def _weighted_clusters(service: Service) -> route_components_pb2.WeightedCluster:
     # Both environments are listed while both are in the fleet, the idle one at weight 0, so a
     # switch only changes this route (DESIGN.md, fact 1).
-    return route_components_pb2.RouteAction(
-        weighted_clusters=route_components_pb2.WeightedCluster(
-            clusters=[
-                route_components_pb2.WeightedCluster.ClusterWeight(
-                    name=cluster_name(service.name, env),
-                    weight=wrappers_pb2.UInt32Value(value=service.traffic.weight(env)),
-                )
-                for env in Environment
-                if in_fleet(service, env)
-            ]
-        ),
-        retry_policy=_RETRY,
-        timeout=_NO_TIMEOUT,
+    return route_components_pb2.WeightedCluster(
+        clusters=[
+            route_components_pb2.WeightedCluster.ClusterWeight(
+                name=cluster_name(service.name, env),
+                weight=wrappers_pb2.UInt32Value(value=service.traffic.weight(env)),
+            )
+            for env in Environment
+            if in_fleet(service, env)
+        ]
     )
+
+
+def _weighted(service: Service) -> route_components_pb2.RouteAction:
+    return route_components_pb2.RouteAction(weighted_clusters=_weighted_clusters(service), retry_policy=_RETRY, timeout=_NO_TIMEOUT)
 
 
 def _no_idle(service: Service) -> route_components_pb2.DirectResponseAction:
@@ -234,13 +244,15 @@ class ServiceRoutes:
     production: bytes
     preview: bytes
     requires: tuple[tuple[str, str], ...]
+    grpc: tuple[Resource, ...] = ()  # the service's proxyless gRPC listener and route configuration
 
 
 def service_routes(service: Service) -> ServiceRoutes:
     def fields(routes: list[route_components_pb2.Route]) -> bytes:
         return b"".join(length_delimited(_VHOST_ROUTES, r.SerializeToString(deterministic=True)) for r in routes)
 
-    return ServiceRoutes(fields(production_routes(service)), fields(preview_routes(service)), tuple(_requires_clusters([service])))
+    return ServiceRoutes(fields(production_routes(service)), fields(preview_routes(service)), tuple(_requires_clusters([service])),
+                         tuple(grpc_resources(service)))
 
 
 def assemble_route_configuration(name: str, services: Sequence[Service], *, preview: bool,
@@ -272,6 +284,66 @@ def _http_connection_manager(stat_prefix: str, route_config: str) -> any_pb2.Any
     packed = any_pb2.Any()
     packed.Pack(manager)
     return packed
+
+
+# ---------------------------------------------------------------------------------------------
+# Proxyless gRPC (gRFC A27, A28): a gRPC client with an xDS bootstrap dials ``xds:///SERVICE``
+# and asks, by name, for the Listener ``SERVICE`` (an API listener: no address, only an HTTP
+# connection manager), the RouteConfiguration it names (over RDS via ADS), the clusters the
+# route names and their endpoints. The clusters and endpoints are the ones Envoy gets; the
+# listener and route are named-only resources, so Envoy's wildcard LDS never sees them.
+
+
+def grpc_listener_name(service: Service) -> str:
+    """The Listener a gRPC client asks for when it dials ``xds:///<service>``."""
+    return service.name
+
+
+def grpc_routes_name(service: Service) -> str:
+    return f"grpc/{service.name}"
+
+
+def build_grpc_route_configuration(service: Service) -> route_pb2.RouteConfiguration:
+    """One virtual host whose domain is the target's authority (the service name), routing every
+    method to the weighted environments. No retry policy or timeout: gRPC retries by status code
+    (gRFC A44) and bounds RPCs with their deadlines. The preview route (the preview header, as
+    request metadata, to the idle environment) is present only while the idle environment is in
+    the fleet: gRPC clients support no direct responses."""
+    routes = []
+    idle = service.traffic.idle
+    if in_fleet(service, idle):
+        routes.append(route_components_pb2.Route(
+            name=f"{service.name}-grpc-preview",
+            match=route_components_pb2.RouteMatch(prefix="/", headers=_preview_match(service).headers),
+            route=route_components_pb2.RouteAction(cluster=cluster_name(service.name, idle)),
+        ))
+    routes.append(route_components_pb2.Route(
+        name=f"{service.name}-grpc",
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        route=route_components_pb2.RouteAction(weighted_clusters=_weighted_clusters(service)),
+    ))
+    host = route_components_pb2.VirtualHost(name=service.name, domains=[service.name], routes=routes)
+    return route_pb2.RouteConfiguration(name=grpc_routes_name(service), virtual_hosts=[host])
+
+
+def build_grpc_listener(service: Service) -> listener_pb2.Listener:
+    name = grpc_listener_name(service)
+    return listener_pb2.Listener(
+        name=name,
+        api_listener=api_listener_pb2.ApiListener(api_listener=_http_connection_manager(name, grpc_routes_name(service))),
+    )
+
+
+def grpc_resources(service: Service) -> list[Resource]:
+    """The service's API listener and gRPC route configuration: named-only resources (sent only
+    to clients naming them), with the same make-before-break relations as Envoy's."""
+    routes = grpc_routes_name(service)
+    return [
+        Resource.from_message(grpc_listener_name(service), build_grpc_listener(service), warms_with=[(typeurls.ROUTE, routes)],
+                              wildcard=False),
+        Resource.from_message(routes, build_grpc_route_configuration(service), requires=_requires_clusters([service]),
+                              wildcard=False),
+    ]
 
 
 def build_listener(name: str, address: str, port: int, route_config: str) -> listener_pb2.Listener:
@@ -320,7 +392,8 @@ def _requires_clusters(services: Iterable[Service]) -> list[tuple[str, str]]:
 
 def fleet_routes(fleet: Fleet, services: Sequence[Service],
                  parts: Callable[[Service], ServiceRoutes] = service_routes) -> list[Resource]:
-    """The fleet's production and preview route configurations, for the services it serves.
+    """The fleet's production and preview route configurations, for the services it serves,
+    and each served service's proxyless gRPC listener and route configuration.
     ``parts`` may serve each service's ``ServiceRoutes`` from a cache."""
     served = sorted((s for s in services if fleet.serves(s.name)), key=lambda s: s.name)
     requires = [ref for s in served for ref in parts(s).requires]
@@ -328,7 +401,20 @@ def fleet_routes(fleet: Fleet, services: Sequence[Service],
     for name, preview in ((routes_name(fleet), False), (preview_routes_name(fleet), True)):
         message = assemble_route_configuration(name, served, preview=preview, parts=parts)
         out.append(Resource.from_serialized(name, typeurls.ROUTE, message, requires=requires))
+    # A service whose name is also one of the fleet's listener names has no gRPC listener there
+    # (one name, one listener); config validation cannot see service names, so skip, not fail.
+    taken = set(fleet_listener_names(fleet))
+    out += [r for s in served if grpc_listener_name(s) not in taken for r in parts(s).grpc]
     return out
+
+
+def fleet_listener_names(fleet: Fleet) -> list[str]:
+    names = []
+    for spec in fleet.listeners:
+        names.append(spec.name)
+        if spec.preview_port is not None:
+            names.append(f"{spec.name}-preview")
+    return names
 
 
 def fleet_listeners(fleet: Fleet) -> list[Resource]:

@@ -124,7 +124,7 @@ def validation_bootstrap(fleet_name: str, generated: Sequence[Resource]) -> dict
     listeners: list[dict[str, Any]] = static.setdefault("listeners", [])
     messages = [(r, unpack(r)) for r in generated]
     used_ports = {
-        _socket_address(m.address)[1] for r, m in messages if r.type_url == typeurls.LISTENER  # type: ignore[attr-defined]
+        _socket_address(m.address)[1] for r, m in messages if r.type_url == typeurls.LISTENER and m.HasField("address")  # type: ignore[attr-defined]
     }
     free_ports = (p for p in range(FIRST_CHECK_PORT, 65536) if p not in used_ports)
     for resource, message in messages:
@@ -142,6 +142,11 @@ def validation_bootstrap(fleet_name: str, generated: Sequence[Resource]) -> dict
                     "load_assignment": to_json(assignment),
                 }
             )
+        elif resource.type_url == typeurls.LISTENER and message.HasField("api_listener"):  # type: ignore[attr-defined]
+            # A proxyless gRPC client's API listener: Envoy checks its connection manager in a
+            # listener of its own (an API listener is not a dynamic listener to Envoy).
+            listeners.append(to_json(_hcm_listener(f"validate:api:{resource.name}", next(free_ports),
+                                                   message.api_listener.api_listener)))  # type: ignore[attr-defined]
         elif resource.type_url == typeurls.LISTENER:
             listeners.append(to_json(message))
         elif resource.type_url == typeurls.ROUTE:
@@ -151,6 +156,15 @@ def validation_bootstrap(fleet_name: str, generated: Sequence[Resource]) -> dict
         else:
             raise AssertionError(f"unexpected resource type {resource.type_url}")
     return bootstrap
+
+
+def _hcm_listener(name: str, port: int, manager: any_pb2.Any) -> listener_pb2.Listener:
+    return listener_pb2.Listener(
+        name=name,
+        address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address="127.0.0.1", port_value=port)),
+        filter_chains=[listener_components_pb2.FilterChain(filters=[
+            listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager", typed_config=manager)])],
+    )
 
 
 @lru_cache(maxsize=1)
@@ -294,7 +308,11 @@ def check_structure(fleet: Fleet, services: Sequence[Service], generated: Sequen
     assert names[typeurls.CLUSTER] == expected_clusters
     assert names[typeurls.ENDPOINT] == expected_clusters
     main, preview = resources.routes_name(fleet), resources.preview_routes_name(fleet)
-    assert names[typeurls.ROUTE] == sorted([main, preview])
+    taken = set(resources.fleet_listener_names(fleet))
+    grpc_served = [s for s in served if resources.grpc_listener_name(s) not in taken]
+    grpc_routes = [resources.grpc_routes_name(s) for s in grpc_served]
+    assert names[typeurls.ROUTE] == sorted([main, preview, *grpc_routes])
+    _check_grpc(snapshot, grpc_served)
 
     for name, resource in snapshot.of_type(typeurls.ENDPOINT).items():
         assignment = unpack(resource)
@@ -310,7 +328,7 @@ def check_structure(fleet: Fleet, services: Sequence[Service], generated: Sequen
     routes = snapshot.of_type(typeurls.ROUTE)
     _check_route_configuration(unpack(routes[main]), served, preview=False)  # type: ignore[arg-type]
     _check_route_configuration(unpack(routes[preview]), served, preview=True)  # type: ignore[arg-type]
-    for resource in routes.values():
+    for resource in (routes[main], routes[preview]):
         assert resource.requires == {
             (t, n) for n in expected_clusters for t in (typeurls.CLUSTER, typeurls.ENDPOINT)
         }, resource.name
@@ -320,7 +338,7 @@ def check_structure(fleet: Fleet, services: Sequence[Service], generated: Sequen
         expected_listeners[spec.name] = (spec.address, spec.port, main)
         if spec.preview_port is not None:
             expected_listeners[f"{spec.name}-preview"] = (spec.address, spec.preview_port, preview)
-    listeners = snapshot.of_type(typeurls.LISTENER)
+    listeners = snapshot.wildcard_pool(typeurls.LISTENER)
     assert sorted(listeners) == sorted(expected_listeners)
     for name, resource in listeners.items():
         listener = unpack(resource)
@@ -331,6 +349,38 @@ def check_structure(fleet: Fleet, services: Sequence[Service], generated: Sequen
         assert manager.rds.route_config_name == table, (name, manager.rds.route_config_name)
         assert manager.rds.config_source.HasField("ads"), manager.rds
         assert resource.warms_with == {(typeurls.ROUTE, table)}
+
+
+def _check_grpc(snapshot: Snapshot, served: Sequence[Service]) -> None:
+    """Each served service has an API listener named after it (RDS over ADS, router last) and a
+    route table for its name's authority with every method weighted like its production route:
+    both named-only, so Envoy's wildcard LDS never gets an API listener."""
+    for service in served:
+        listener_resource = snapshot.of_type(typeurls.LISTENER)[service.name]
+        listener = unpack(listener_resource)
+        assert not listener_resource.wildcard and not listener.HasField("address"), listener  # type: ignore[attr-defined]
+        manager = hcm_pb2.HttpConnectionManager()
+        assert listener.api_listener.api_listener.Unpack(manager)  # type: ignore[attr-defined]
+        assert manager.rds.route_config_name == resources.grpc_routes_name(service) and manager.rds.config_source.HasField("ads")
+        assert manager.http_filters[-1].name == "envoy.filters.http.router" and manager.http_filters[-1].HasField("typed_config")
+        assert listener_resource.warms_with == {(typeurls.ROUTE, manager.rds.route_config_name)}
+        route_resource = snapshot.of_type(typeurls.ROUTE)[manager.rds.route_config_name]
+        assert not route_resource.wildcard
+        clusters = [resources.cluster_name(service.name, env) for env in Environment if resources.in_fleet(service, env)]
+        assert route_resource.requires == {(t, c) for c in clusters for t in (typeurls.CLUSTER, typeurls.ENDPOINT)}
+        [vhost] = unpack(route_resource).virtual_hosts  # type: ignore[attr-defined]
+        assert list(vhost.domains) == [service.name]
+        production = vhost.routes[-1]
+        assert production.match.prefix == "/" and not production.match.headers
+        weights = {c.name: c.weight.value for c in production.route.weighted_clusters.clusters}
+        assert weights == {resources.cluster_name(service.name, env): service.traffic.weight(env)
+                           for env in Environment if resources.in_fleet(service, env)}
+        for route in vhost.routes[:-1]:  # the preview route, only with an idle environment to go to
+            assert route.route.cluster == resources.cluster_name(service.name, service.traffic.idle), route
+    for name, resource in snapshot.of_type(typeurls.ENDPOINT).items():
+        for locality in unpack(resource).endpoints:  # type: ignore[attr-defined]
+            # gRPC refuses a locality entry without a locality, and skips one without a weight.
+            assert locality.HasField("locality") and locality.load_balancing_weight.value > 0, name
 
 
 # =============================================================================================

@@ -702,3 +702,32 @@ def test_wildcard_subscriber_naming_a_named_only_resource_gets_it_too() -> None:
     [resp] = [decode(o) for o in stream.on_request(sotw_req(LISTENER, names=["*", "shop"]), NOW)]
     assert names_of(resp) == ["http", "shop"]
     assert resp.version_info == content_version(snap.of_type(LISTENER).values())
+
+
+def test_a_client_naming_its_resources_gets_a_route_before_it_asks_for_the_route_clusters() -> None:
+    """A proxyless gRPC client asks for a route's clusters only once it has the route (and uses
+    the route only once it has them, gRFC A74): holding the route back for them would deadlock
+    it. An Envoy's requirements still gate (see the reconnect tests above)."""
+    snap = named_only_snapshot()
+    client = SotwProxy(SotwStream(1, "grpc-client", "fleet", snap, NOW))
+    client.subscribe(LISTENER, ["shop"])
+    client.ack(LISTENER)
+    [rds] = client.subscribe(ROUTE, ["grpc-shop"])  # no cluster subscribed yet: sent anyway
+    assert names_of(rds) == ["grpc-shop"]
+    client.ack(ROUTE)
+    client.subscribe(CLUSTER, ["a"])
+    client.ack(CLUSTER)
+    client.subscribe(ENDPOINT, ["a"])
+    client.ack(ENDPOINT)
+    assert client.stream.converged()
+    # A route naming a new cluster "b" goes out before the client subscribed to "b"...
+    grown = Snapshot.build(2, [*(r for p in snap.resources.values() for r in p.values() if r.name != "grpc-shop"),
+                               cluster("b"), cla("b"),
+                               Resource.from_serialized("grpc-shop", ROUTE, route_pb2.RouteConfiguration(name="grpc-shop-b").SerializeToString(),
+                                                        requires=[(t, c) for c in ("a", "b") for t in (CLUSTER, ENDPOINT)], wildcard=False)])
+    out = client.push(grown)
+    assert [r.type_url for r in out] == [ROUTE]
+    # ...but once the client holds "b" unapplied in flight, it gates like any subscribed name.
+    client.ack(ROUTE)
+    [cds] = client.subscribe(CLUSTER, ["a", "b"])
+    assert names_of(cds) == ["a", "b"]

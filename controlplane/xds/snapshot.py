@@ -138,6 +138,7 @@ class Snapshot:
     _wildcard_pools: dict[str, Mapping[str, Resource]] = field(default_factory=dict, compare=False, repr=False)
     _warmed_by: dict[str, dict[str, frozenset[str]]] = field(default_factory=dict, compare=False, repr=False)
     _warming: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
+    _warmers: dict[Ref, tuple[Ref, ...]] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def build(cls, generation: int, resources: Iterable[Resource]) -> Snapshot:
@@ -208,6 +209,17 @@ class Snapshot:
                     grouped.setdefault(type_url, set()).add(name)
             cached = self._warmed_by[source_type] = {t: frozenset(n) for t, n in grouped.items()}
         return cached
+
+    def warmed_by(self, type_url: str, name: str) -> tuple[Ref, ...]:
+        """The resources of this snapshot that warm with ``(type_url, name)``."""
+        if self._warmers is None:
+            index: dict[Ref, list[Ref]] = {}
+            for pool in self.resources.values():
+                for resource in pool.values():
+                    for ref in resource.warms_with:
+                        index.setdefault(ref, []).append((resource.type_url, resource.name))
+            object.__setattr__(self, "_warmers", {ref: tuple(holders) for ref, holders in index.items()})
+        return self._warmers.get((type_url, name), ())  # type: ignore[union-attr]
 
     def warms_anything(self, type_url: str) -> bool:
         """Does any resource of the type warm with another resource?"""

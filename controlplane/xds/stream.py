@@ -295,11 +295,26 @@ class StreamState:
 
     def _has_applied_all(self, resource: Resource) -> bool:
         """Does the proxy certainly hold every resource ``resource`` requires, now (ACKed) and
-        after the response in flight (which may remove some), with known content?"""
+        after the response in flight (which may remove some), with known content?
+
+        A requirement the client will never ask for before it has this resource does not gate
+        it (see ``_will_ask``): a client that names its listeners or clusters discovers names
+        from the resources that carry them (a proxyless gRPC client asks for a route's clusters
+        after it got the route) and orders the chain itself (gRFC A74: it uses a route only once
+        it has all its clusters); holding the route back would deadlock it. Envoy subscribes to
+        clusters and listeners by wildcard and to the endpoints of every cluster it holds, so
+        for Envoy every requirement gates, whatever order its requests come in."""
         for type_url, names in resource.requires_by_type:
             state = self.types.get(type_url)
             if state is None or not state.acked.keys() >= names:
-                return False
+                held = state.acked if state is not None else {}
+                missing = [n for n in names if n not in held]
+                if any(self._will_ask(type_url, name, state) for name in missing):
+                    return False
+                names = names & held.keys()
+                if not names:
+                    continue
+                assert state is not None
             # ``sent`` lacks something ``acked`` has only while a response removing it is in
             # flight; skip the second check otherwise (this runs for every route, every push).
             if state.pending_nonce is not None and not state.sent.keys() >= names:
@@ -307,6 +322,30 @@ class StreamState:
             if state.unknown and any(state.acked[n] is None or state.sent[n] is None for n in names):
                 return False
         return True
+
+    def _will_ask(self, type_url: str, name: str, state: TypeState | None) -> bool:
+        """Will the client ask for this resource without first getting one that names it? Yes
+        if its subscription covers the name, or something it holds or is being sent warms with
+        it (Envoy asks for a cluster's endpoints once it has the cluster), or it has not asked
+        for the type yet and is not a client that names its listeners and clusters (an Envoy
+        reconnecting may ask for routes before clusters, and then clusters by wildcard)."""
+        if state is not None and state.subscribed and state.wants(name):
+            return True
+        if (state is None or not state.subscribed) and not self._names_what_it_wants():
+            return True
+        for holder_type, holder in self.snapshot.warmed_by(type_url, name):
+            holder_state = self.types.get(holder_type)
+            if holder_state is not None and (holder in holder_state.acked or holder in holder_state.sent):
+                return True
+        return False
+
+    def _names_what_it_wants(self) -> bool:
+        """Has the client subscribed to a wildcard type (CDS, LDS) by names, without wildcard?"""
+        for type_url in typeurls.WILDCARD_TYPES:
+            state = self.types.get(type_url)
+            if state is not None and state.subscribed and not state.wildcard and state.names:
+                return True
+        return False
 
     def _held_requirements(self, extra: Iterable[Resource | None]) -> tuple[set[Ref], set[str]]:
         """Everything required by what the proxy holds, may hold or is about to hold, and the
