@@ -35,10 +35,11 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.type.matcher.v3 import string_pb2
+from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from . import typeurls
-from .model import Environment, Fleet, Service
+from .model import Environment, Fleet, Release, Service
 from .xds.snapshot import Resource, length_delimited
 
 PREVIEW_HEADER = "x-bluegreen-preview"
@@ -162,7 +163,147 @@ def _weighted_clusters(service: Service) -> route_components_pb2.WeightedCluster
 
 
 def _weighted(service: Service) -> route_components_pb2.RouteAction:
-    return route_components_pb2.RouteAction(weighted_clusters=_weighted_clusters(service), retry_policy=_RETRY, timeout=_NO_TIMEOUT)
+    release = service.release
+    weights = {env: service.traffic.weight(env) for env in Environment if in_fleet(service, env)}
+    action = route_components_pb2.RouteAction(weighted_clusters=_split(service, weights, _pinning(service)),
+                                              retry_policy=_RETRY, timeout=_NO_TIMEOUT)
+    if release is not None and release.mirror_percent > 0 and in_fleet(service, release.environment):
+        action.request_mirror_policies.append(_mirror(service, release.environment, release.mirror_percent))
+    return action
+
+
+def _split(service: Service, weights: dict[Environment, int], pin: Callable[[Environment], list[base_pb2.HeaderValueOption]] | None
+           ) -> route_components_pb2.WeightedCluster:
+    """Weighted clusters (Envoy sums the weights); with ``pin``, each entry sets the cookie that
+    pins a client to the environment it was drawn for."""
+    return route_components_pb2.WeightedCluster(clusters=[
+        route_components_pb2.WeightedCluster.ClusterWeight(
+            name=cluster_name(service.name, env),
+            weight=wrappers_pb2.UInt32Value(value=weight),
+            response_headers_to_add=pin(env) if pin is not None else [],
+        )
+        for env, weight in weights.items()
+    ])
+
+
+# ---------------------------------------------------------------------------------------------
+# Release features: session affinity, targeting and mirroring (docs/affinity.md, targeting.md,
+# mirroring.md). They exist while the workflow sets ``service.release`` and need the new
+# environment in the fleet.
+
+def _active_release(service: Service) -> Release | None:
+    release = service.release
+    return release if release is not None and in_fleet(service, release.environment) else None
+
+
+def _affinity_active(service: Service) -> bool:
+    """Pins matter only while traffic is split: at 0 % or 100 % every client goes one way."""
+    release = _active_release(service)
+    return release is not None and release.affinity is not None and 0 < service.traffic.weight(release.environment) < 100
+
+
+def pin_value(env: Environment, deployment: str, weight: int) -> str:
+    """The affinity cookie's value: the environment, the deployment (a rollback or the next
+    deployment invalidates the pin) and the new environment's weight when it was drawn. The
+    ':' after each part keeps one part from matching a longer one (``shop-3`` vs ``shop-30``)."""
+    return f"{env.value}:{deployment}:{weight}:"
+
+
+def _pinning(service: Service) -> Callable[[Environment], list[base_pb2.HeaderValueOption]] | None:
+    if not _affinity_active(service):
+        return None
+    release = service.release
+    assert release is not None and release.affinity is not None
+    affinity, weight = release.affinity, service.traffic.weight(release.environment)
+
+    def set_cookie(env: Environment) -> list[base_pb2.HeaderValueOption]:
+        value = f"{affinity.cookie}={pin_value(env, release.deployment, weight)}; Max-Age={affinity.ttl_seconds}; Path=/; HttpOnly; SameSite=Lax"
+        return [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="set-cookie", value=value),
+                                           append_action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD)]
+
+    return set_cookie
+
+
+def _cookie_matchers(name: str, value: str, *, whole: bool) -> list[route_components_pb2.HeaderMatcher]:
+    """Matchers of the Cookie header, any one of which means: the cookie ``name`` has a value
+    that starts with ``value`` (``whole``: equals it). One route per matcher: a route's header
+    matchers all have to match, and regular expressions would hit Envoy's RE2 program size
+    limit (100) with long names. Cookies are separated by "; " (RFC 6265; Envoy joins HTTP/2
+    cookie headers so too)."""
+    pair = f"{name}={value}"
+
+    def matcher(**kind: str) -> route_components_pb2.HeaderMatcher:
+        return route_components_pb2.HeaderMatcher(name="cookie", string_match=string_pb2.StringMatcher(**kind))
+
+    if not whole:
+        return [matcher(prefix=pair), matcher(contains=f"; {pair}")]
+    return [matcher(exact=pair), matcher(prefix=f"{pair};"), matcher(suffix=f"; {pair}"), matcher(contains=f"; {pair};")]
+
+
+def _affinity_routes(service: Service) -> list[route_components_pb2.Route]:
+    """Before the production route, in this order (N the new environment at p %, O the old one):
+
+    * a pin to N of this deployment: N (N's share only grows during a shift);
+    * a pin to O of this deployment drawn at p: O;
+    * a pin to O drawn at an earlier step's w < p: drawn again, N with probability
+      (p - w) / (100 - w), so that with the clients already on N the share on N is p;
+    * anything else (no pin, or a pin of another deployment, e.g. one rolled back) falls through
+      to the production route, which draws with p. Every draw sets the pin."""
+    if not _affinity_active(service):
+        return []
+    release = service.release
+    assert release is not None and release.affinity is not None
+    new, old = release.environment, release.environment.other
+    p = service.traffic.weight(new)
+    cookie = release.affinity.cookie
+    pin = _pinning(service)
+
+    def routes_for(name: str, value: str, action: route_components_pb2.RouteAction) -> list[route_components_pb2.Route]:
+        return [route_components_pb2.Route(name=name, match=route_components_pb2.RouteMatch(prefix=service.prefix, headers=[m]), route=action)
+                for m in _cookie_matchers(cookie, value, whole=False)]
+
+    # The value of a pin to N of this deployment, at any weight: "green:shop-3:" + weight + ":".
+    routes = routes_for(f"{service.name}-pinned-{new.value}", f"{new.value}:{release.deployment}:", _route_to(service, new))
+    if in_fleet(service, old):
+        routes += routes_for(f"{service.name}-pinned-{old.value}", pin_value(old, release.deployment, p), _route_to(service, old))
+        for w in sorted(set(release.earlier)):
+            if not 0 <= w < p:
+                continue
+            action = route_components_pb2.RouteAction(weighted_clusters=_split(service, {new: p - w, old: 100 - p}, pin),
+                                                      retry_policy=_RETRY, timeout=_NO_TIMEOUT)
+            routes += routes_for(f"{service.name}-redraw-{w}", pin_value(old, release.deployment, w), action)
+    return routes
+
+
+def _target_route(service: Service) -> list[route_components_pb2.Route]:
+    """During a targeting phase: requests matching the rule go to the new environment."""
+    release = _active_release(service)
+    if release is None or release.target is None:
+        return []
+    target = release.target
+    headers = [route_components_pb2.HeaderMatcher(name=name, string_match=string_pb2.StringMatcher(exact=value))
+               for name, value in target.headers]
+    cookies: list[route_components_pb2.HeaderMatcher | None] = [None]
+    if target.cookie is not None:
+        cookies = list(_cookie_matchers(target.cookie[0], target.cookie[1], whole=True))
+    return [
+        route_components_pb2.Route(
+            name=f"{service.name}-target",
+            match=route_components_pb2.RouteMatch(prefix=service.prefix, headers=headers + ([cookie] if cookie is not None else [])),
+            route=_route_to(service, release.environment),
+        )
+        for cookie in cookies
+    ]
+
+
+def _mirror(service: Service, env: Environment, percent: float) -> route_components_pb2.RouteAction.RequestMirrorPolicy:
+    """Copy ``percent`` % of the route's requests to ``env``: Envoy sends the copy without
+    waiting for it and discards the answer (its Host gets a ``-shadow`` suffix)."""
+    fraction = percent_pb2.FractionalPercent(numerator=round(percent * 10_000), denominator=percent_pb2.FractionalPercent.MILLION)
+    return route_components_pb2.RouteAction.RequestMirrorPolicy(
+        cluster=cluster_name(service.name, env),
+        runtime_fraction=base_pb2.RuntimeFractionalPercent(default_value=fraction),
+    )
 
 
 def _no_idle(service: Service) -> route_components_pb2.DirectResponseAction:
@@ -192,8 +333,12 @@ def _preview_match(service: Service) -> route_components_pb2.RouteMatch:
 
 
 def production_routes(service: Service) -> list[route_components_pb2.Route]:
+    """The preview route first, then the release's targeting and affinity routes, if any, then
+    the weighted production route."""
     return [
         _preview_route(service, _preview_match(service)),
+        *_target_route(service),
+        *_affinity_routes(service),
         route_components_pb2.Route(
             name=service.name, match=route_components_pb2.RouteMatch(prefix=service.prefix), route=_weighted(service)
         ),

@@ -219,6 +219,34 @@ def _headers(route: route_components_pb2.Route) -> set[tuple[str, str]]:
     return {(h.name, h.string_match.exact) for h in route.match.headers}
 
 
+def _matchers(route: route_components_pb2.Route) -> set[tuple[str, str]]:
+    return {(h.name, h.string_match.SerializeToString(deterministic=True).hex()) for h in route.match.headers}
+
+
+RELEASE_ROUTES = ("-target", "-pinned-blue", "-pinned-green", "-redraw-")
+
+
+def _check_release_route(route: route_components_pb2.Route, service: Service) -> None:
+    """A targeting or affinity route (resources._target_route, _affinity_routes): only while the
+    service's release asks for it, matching on headers, to the service's own clusters."""
+    release = service.release
+    assert release is not None and resources.in_fleet(service, release.environment), route
+    assert route.match.prefix == service.prefix and route.match.headers, route
+    owned = {resources.cluster_name(service.name, env) for env in Environment}
+    action = route.route
+    if route.name.endswith("-target"):
+        assert release.target is not None and action.cluster == resources.cluster_name(service.name, release.environment), route
+        return
+    assert release.affinity is not None and 0 < service.traffic.weight(release.environment) < 100, route
+    assert all(h.name == "cookie" for h in route.match.headers), route
+    if "-redraw-" in route.name:
+        entries = action.weighted_clusters.clusters
+        assert {c.name for c in entries} <= owned and all(
+            any(h.header.key == "set-cookie" for h in c.response_headers_to_add) for c in entries), route
+    else:
+        assert action.cluster in owned, route
+
+
 def _check_no_shadowing(vhost: route_components_pb2.VirtualHost) -> None:
     """No route is unreachable because an earlier one always matches first: an earlier route whose
     prefix is a prefix of a later one's must require a header the later one does not."""
@@ -226,7 +254,7 @@ def _check_no_shadowing(vhost: route_components_pb2.VirtualHost) -> None:
     for j, later in enumerate(routes):
         for earlier in routes[:j]:
             if later.match.prefix.startswith(earlier.match.prefix):
-                assert not _headers(earlier) <= _headers(later), (
+                assert not _matchers(earlier) <= _matchers(later), (
                     f"virtual host {vhost.name!r}: route {later.name!r} (prefix {later.match.prefix!r}) is shadowed "
                     f"by the earlier route {earlier.name!r} (prefix {earlier.match.prefix!r})"
                 )
@@ -248,6 +276,12 @@ def _check_route_configuration(
         seen: dict[tuple[str, str], int] = {}  # (service, kind) -> index of its route
         for index, route in enumerate(vh.routes):
             action = route.route
+            release_route = next((s for s in served if route.name.startswith(s.name) and
+                                  any(route.name == s.name + k or route.name.startswith(s.name + k) and k == "-redraw-"
+                                      for k in RELEASE_ROUTES)), None)
+            if release_route is not None and not preview:
+                _check_release_route(route, release_route)
+                continue
             if action.HasField("weighted_clusters"):
                 assert not preview, f"{rc.name}: the preview table must not split traffic: {route}"
                 entries = action.weighted_clusters.clusters
@@ -568,7 +602,29 @@ def services(draw: st.DrawFn, name: str, domain_pool: Sequence[str] = ("*",), pr
     service = model.apply_service_spec(None, name, draw(service_specs(domain_pool, prefix_pool)))
     service = service.with_environment(BLUE, draw(environment_states()))
     service = service.with_environment(GREEN, draw(environment_states()))
-    return replace(service, traffic=draw(traffic_rules()), deployment_seq=draw(st.integers(0, 1000)))
+    seq = draw(st.integers(0, 1000))
+    return replace(service, traffic=draw(traffic_rules()), deployment_seq=seq, release=draw(st.none() | releases(name, seq)))
+
+
+COOKIE_NAMES = model_accepted(st.one_of(st.just("bluegreen-env"), st.text(min_size=1, max_size=70)),
+                              lambda name: model.parse_affinity("a", {"cookie": name}), fallback=st.just("c"))
+
+
+@st.composite
+def releases(draw: st.DrawFn, name: str, seq: int) -> model.Release:
+    """What the workflow may set on a service in a deployment: affinity, mirroring, targeting."""
+    affinity = draw(st.none() | st.builds(lambda c, t: model.parse_affinity("a", {"cookie": c, "ttl_seconds": t}),
+                                          COOKIE_NAMES, st.integers(1, 86400)))
+    target = None
+    if draw(st.booleans()):
+        headers = draw(st.dictionaries(st.sampled_from(["x-user-group", "x-beta", "x-canary.v2"]),
+                                       st.sampled_from(["beta", "1", "a b", "v" * 256]), max_size=2))
+        cookie = draw(st.none() | st.fixed_dictionaries({"name": COOKIE_NAMES, "value": st.sampled_from(["yes", "v" * 256, "a:b/c"])}))
+        if headers or cookie:
+            target = model.parse_target_rule("target", {"headers": headers, "cookie": cookie})
+    earlier = tuple(sorted(draw(st.sets(st.integers(0, 100), max_size=5))))
+    return model.Release(f"{name}-{seq}", draw(st.sampled_from(list(Environment))), affinity=affinity, earlier=earlier,
+                         mirror_percent=draw(st.sampled_from([0.0, 0.0001, 10.0, 100.0])), target=target)
 
 
 _CONFIG_NAME = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,20}", fullmatch=True)
@@ -653,6 +709,12 @@ def _describe(fleet: Fleet, services: Sequence[Service]) -> None:
         event("split traffic")
     if any(s.traffic.green == 100 for s in served):
         event("green at 100%")
+    if any(r.name.endswith("-redraw-") or "-redraw-" in r.name for s in served for r in resources.production_routes(s)):
+        event("affinity redraw routes")
+    if any(r.name.endswith("-target") for s in served for r in resources.production_routes(s)):
+        event("targeting route")
+    if any(r.route.request_mirror_policies for s in served for r in resources.production_routes(s)):
+        event("mirroring")
     note(f"fleet: {fleet}")
     for service in services:
         note(f"service: {model.service_to_dict(service)}")
