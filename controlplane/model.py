@@ -260,8 +260,10 @@ def parse_target_rule(path: str, spec: Mapping[str, Any]) -> Target:
         raise ValidationError(f"{path}.headers must be an object of at most {MAX_TARGET_HEADERS} header names and values")
     checked = []
     for name, value in headers.items():
+        name = name.lower() if isinstance(name, str) else name  # HTTP header names are case-insensitive
         if not isinstance(name, str) or not _HEADER_NAME.match(name) or name in _RESERVED_HEADERS:
-            raise ValidationError(f"{path}.headers: {name!r} is not a header to route on (lower-case name; not host, cookie, ...)")
+            raise ValidationError(f"{path}.headers: {name!r} is not a header to route on (letters, digits, '-', '_', '.'; "
+                                  "not a pseudo-header or host, cookie, connection, ...)")
         if not isinstance(value, str) or not value or len(value) > 256 or not value.isprintable():
             raise ValidationError(f"{path}.headers.{name} must be a non-empty printable string of at most 256 characters")
         checked.append((name, value))
@@ -639,7 +641,8 @@ def set_weights(
         if weights[env] == 100 and env is not active:
             active, previous = env, active
     new_traffic = Traffic(active=active, previous=previous, blue=weights[Environment.BLUE], green=weights[Environment.GREEN])
-    new_service = replace(service, traffic=new_traffic)
+    # Traffic moved by hand ends whatever a deployment's release routing was doing.
+    new_service = replace(service, traffic=new_traffic, release=None)
     records: list[Deployment] = []
     for env in Environment:
         record = current.get(env)
