@@ -134,7 +134,8 @@ async def test_grpc_client_follows_split_switch_and_rollback_and_a_stream_stays_
 
             # 20/80: the split is per RPC, within a binomial band. The traffic call returns once
             # every proxy of the fleet (this client included) ACKed.
-            await api.converged("PUT", "/v1/services/shop/traffic", {"weights": {"blue": 20, "green": 80}})
+            view = await api.converged("PUT", "/v1/services/shop/traffic", {"weights": {"blue": 20, "green": 80}})
+            assert (view["convergence"]["proxies"], view["convergence"]["acked"]) == (1, 1)  # the gRPC client
             await wait_for(lambda: _both(client), timeout=30, interval=0.1, message="RPCs on both colors")
             counts = await client.sample(SPLIT_RPCS)
             assert counts.get("blue", 0) + counts.get("green", 0) == SPLIT_RPCS, counts
