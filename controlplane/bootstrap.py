@@ -137,3 +137,40 @@ def format_flush_interval(seconds: float) -> str:
     if not 1 <= millis < 300_000:
         raise ValidationError(f"invalid stats flush interval {seconds!r}: must be at least 0.001 s and less than 300 s")
     return f"{millis / 1000:g}s"
+
+
+def render_grpc_bootstrap(
+    *,
+    node_id: str,
+    fleet: str = "default",
+    xds: str = "127.0.0.1:18000",
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    ca: str | None = None,
+) -> str:
+    """The JSON bootstrap a proxyless gRPC client reads from ``GRPC_XDS_BOOTSTRAP`` (gRFC A27):
+    one xDS server (this control plane, xDS v3 over ADS, State of the World), and the node,
+    whose ``cluster`` names the fleet, as an Envoy's does.
+
+    Without ``ca`` the channel is plaintext (``insecure``). With ``ca`` it is TLS (gRFC A65's
+    ``tls`` channel credentials: the client verifies the server's certificate against ``ca``),
+    and with ``tls_cert`` and ``tls_key`` the client presents that certificate (mTLS). Paths are
+    as the gRPC client will see them."""
+    if not _NODE_ID.match(node_id):
+        raise ValidationError(f"invalid node id {node_id!r}: use letters, digits, '.', '_', ':' or '-'")
+    if not _NODE_ID.match(fleet):
+        raise ValidationError(f"invalid fleet name {fleet!r}")
+    host, port = parse_host_port(xds, what="--xds")
+    _tls_transport_socket(host, tls_cert, tls_key, ca)  # the same rules for the TLS options
+    creds: dict[str, object] = {"type": "insecure"}
+    if ca is not None:
+        config = {"ca_certificate_file": ca}
+        if tls_cert is not None and tls_key is not None:
+            config |= {"certificate_file": tls_cert, "private_key_file": tls_key}
+        creds = {"type": "tls", "config": config}
+    server_host = f"[{host}]" if ":" in host else host
+    bootstrap = {
+        "xds_servers": [{"server_uri": f"{server_host}:{port}", "channel_creds": [creds], "server_features": ["xds_v3"]}],
+        "node": {"id": node_id, "cluster": fleet},
+    }
+    return json.dumps(bootstrap, indent=2) + "\n"

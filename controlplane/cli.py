@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
-from .bootstrap import render_bootstrap
+from .bootstrap import render_bootstrap, render_grpc_bootstrap
 from .config import load_settings
 from .errors import BlueGreenError, ConfigError
 
@@ -289,6 +289,16 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grpc_bootstrap(args: argparse.Namespace) -> int:
+    text = render_grpc_bootstrap(node_id=args.node_id, fleet=args.fleet, xds=args.xds, tls_cert=args.tls_cert,
+                                 tls_key=args.tls_key, ca=args.ca)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import ServeOptions, check_options, serve
 
@@ -387,6 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", help="PEM CA that signed the control plane's certificate: turns on TLS for xDS")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_bootstrap)
+
+    p = sub.add_parser("grpc-bootstrap", help="print the xDS bootstrap (JSON, for GRPC_XDS_BOOTSTRAP) of a proxyless gRPC client")
+    p.add_argument("--node-id", required=True)
+    p.add_argument("--fleet", default="default", help="fleet name, sent as node.cluster (default: default)")
+    p.add_argument("--xds", default="127.0.0.1:18000", help="control plane xDS address (default 127.0.0.1:18000)")
+    p.add_argument("--tls-cert", help="PEM certificate the client presents to the control plane (mTLS; with --tls-key, --ca)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--ca", help="PEM CA that signed the control plane's certificate: turns on TLS for xDS")
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_grpc_bootstrap)
 
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_text)

@@ -207,6 +207,136 @@ class Traffic:
         return {"blue": self.blue, "green": self.green}
 
 
+# A cookie name is an RFC 6265 token; header names are lower-case HTTP field names (Envoy
+# matches them lower-cased; pseudo-headers and hop-by-hop names are not routing material).
+_COOKIE_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]{1,64}$")
+_COOKIE_VALUE = re.compile(r"^[A-Za-z0-9!#$%&'()*+\-./:<=>?@\[\]^_`{|}~]{1,256}$")
+_HEADER_NAME = re.compile(r"^[a-z0-9][a-z0-9\-_.]{0,63}$")
+_RESERVED_HEADERS = {"host", "cookie", "connection", "content-length", "transfer-encoding", "te", "upgrade", "keep-alive"}
+MAX_AFFINITY_TTL = 30 * 86_400
+MAX_TARGET_HEADERS = 10
+
+
+@dataclass(frozen=True)
+class Affinity:
+    """Session affinity during a stepped shift: the environment a client was sent to is pinned in
+    a cookie named ``cookie`` for ``ttl_seconds`` (see docs/affinity.md for the exact rule)."""
+
+    cookie: str = "bluegreen-env"
+    ttl_seconds: int = 3600
+
+
+def parse_affinity(path: str, body: object) -> Affinity:
+    """``{cookie, ttl_seconds}`` (both optional); ValidationError naming ``path``."""
+    spec = require_object(path, body)
+    reject_unknown(path, spec, {"cookie", "ttl_seconds"})
+    default = Affinity()
+    cookie = spec.get("cookie", default.cookie)
+    if not isinstance(cookie, str) or not _COOKIE_NAME.match(cookie):
+        raise ValidationError(f"{path}.cookie must be a cookie name (letters, digits and !#$%&'*+-.^_`|~, at most 64), got {cookie!r}")
+    ttl = spec.get("ttl_seconds", default.ttl_seconds)
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= MAX_AFFINITY_TTL:
+        raise ValidationError(f"{path}.ttl_seconds must be an integer between 1 and {MAX_AFFINITY_TTL}, got {ttl!r}")
+    return Affinity(cookie=cookie, ttl_seconds=ttl)
+
+
+def affinity_to_dict(affinity: Affinity | None) -> dict[str, Any] | None:
+    return {"cookie": affinity.cookie, "ttl_seconds": affinity.ttl_seconds} if affinity is not None else None
+
+
+@dataclass(frozen=True)
+class Target:
+    """Requests that carry every one of ``headers`` (exact values) and, if set, the cookie
+    ``cookie`` = value go to the new environment during a deployment's targeting phase."""
+
+    headers: tuple[tuple[str, str], ...] = ()
+    cookie: tuple[str, str] | None = None
+
+
+def parse_target_rule(path: str, spec: Mapping[str, Any]) -> Target:
+    """The ``headers`` and ``cookie`` fields of ``spec`` (at least one); ValidationError naming ``path``."""
+    headers = spec.get("headers", {})
+    if not isinstance(headers, Mapping) or len(headers) > MAX_TARGET_HEADERS:
+        raise ValidationError(f"{path}.headers must be an object of at most {MAX_TARGET_HEADERS} header names and values")
+    checked = []
+    for name, value in headers.items():
+        name = name.lower() if isinstance(name, str) else name  # HTTP header names are case-insensitive
+        if not isinstance(name, str) or not _HEADER_NAME.match(name) or name in _RESERVED_HEADERS:
+            raise ValidationError(f"{path}.headers: {name!r} is not a header to route on (letters, digits, '-', '_', '.'; "
+                                  "not a pseudo-header or host, cookie, connection, ...)")
+        if not isinstance(value, str) or not value or len(value) > 256 or not value.isprintable():
+            raise ValidationError(f"{path}.headers.{name} must be a non-empty printable string of at most 256 characters")
+        checked.append((name, value))
+    cookie = spec.get("cookie")
+    parsed_cookie = None
+    if cookie is not None:
+        cookie_spec = require_object(f"{path}.cookie", cookie)
+        reject_unknown(f"{path}.cookie", cookie_spec, {"name", "value"})
+        name, value = cookie_spec.get("name"), cookie_spec.get("value")
+        if not isinstance(name, str) or not _COOKIE_NAME.match(name):
+            raise ValidationError(f"{path}.cookie.name must be a cookie name, got {name!r}")
+        if not isinstance(value, str) or not _COOKIE_VALUE.match(value):
+            raise ValidationError(f"{path}.cookie.value must be a cookie value (no spaces, quotes, commas or semicolons), got {value!r}")
+        parsed_cookie = (name, value)
+    if not checked and parsed_cookie is None:
+        raise ValidationError(f"{path} needs headers or a cookie to match")
+    return Target(headers=tuple(sorted(checked)), cookie=parsed_cookie)
+
+
+@dataclass(frozen=True)
+class Release:
+    """How the routes treat the deployment ``deployment`` shifting traffic to ``environment``,
+    beyond the weights: set by the workflow for the phases that need it, cleared when the
+    deployment reaches 100 %, fails or is rolled back (so nothing outlives it, e.g. no pin).
+
+    * ``affinity``: pins; ``earlier`` are the new environment's weights at the earlier steps of
+      this shift (a client pinned to the old environment at one of them is drawn again);
+    * ``mirror_percent``: that share of production requests is copied to the new environment;
+    * ``target``: matching requests go to the new environment."""
+
+    deployment: str
+    environment: Environment
+    affinity: Affinity | None = None
+    earlier: tuple[int, ...] = ()
+    mirror_percent: float = 0.0
+    target: Target | None = None
+
+
+def release_to_dict(release: Release | None) -> dict[str, Any] | None:
+    if release is None:
+        return None
+    target = release.target
+    return {
+        "deployment": release.deployment,
+        "environment": release.environment.value,
+        "affinity": affinity_to_dict(release.affinity),
+        "earlier": list(release.earlier),
+        "mirror_percent": release.mirror_percent,
+        "target": None if target is None else {
+            "headers": dict(target.headers),
+            "cookie": {"name": target.cookie[0], "value": target.cookie[1]} if target.cookie else None,
+        },
+    }
+
+
+def release_from_dict(data: Mapping[str, Any] | None) -> Release | None:
+    if data is None:
+        return None
+    affinity = data.get("affinity")
+    target = data.get("target")
+    return Release(
+        deployment=data["deployment"],
+        environment=Environment(data["environment"]),
+        affinity=Affinity(affinity["cookie"], affinity["ttl_seconds"]) if affinity else None,
+        earlier=tuple(data.get("earlier", ())),
+        mirror_percent=data.get("mirror_percent", 0.0),
+        target=None if target is None else Target(
+            headers=tuple(sorted(target.get("headers", {}).items())),
+            cookie=(target["cookie"]["name"], target["cookie"]["value"]) if target.get("cookie") else None,
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class Service:
     name: str
@@ -220,6 +350,8 @@ class Service:
     green: EnvironmentState = field(default_factory=EnvironmentState)
     traffic: Traffic = field(default_factory=Traffic)
     deployment_seq: int = 0  # last deployment number issued for this service
+    affinity: Affinity | None = None  # session affinity for this service's stepped shifts (a deployment may set its own)
+    release: Release | None = None  # routing of the deployment in progress beyond weights (set by the workflow)
 
     def environment(self, env: Environment) -> EnvironmentState:
         return self.blue if env is Environment.BLUE else self.green
@@ -269,6 +401,7 @@ class Deployment:
     counterpart: str | None = None  # the other environment's deployment this one replaces or serves
     hooks_pending: bool = False  # decommission webhooks still to be called
     waiting_for: str | None = None  # what a due decommission waits for (proxies still routing to it)
+    phase: str | None = None  # before the shift: "mirror" (ready, shadow traffic) or "targeting" (shifting, step -1)
     history: tuple[Event, ...] = ()
 
     @property
@@ -349,7 +482,7 @@ def apply_service_spec(existing: Service | None, name: str, body: object) -> Ser
     current value (or the default for a new service). Environments and traffic are untouched."""
     validate_service_name(name)
     spec = require_object("service", body)
-    reject_unknown("service", spec, {"domains", "prefix", "drain_seconds", "standby_seconds", "require_all_proxies"})
+    reject_unknown("service", spec, {"domains", "prefix", "drain_seconds", "standby_seconds", "require_all_proxies", "affinity"})
     base = existing or Service(name=name)
     changes: dict[str, Any] = {}
     if "domains" in spec:
@@ -372,6 +505,8 @@ def apply_service_spec(existing: Service | None, name: str, body: object) -> Ser
         if not isinstance(spec["require_all_proxies"], bool):
             raise ValidationError(f"require_all_proxies must be true or false, got {spec['require_all_proxies']!r}")
         changes["require_all_proxies"] = spec["require_all_proxies"]
+    if "affinity" in spec:
+        changes["affinity"] = None if spec["affinity"] is None else parse_affinity("affinity", spec["affinity"])
     return replace(base, **changes)
 
 
@@ -506,7 +641,8 @@ def set_weights(
         if weights[env] == 100 and env is not active:
             active, previous = env, active
     new_traffic = Traffic(active=active, previous=previous, blue=weights[Environment.BLUE], green=weights[Environment.GREEN])
-    new_service = replace(service, traffic=new_traffic)
+    # Traffic moved by hand ends whatever a deployment's release routing was doing.
+    new_service = replace(service, traffic=new_traffic, release=None)
     records: list[Deployment] = []
     for env in Environment:
         record = current.get(env)
@@ -585,6 +721,9 @@ def service_to_dict(service: Service) -> dict[str, Any]:
             "weights": t.weights,
         },
         "deployment_seq": service.deployment_seq,
+        # Only when set, so the stored form of services that use neither stays as it was.
+        **({"affinity": affinity_to_dict(service.affinity)} if service.affinity is not None else {}),
+        **({"release": release_to_dict(service.release)} if service.release is not None else {}),
     }
 
 
@@ -609,6 +748,8 @@ def service_from_dict(data: Mapping[str, Any]) -> Service:
             green=t["weights"]["green"],
         ),
         deployment_seq=data.get("deployment_seq", 0),
+        affinity=Affinity(data["affinity"]["cookie"], data["affinity"]["ttl_seconds"]) if data.get("affinity") else None,
+        release=release_from_dict(data.get("release")),
     )
 
 
@@ -637,6 +778,7 @@ def deployment_to_dict(d: Deployment) -> dict[str, Any]:
         "counterpart": d.counterpart,
         "hooks_pending": d.hooks_pending,
         "waiting_for": d.waiting_for,
+        "phase": d.phase,
         "history": [{"at": e.at, "status": e.status, "actor": e.actor, "reason": e.reason} for e in d.history],
     }
 
@@ -667,5 +809,6 @@ def deployment_from_dict(data: Mapping[str, Any]) -> Deployment:
         counterpart=data.get("counterpart"),
         hooks_pending=data.get("hooks_pending", False),
         waiting_for=data.get("waiting_for"),
+        phase=data.get("phase"),
         history=tuple(Event(e["at"], e["status"], e["actor"], e["reason"]) for e in data.get("history", ())),
     )

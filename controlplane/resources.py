@@ -10,7 +10,10 @@ Per service ``S`` a fleet gets:
   of the service's domains, a route for ``x-bluegreen-preview: 1`` to the idle environment,
   then the production route with ``weighted_clusters`` listing the deployed environments
   (weights sum to 100); with nothing in the idle environment the preview routes answer 503;
-* in ``<fleet>-preview-routes``: every request to the idle environment, for preview listeners.
+* in ``<fleet>-preview-routes``: every request to the idle environment, for preview listeners;
+* for proxyless gRPC clients dialling ``xds:///S``: an API listener ``S`` and its route
+  configuration ``grpc/S`` (weighted like the production route), both named-only resources
+  that Envoy's wildcard subscriptions never receive.
 
 Services sharing a domain share one virtual host per domain; their routes are ordered longest
 prefix first, so the most specific service wins. Every route requires (make-before-break) the
@@ -27,15 +30,16 @@ from typing import Callable, Iterable, Sequence
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
-from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.type.matcher.v3 import string_pb2
+from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from . import typeurls
-from .model import Environment, Fleet, Service
+from .model import Environment, Fleet, Release, Service
 from .xds.snapshot import Resource, length_delimited
 
 PREVIEW_HEADER = "x-bluegreen-preview"
@@ -99,7 +103,14 @@ def build_load_assignment(service: Service, env: Environment) -> endpoint_pb2.Cl
         )
         for e in state.endpoints
     ]
-    localities = [endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)] if lb_endpoints else []
+    # The locality and its weight are for proxyless gRPC clients, which refuse a locality entry
+    # without a locality and skip one without a weight (gRFC A27); Envoy ignores the weight
+    # unless a cluster asks for locality-weighted balancing.
+    localities = [
+        endpoint_components_pb2.LocalityLbEndpoints(
+            locality=base_pb2.Locality(), lb_endpoints=lb_endpoints, load_balancing_weight=wrappers_pb2.UInt32Value(value=1)
+        )
+    ] if lb_endpoints else []
     return endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name(service.name, env), endpoints=localities)
 
 
@@ -136,22 +147,162 @@ def in_fleet(service: Service, env: Environment) -> bool:
     return service.environment(env).registered or service.traffic.weight(env) > 0
 
 
-def _weighted(service: Service) -> route_components_pb2.RouteAction:
+def _weighted_clusters(service: Service) -> route_components_pb2.WeightedCluster:
     # Both environments are listed while both are in the fleet, the idle one at weight 0, so a
     # switch only changes this route (DESIGN.md, fact 1).
-    return route_components_pb2.RouteAction(
-        weighted_clusters=route_components_pb2.WeightedCluster(
-            clusters=[
-                route_components_pb2.WeightedCluster.ClusterWeight(
-                    name=cluster_name(service.name, env),
-                    weight=wrappers_pb2.UInt32Value(value=service.traffic.weight(env)),
-                )
-                for env in Environment
-                if in_fleet(service, env)
-            ]
-        ),
-        retry_policy=_RETRY,
-        timeout=_NO_TIMEOUT,
+    return route_components_pb2.WeightedCluster(
+        clusters=[
+            route_components_pb2.WeightedCluster.ClusterWeight(
+                name=cluster_name(service.name, env),
+                weight=wrappers_pb2.UInt32Value(value=service.traffic.weight(env)),
+            )
+            for env in Environment
+            if in_fleet(service, env)
+        ]
+    )
+
+
+def _weighted(service: Service) -> route_components_pb2.RouteAction:
+    release = service.release
+    weights = {env: service.traffic.weight(env) for env in Environment if in_fleet(service, env)}
+    action = route_components_pb2.RouteAction(weighted_clusters=_split(service, weights, _pinning(service)),
+                                              retry_policy=_RETRY, timeout=_NO_TIMEOUT)
+    if release is not None and release.mirror_percent > 0 and in_fleet(service, release.environment):
+        action.request_mirror_policies.append(_mirror(service, release.environment, release.mirror_percent))
+    return action
+
+
+def _split(service: Service, weights: dict[Environment, int], pin: Callable[[Environment], list[base_pb2.HeaderValueOption]] | None
+           ) -> route_components_pb2.WeightedCluster:
+    """Weighted clusters (Envoy sums the weights); with ``pin``, each entry sets the cookie that
+    pins a client to the environment it was drawn for."""
+    return route_components_pb2.WeightedCluster(clusters=[
+        route_components_pb2.WeightedCluster.ClusterWeight(
+            name=cluster_name(service.name, env),
+            weight=wrappers_pb2.UInt32Value(value=weight),
+            response_headers_to_add=pin(env) if pin is not None else [],
+        )
+        for env, weight in weights.items()
+    ])
+
+
+# ---------------------------------------------------------------------------------------------
+# Release features: session affinity, targeting and mirroring (docs/affinity.md, targeting.md,
+# mirroring.md). They exist while the workflow sets ``service.release`` and need the new
+# environment in the fleet.
+
+def _active_release(service: Service) -> Release | None:
+    release = service.release
+    return release if release is not None and in_fleet(service, release.environment) else None
+
+
+def _affinity_active(service: Service) -> bool:
+    """Pins matter only while traffic is split: at 0 % or 100 % every client goes one way."""
+    release = _active_release(service)
+    return release is not None and release.affinity is not None and 0 < service.traffic.weight(release.environment) < 100
+
+
+def pin_value(env: Environment, deployment: str, weight: int) -> str:
+    """The affinity cookie's value: the environment, the deployment (a rollback or the next
+    deployment invalidates the pin) and the new environment's weight when it was drawn. The
+    ':' after each part keeps one part from matching a longer one (``shop-3`` vs ``shop-30``)."""
+    return f"{env.value}:{deployment}:{weight}:"
+
+
+def _pinning(service: Service) -> Callable[[Environment], list[base_pb2.HeaderValueOption]] | None:
+    if not _affinity_active(service):
+        return None
+    release = service.release
+    assert release is not None and release.affinity is not None
+    affinity, weight = release.affinity, service.traffic.weight(release.environment)
+
+    def set_cookie(env: Environment) -> list[base_pb2.HeaderValueOption]:
+        value = f"{affinity.cookie}={pin_value(env, release.deployment, weight)}; Max-Age={affinity.ttl_seconds}; Path=/; HttpOnly; SameSite=Lax"
+        return [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="set-cookie", value=value),
+                                           append_action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD)]
+
+    return set_cookie
+
+
+def _cookie_matchers(name: str, value: str, *, whole: bool) -> list[route_components_pb2.HeaderMatcher]:
+    """Matchers of the Cookie header, any one of which means: the cookie ``name`` has a value
+    that starts with ``value`` (``whole``: equals it). One route per matcher: a route's header
+    matchers all have to match, and regular expressions would hit Envoy's RE2 program size
+    limit (100) with long names. Cookies are separated by "; " (RFC 6265; Envoy joins HTTP/2
+    cookie headers so too)."""
+    pair = f"{name}={value}"
+
+    def matcher(**kind: str) -> route_components_pb2.HeaderMatcher:
+        return route_components_pb2.HeaderMatcher(name="cookie", string_match=string_pb2.StringMatcher(**kind))
+
+    if not whole:
+        return [matcher(prefix=pair), matcher(contains=f"; {pair}")]
+    return [matcher(exact=pair), matcher(prefix=f"{pair};"), matcher(suffix=f"; {pair}"), matcher(contains=f"; {pair};")]
+
+
+def _affinity_routes(service: Service) -> list[route_components_pb2.Route]:
+    """Before the production route, in this order (N the new environment at p %, O the old one):
+
+    * a pin to N of this deployment: N (N's share only grows during a shift);
+    * a pin to O of this deployment drawn at p: O;
+    * a pin to O drawn at an earlier step's w < p: drawn again, N with probability
+      (p - w) / (100 - w), so that with the clients already on N the share on N is p;
+    * anything else (no pin, or a pin of another deployment, e.g. one rolled back) falls through
+      to the production route, which draws with p. Every draw sets the pin."""
+    if not _affinity_active(service):
+        return []
+    release = service.release
+    assert release is not None and release.affinity is not None
+    new, old = release.environment, release.environment.other
+    p = service.traffic.weight(new)
+    cookie = release.affinity.cookie
+    pin = _pinning(service)
+
+    def routes_for(name: str, value: str, action: route_components_pb2.RouteAction) -> list[route_components_pb2.Route]:
+        return [route_components_pb2.Route(name=name, match=route_components_pb2.RouteMatch(prefix=service.prefix, headers=[m]), route=action)
+                for m in _cookie_matchers(cookie, value, whole=False)]
+
+    # The value of a pin to N of this deployment, at any weight: "green:shop-3:" + weight + ":".
+    routes = routes_for(f"{service.name}-pinned-{new.value}", f"{new.value}:{release.deployment}:", _route_to(service, new))
+    if in_fleet(service, old):
+        routes += routes_for(f"{service.name}-pinned-{old.value}", pin_value(old, release.deployment, p), _route_to(service, old))
+        for w in sorted(set(release.earlier)):
+            if not 0 <= w < p:
+                continue
+            action = route_components_pb2.RouteAction(weighted_clusters=_split(service, {new: p - w, old: 100 - p}, pin),
+                                                      retry_policy=_RETRY, timeout=_NO_TIMEOUT)
+            routes += routes_for(f"{service.name}-redraw-{w}", pin_value(old, release.deployment, w), action)
+    return routes
+
+
+def _target_route(service: Service) -> list[route_components_pb2.Route]:
+    """During a targeting phase: requests matching the rule go to the new environment."""
+    release = _active_release(service)
+    if release is None or release.target is None:
+        return []
+    target = release.target
+    headers = [route_components_pb2.HeaderMatcher(name=name, string_match=string_pb2.StringMatcher(exact=value))
+               for name, value in target.headers]
+    cookies: list[route_components_pb2.HeaderMatcher | None] = [None]
+    if target.cookie is not None:
+        cookies = list(_cookie_matchers(target.cookie[0], target.cookie[1], whole=True))
+    return [
+        route_components_pb2.Route(
+            name=f"{service.name}-target",
+            match=route_components_pb2.RouteMatch(prefix=service.prefix, headers=headers + ([cookie] if cookie is not None else [])),
+            route=_route_to(service, release.environment),
+        )
+        for cookie in cookies
+    ]
+
+
+def _mirror(service: Service, env: Environment, percent: float) -> route_components_pb2.RouteAction.RequestMirrorPolicy:
+    """Copy ``percent`` % of the route's requests to ``env``: Envoy sends the copy without
+    waiting for it and discards the answer (its Host gets a ``-shadow`` suffix)."""
+    fraction = percent_pb2.FractionalPercent(numerator=round(percent * 10_000), denominator=percent_pb2.FractionalPercent.MILLION)
+    return route_components_pb2.RouteAction.RequestMirrorPolicy(
+        cluster=cluster_name(service.name, env),
+        runtime_fraction=base_pb2.RuntimeFractionalPercent(default_value=fraction),
     )
 
 
@@ -182,8 +333,12 @@ def _preview_match(service: Service) -> route_components_pb2.RouteMatch:
 
 
 def production_routes(service: Service) -> list[route_components_pb2.Route]:
+    """The preview route first, then the release's targeting and affinity routes, if any, then
+    the weighted production route."""
     return [
         _preview_route(service, _preview_match(service)),
+        *_target_route(service),
+        *_affinity_routes(service),
         route_components_pb2.Route(
             name=service.name, match=route_components_pb2.RouteMatch(prefix=service.prefix), route=_weighted(service)
         ),
@@ -234,13 +389,15 @@ class ServiceRoutes:
     production: bytes
     preview: bytes
     requires: tuple[tuple[str, str], ...]
+    grpc: tuple[Resource, ...] = ()  # the service's proxyless gRPC listener and route configuration
 
 
 def service_routes(service: Service) -> ServiceRoutes:
     def fields(routes: list[route_components_pb2.Route]) -> bytes:
         return b"".join(length_delimited(_VHOST_ROUTES, r.SerializeToString(deterministic=True)) for r in routes)
 
-    return ServiceRoutes(fields(production_routes(service)), fields(preview_routes(service)), tuple(_requires_clusters([service])))
+    return ServiceRoutes(fields(production_routes(service)), fields(preview_routes(service)), tuple(_requires_clusters([service])),
+                         tuple(grpc_resources(service)))
 
 
 def assemble_route_configuration(name: str, services: Sequence[Service], *, preview: bool,
@@ -272,6 +429,66 @@ def _http_connection_manager(stat_prefix: str, route_config: str) -> any_pb2.Any
     packed = any_pb2.Any()
     packed.Pack(manager)
     return packed
+
+
+# ---------------------------------------------------------------------------------------------
+# Proxyless gRPC (gRFC A27, A28): a gRPC client with an xDS bootstrap dials ``xds:///SERVICE``
+# and asks, by name, for the Listener ``SERVICE`` (an API listener: no address, only an HTTP
+# connection manager), the RouteConfiguration it names (over RDS via ADS), the clusters the
+# route names and their endpoints. The clusters and endpoints are the ones Envoy gets; the
+# listener and route are named-only resources, so Envoy's wildcard LDS never sees them.
+
+
+def grpc_listener_name(service: Service) -> str:
+    """The Listener a gRPC client asks for when it dials ``xds:///<service>``."""
+    return service.name
+
+
+def grpc_routes_name(service: Service) -> str:
+    return f"grpc/{service.name}"
+
+
+def build_grpc_route_configuration(service: Service) -> route_pb2.RouteConfiguration:
+    """One virtual host whose domain is the target's authority (the service name), routing every
+    method to the weighted environments. No retry policy or timeout: gRPC retries by status code
+    (gRFC A44) and bounds RPCs with their deadlines. The preview route (the preview header, as
+    request metadata, to the idle environment) is present only while the idle environment is in
+    the fleet: gRPC clients support no direct responses."""
+    routes = []
+    idle = service.traffic.idle
+    if in_fleet(service, idle):
+        routes.append(route_components_pb2.Route(
+            name=f"{service.name}-grpc-preview",
+            match=route_components_pb2.RouteMatch(prefix="/", headers=_preview_match(service).headers),
+            route=route_components_pb2.RouteAction(cluster=cluster_name(service.name, idle)),
+        ))
+    routes.append(route_components_pb2.Route(
+        name=f"{service.name}-grpc",
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        route=route_components_pb2.RouteAction(weighted_clusters=_weighted_clusters(service)),
+    ))
+    host = route_components_pb2.VirtualHost(name=service.name, domains=[service.name], routes=routes)
+    return route_pb2.RouteConfiguration(name=grpc_routes_name(service), virtual_hosts=[host])
+
+
+def build_grpc_listener(service: Service) -> listener_pb2.Listener:
+    name = grpc_listener_name(service)
+    return listener_pb2.Listener(
+        name=name,
+        api_listener=api_listener_pb2.ApiListener(api_listener=_http_connection_manager(name, grpc_routes_name(service))),
+    )
+
+
+def grpc_resources(service: Service) -> list[Resource]:
+    """The service's API listener and gRPC route configuration: named-only resources (sent only
+    to clients naming them), with the same make-before-break relations as Envoy's."""
+    routes = grpc_routes_name(service)
+    return [
+        Resource.from_message(grpc_listener_name(service), build_grpc_listener(service), warms_with=[(typeurls.ROUTE, routes)],
+                              wildcard=False),
+        Resource.from_message(routes, build_grpc_route_configuration(service), requires=_requires_clusters([service]),
+                              wildcard=False),
+    ]
 
 
 def build_listener(name: str, address: str, port: int, route_config: str) -> listener_pb2.Listener:
@@ -320,7 +537,8 @@ def _requires_clusters(services: Iterable[Service]) -> list[tuple[str, str]]:
 
 def fleet_routes(fleet: Fleet, services: Sequence[Service],
                  parts: Callable[[Service], ServiceRoutes] = service_routes) -> list[Resource]:
-    """The fleet's production and preview route configurations, for the services it serves.
+    """The fleet's production and preview route configurations, for the services it serves,
+    and each served service's proxyless gRPC listener and route configuration.
     ``parts`` may serve each service's ``ServiceRoutes`` from a cache."""
     served = sorted((s for s in services if fleet.serves(s.name)), key=lambda s: s.name)
     requires = [ref for s in served for ref in parts(s).requires]
@@ -328,7 +546,20 @@ def fleet_routes(fleet: Fleet, services: Sequence[Service],
     for name, preview in ((routes_name(fleet), False), (preview_routes_name(fleet), True)):
         message = assemble_route_configuration(name, served, preview=preview, parts=parts)
         out.append(Resource.from_serialized(name, typeurls.ROUTE, message, requires=requires))
+    # A service whose name is also one of the fleet's listener names has no gRPC listener there
+    # (one name, one listener); config validation cannot see service names, so skip, not fail.
+    taken = set(fleet_listener_names(fleet))
+    out += [r for s in served if grpc_listener_name(s) not in taken for r in parts(s).grpc]
     return out
+
+
+def fleet_listener_names(fleet: Fleet) -> list[str]:
+    names = []
+    for spec in fleet.listeners:
+        names.append(spec.name)
+        if spec.preview_port is not None:
+            names.append(f"{spec.name}-preview")
+    return names
 
 
 def fleet_listeners(fleet: Fleet) -> list[Resource]:

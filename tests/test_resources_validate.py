@@ -124,7 +124,7 @@ def validation_bootstrap(fleet_name: str, generated: Sequence[Resource]) -> dict
     listeners: list[dict[str, Any]] = static.setdefault("listeners", [])
     messages = [(r, unpack(r)) for r in generated]
     used_ports = {
-        _socket_address(m.address)[1] for r, m in messages if r.type_url == typeurls.LISTENER  # type: ignore[attr-defined]
+        _socket_address(m.address)[1] for r, m in messages if r.type_url == typeurls.LISTENER and m.HasField("address")  # type: ignore[attr-defined]
     }
     free_ports = (p for p in range(FIRST_CHECK_PORT, 65536) if p not in used_ports)
     for resource, message in messages:
@@ -142,6 +142,11 @@ def validation_bootstrap(fleet_name: str, generated: Sequence[Resource]) -> dict
                     "load_assignment": to_json(assignment),
                 }
             )
+        elif resource.type_url == typeurls.LISTENER and message.HasField("api_listener"):  # type: ignore[attr-defined]
+            # A proxyless gRPC client's API listener: Envoy checks its connection manager in a
+            # listener of its own (an API listener is not a dynamic listener to Envoy).
+            listeners.append(to_json(_hcm_listener(f"validate:api:{resource.name}", next(free_ports),
+                                                   message.api_listener.api_listener)))  # type: ignore[attr-defined]
         elif resource.type_url == typeurls.LISTENER:
             listeners.append(to_json(message))
         elif resource.type_url == typeurls.ROUTE:
@@ -151,6 +156,15 @@ def validation_bootstrap(fleet_name: str, generated: Sequence[Resource]) -> dict
         else:
             raise AssertionError(f"unexpected resource type {resource.type_url}")
     return bootstrap
+
+
+def _hcm_listener(name: str, port: int, manager: any_pb2.Any) -> listener_pb2.Listener:
+    return listener_pb2.Listener(
+        name=name,
+        address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address="127.0.0.1", port_value=port)),
+        filter_chains=[listener_components_pb2.FilterChain(filters=[
+            listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager", typed_config=manager)])],
+    )
 
 
 @lru_cache(maxsize=1)
@@ -205,6 +219,34 @@ def _headers(route: route_components_pb2.Route) -> set[tuple[str, str]]:
     return {(h.name, h.string_match.exact) for h in route.match.headers}
 
 
+def _matchers(route: route_components_pb2.Route) -> set[tuple[str, str]]:
+    return {(h.name, h.string_match.SerializeToString(deterministic=True).hex()) for h in route.match.headers}
+
+
+RELEASE_ROUTES = ("-target", "-pinned-blue", "-pinned-green", "-redraw-")
+
+
+def _check_release_route(route: route_components_pb2.Route, service: Service) -> None:
+    """A targeting or affinity route (resources._target_route, _affinity_routes): only while the
+    service's release asks for it, matching on headers, to the service's own clusters."""
+    release = service.release
+    assert release is not None and resources.in_fleet(service, release.environment), route
+    assert route.match.prefix == service.prefix and route.match.headers, route
+    owned = {resources.cluster_name(service.name, env) for env in Environment}
+    action = route.route
+    if route.name.endswith("-target"):
+        assert release.target is not None and action.cluster == resources.cluster_name(service.name, release.environment), route
+        return
+    assert release.affinity is not None and 0 < service.traffic.weight(release.environment) < 100, route
+    assert all(h.name == "cookie" for h in route.match.headers), route
+    if "-redraw-" in route.name:
+        entries = action.weighted_clusters.clusters
+        assert {c.name for c in entries} <= owned and all(
+            any(h.header.key == "set-cookie" for h in c.response_headers_to_add) for c in entries), route
+    else:
+        assert action.cluster in owned, route
+
+
 def _check_no_shadowing(vhost: route_components_pb2.VirtualHost) -> None:
     """No route is unreachable because an earlier one always matches first: an earlier route whose
     prefix is a prefix of a later one's must require a header the later one does not."""
@@ -212,7 +254,7 @@ def _check_no_shadowing(vhost: route_components_pb2.VirtualHost) -> None:
     for j, later in enumerate(routes):
         for earlier in routes[:j]:
             if later.match.prefix.startswith(earlier.match.prefix):
-                assert not _headers(earlier) <= _headers(later), (
+                assert not _matchers(earlier) <= _matchers(later), (
                     f"virtual host {vhost.name!r}: route {later.name!r} (prefix {later.match.prefix!r}) is shadowed "
                     f"by the earlier route {earlier.name!r} (prefix {earlier.match.prefix!r})"
                 )
@@ -234,6 +276,12 @@ def _check_route_configuration(
         seen: dict[tuple[str, str], int] = {}  # (service, kind) -> index of its route
         for index, route in enumerate(vh.routes):
             action = route.route
+            release_route = next((s for s in served if route.name.startswith(s.name) and
+                                  any(route.name == s.name + k or route.name.startswith(s.name + k) and k == "-redraw-"
+                                      for k in RELEASE_ROUTES)), None)
+            if release_route is not None and not preview:
+                _check_release_route(route, release_route)
+                continue
             if action.HasField("weighted_clusters"):
                 assert not preview, f"{rc.name}: the preview table must not split traffic: {route}"
                 entries = action.weighted_clusters.clusters
@@ -294,7 +342,11 @@ def check_structure(fleet: Fleet, services: Sequence[Service], generated: Sequen
     assert names[typeurls.CLUSTER] == expected_clusters
     assert names[typeurls.ENDPOINT] == expected_clusters
     main, preview = resources.routes_name(fleet), resources.preview_routes_name(fleet)
-    assert names[typeurls.ROUTE] == sorted([main, preview])
+    taken = set(resources.fleet_listener_names(fleet))
+    grpc_served = [s for s in served if resources.grpc_listener_name(s) not in taken]
+    grpc_routes = [resources.grpc_routes_name(s) for s in grpc_served]
+    assert names[typeurls.ROUTE] == sorted([main, preview, *grpc_routes])
+    _check_grpc(snapshot, grpc_served)
 
     for name, resource in snapshot.of_type(typeurls.ENDPOINT).items():
         assignment = unpack(resource)
@@ -310,7 +362,7 @@ def check_structure(fleet: Fleet, services: Sequence[Service], generated: Sequen
     routes = snapshot.of_type(typeurls.ROUTE)
     _check_route_configuration(unpack(routes[main]), served, preview=False)  # type: ignore[arg-type]
     _check_route_configuration(unpack(routes[preview]), served, preview=True)  # type: ignore[arg-type]
-    for resource in routes.values():
+    for resource in (routes[main], routes[preview]):
         assert resource.requires == {
             (t, n) for n in expected_clusters for t in (typeurls.CLUSTER, typeurls.ENDPOINT)
         }, resource.name
@@ -320,7 +372,7 @@ def check_structure(fleet: Fleet, services: Sequence[Service], generated: Sequen
         expected_listeners[spec.name] = (spec.address, spec.port, main)
         if spec.preview_port is not None:
             expected_listeners[f"{spec.name}-preview"] = (spec.address, spec.preview_port, preview)
-    listeners = snapshot.of_type(typeurls.LISTENER)
+    listeners = snapshot.wildcard_pool(typeurls.LISTENER)
     assert sorted(listeners) == sorted(expected_listeners)
     for name, resource in listeners.items():
         listener = unpack(resource)
@@ -331,6 +383,38 @@ def check_structure(fleet: Fleet, services: Sequence[Service], generated: Sequen
         assert manager.rds.route_config_name == table, (name, manager.rds.route_config_name)
         assert manager.rds.config_source.HasField("ads"), manager.rds
         assert resource.warms_with == {(typeurls.ROUTE, table)}
+
+
+def _check_grpc(snapshot: Snapshot, served: Sequence[Service]) -> None:
+    """Each served service has an API listener named after it (RDS over ADS, router last) and a
+    route table for its name's authority with every method weighted like its production route:
+    both named-only, so Envoy's wildcard LDS never gets an API listener."""
+    for service in served:
+        listener_resource = snapshot.of_type(typeurls.LISTENER)[service.name]
+        listener = unpack(listener_resource)
+        assert not listener_resource.wildcard and not listener.HasField("address"), listener  # type: ignore[attr-defined]
+        manager = hcm_pb2.HttpConnectionManager()
+        assert listener.api_listener.api_listener.Unpack(manager)  # type: ignore[attr-defined]
+        assert manager.rds.route_config_name == resources.grpc_routes_name(service) and manager.rds.config_source.HasField("ads")
+        assert manager.http_filters[-1].name == "envoy.filters.http.router" and manager.http_filters[-1].HasField("typed_config")
+        assert listener_resource.warms_with == {(typeurls.ROUTE, manager.rds.route_config_name)}
+        route_resource = snapshot.of_type(typeurls.ROUTE)[manager.rds.route_config_name]
+        assert not route_resource.wildcard
+        clusters = [resources.cluster_name(service.name, env) for env in Environment if resources.in_fleet(service, env)]
+        assert route_resource.requires == {(t, c) for c in clusters for t in (typeurls.CLUSTER, typeurls.ENDPOINT)}
+        [vhost] = unpack(route_resource).virtual_hosts  # type: ignore[attr-defined]
+        assert list(vhost.domains) == [service.name]
+        production = vhost.routes[-1]
+        assert production.match.prefix == "/" and not production.match.headers
+        weights = {c.name: c.weight.value for c in production.route.weighted_clusters.clusters}
+        assert weights == {resources.cluster_name(service.name, env): service.traffic.weight(env)
+                           for env in Environment if resources.in_fleet(service, env)}
+        for route in vhost.routes[:-1]:  # the preview route, only with an idle environment to go to
+            assert route.route.cluster == resources.cluster_name(service.name, service.traffic.idle), route
+    for name, resource in snapshot.of_type(typeurls.ENDPOINT).items():
+        for locality in unpack(resource).endpoints:  # type: ignore[attr-defined]
+            # gRPC refuses a locality entry without a locality, and skips one without a weight.
+            assert locality.HasField("locality") and locality.load_balancing_weight.value > 0, name
 
 
 # =============================================================================================
@@ -518,7 +602,29 @@ def services(draw: st.DrawFn, name: str, domain_pool: Sequence[str] = ("*",), pr
     service = model.apply_service_spec(None, name, draw(service_specs(domain_pool, prefix_pool)))
     service = service.with_environment(BLUE, draw(environment_states()))
     service = service.with_environment(GREEN, draw(environment_states()))
-    return replace(service, traffic=draw(traffic_rules()), deployment_seq=draw(st.integers(0, 1000)))
+    seq = draw(st.integers(0, 1000))
+    return replace(service, traffic=draw(traffic_rules()), deployment_seq=seq, release=draw(st.none() | releases(name, seq)))
+
+
+COOKIE_NAMES = model_accepted(st.one_of(st.just("bluegreen-env"), st.text(min_size=1, max_size=70)),
+                              lambda name: model.parse_affinity("a", {"cookie": name}), fallback=st.just("c"))
+
+
+@st.composite
+def releases(draw: st.DrawFn, name: str, seq: int) -> model.Release:
+    """What the workflow may set on a service in a deployment: affinity, mirroring, targeting."""
+    affinity = draw(st.none() | st.builds(lambda c, t: model.parse_affinity("a", {"cookie": c, "ttl_seconds": t}),
+                                          COOKIE_NAMES, st.integers(1, 86400)))
+    target = None
+    if draw(st.booleans()):
+        headers = draw(st.dictionaries(st.sampled_from(["x-user-group", "x-beta", "x-canary.v2"]),
+                                       st.sampled_from(["beta", "1", "a b", "v" * 256]), max_size=2))
+        cookie = draw(st.none() | st.fixed_dictionaries({"name": COOKIE_NAMES, "value": st.sampled_from(["yes", "v" * 256, "a:b/c"])}))
+        if headers or cookie:
+            target = model.parse_target_rule("target", {"headers": headers, "cookie": cookie})
+    earlier = tuple(sorted(draw(st.sets(st.integers(0, 100), max_size=5))))
+    return model.Release(f"{name}-{seq}", draw(st.sampled_from(list(Environment))), affinity=affinity, earlier=earlier,
+                         mirror_percent=draw(st.sampled_from([0.0, 0.0001, 10.0, 100.0])), target=target)
 
 
 _CONFIG_NAME = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,20}", fullmatch=True)
@@ -603,6 +709,12 @@ def _describe(fleet: Fleet, services: Sequence[Service]) -> None:
         event("split traffic")
     if any(s.traffic.green == 100 for s in served):
         event("green at 100%")
+    if any(r.name.endswith("-redraw-") or "-redraw-" in r.name for s in served for r in resources.production_routes(s)):
+        event("affinity redraw routes")
+    if any(r.name.endswith("-target") for s in served for r in resources.production_routes(s)):
+        event("targeting route")
+    if any(r.route.request_mirror_policies for s in served for r in resources.production_routes(s)):
+        event("mirroring")
     note(f"fleet: {fleet}")
     for service in services:
         note(f"service: {model.service_to_dict(service)}")

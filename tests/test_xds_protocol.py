@@ -15,7 +15,7 @@ from google.protobuf import duration_pb2
 from google.rpc import status_pb2
 
 from controlplane.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from controlplane.xds.snapshot import Resource, Snapshot
+from controlplane.xds.snapshot import Resource, Snapshot, content_version
 from controlplane.xds.stream import DeltaStream, Outgoing, SotwStream
 
 NOW = 1_000_000.0
@@ -647,3 +647,87 @@ def test_sotw_cds_and_lds_honour_named_subscriptions(type_url: str) -> None:
     assert len(names_of(resp)) == 2
     assert stream.on_request(sotw_req(type_url, nonce=resp.nonce, version=resp.version_info), NOW) == []
     assert stream.types[type_url].wildcard
+
+
+# ---------------------------------------------------------------------------------------------
+# Named-only resources (Resource(wildcard=False)): a proxyless gRPC client's API listener in the
+# same LDS as Envoy's wildcard listeners.
+
+
+def named_only_snapshot(gen: int = 1, route_tag: str = "") -> Snapshot:
+    api = Resource.from_message("shop", listener_pb2.Listener(name="shop"), warms_with=[(ROUTE, "grpc-shop")], wildcard=False)
+    grpc_routes = routes("grpc-shop", ["a"], route_tag)
+    grpc_routes = Resource.from_serialized("grpc-shop", grpc_routes.type_url, route_pb2.RouteConfiguration(
+        name="grpc-shop" + route_tag).SerializeToString(), requires=grpc_routes.requires, wildcard=False)
+    return Snapshot.build(gen, [cluster("a"), cla("a"), listener(), routes("rt", ["a"]), api, grpc_routes])
+
+
+def test_named_only_resources_are_not_sent_to_wildcard_subscribers_nor_needed_for_their_convergence() -> None:
+    snap = named_only_snapshot()
+    proxy = connected_proxy(snap)  # asserts converged: the API listener's route is not needed
+    assert names_of(proxy.latest[LISTENER]) == ["http"]
+    assert proxy.latest[LISTENER].version_info == content_version([snap.of_type(LISTENER)["http"]])
+    # Delta wildcard: the same.
+    stream = DeltaStream(2, "node", "fleet", snap, NOW)
+    [resp] = ddecode(stream.on_request(delta_req(LISTENER), NOW))
+    assert dnames(resp) == ["http"]
+
+
+def test_named_only_resource_is_sent_to_a_client_naming_it_which_converges_on_what_it_named() -> None:
+    snap = named_only_snapshot()
+    client = SotwProxy(SotwStream(1, "grpc-client", "fleet", snap, NOW))
+    [lds] = client.subscribe(LISTENER, ["shop"])
+    assert names_of(lds) == ["shop"]
+    client.ack(LISTENER)
+    assert not client.stream.converged()  # the listener warms with its routes: not subscribed yet
+    client.subscribe(CLUSTER, ["a"])
+    client.ack(CLUSTER)
+    client.subscribe(ENDPOINT, ["a"])
+    client.ack(ENDPOINT)
+    [rds] = client.subscribe(ROUTE, ["grpc-shop"])
+    assert names_of(rds) == ["grpc-shop"]
+    assert not client.stream.converged()  # in flight
+    client.ack(ROUTE)
+    # Converged without the wildcard listener "http" or its route "rt": it did not ask for them.
+    assert client.stream.converged()
+    client.push(named_only_snapshot(2, route_tag="x"))
+    assert not client.stream.converged()
+    client.settle()
+    assert client.stream.converged()
+
+
+def test_wildcard_subscriber_naming_a_named_only_resource_gets_it_too() -> None:
+    snap = named_only_snapshot()
+    stream = SotwStream(1, "node", "fleet", snap, NOW)
+    [resp] = [decode(o) for o in stream.on_request(sotw_req(LISTENER, names=["*", "shop"]), NOW)]
+    assert names_of(resp) == ["http", "shop"]
+    assert resp.version_info == content_version(snap.of_type(LISTENER).values())
+
+
+def test_a_client_naming_its_resources_gets_a_route_before_it_asks_for_the_route_clusters() -> None:
+    """A proxyless gRPC client asks for a route's clusters only once it has the route (and uses
+    the route only once it has them, gRFC A74): holding the route back for them would deadlock
+    it. An Envoy's requirements still gate (see the reconnect tests above)."""
+    snap = named_only_snapshot()
+    client = SotwProxy(SotwStream(1, "grpc-client", "fleet", snap, NOW))
+    client.subscribe(LISTENER, ["shop"])
+    client.ack(LISTENER)
+    [rds] = client.subscribe(ROUTE, ["grpc-shop"])  # no cluster subscribed yet: sent anyway
+    assert names_of(rds) == ["grpc-shop"]
+    client.ack(ROUTE)
+    client.subscribe(CLUSTER, ["a"])
+    client.ack(CLUSTER)
+    client.subscribe(ENDPOINT, ["a"])
+    client.ack(ENDPOINT)
+    assert client.stream.converged()
+    # A route naming a new cluster "b" goes out before the client subscribed to "b"...
+    grown = Snapshot.build(2, [*(r for p in snap.resources.values() for r in p.values() if r.name != "grpc-shop"),
+                               cluster("b"), cla("b"),
+                               Resource.from_serialized("grpc-shop", ROUTE, route_pb2.RouteConfiguration(name="grpc-shop-b").SerializeToString(),
+                                                        requires=[(t, c) for c in ("a", "b") for t in (CLUSTER, ENDPOINT)], wildcard=False)])
+    out = client.push(grown)
+    assert [r.type_url for r in out] == [ROUTE]
+    # ...but once the client holds "b" unapplied in flight, it gates like any subscribed name.
+    client.ack(ROUTE)
+    [cds] = client.subscribe(CLUSTER, ["a", "b"])
+    assert names_of(cds) == ["a", "b"]

@@ -21,7 +21,7 @@ from .. import typeurls
 from ..app import ControlPlane, service_version
 from ..errors import ConflictError, MigrationError, NotFoundError, StoreError, ValidationError
 from ..migrations.apply import redact
-from ..model import Deployment, Environment, Service, deployment_to_dict
+from ..model import Deployment, Environment, Service, affinity_to_dict, deployment_to_dict
 from ..store.repository import Committed
 from ..deploy.spec import parse_deployment_spec, parse_migrations
 from .auth import Authenticator, actor_of, content_type_middleware, security_middleware
@@ -170,6 +170,7 @@ async def _service_view(cp: ControlPlane, service: Service) -> dict[str, Any]:
         "drain_seconds": service.drain_seconds,
         "standby_seconds": service.standby_seconds,
         "require_all_proxies": service.require_all_proxies,
+        "affinity": affinity_to_dict(service.affinity),
         "environments": envs,
         "traffic": {
             "weights": traffic.weights,

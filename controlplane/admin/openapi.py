@@ -124,6 +124,8 @@ OPENAPI: dict[str, Any] = {
                     "counterpart": {"type": ["string", "null"], "description": "Deployment id of the other environment this one replaces or serves as standby for."},
                     "hooks_pending": {"type": "boolean"},
                     "waiting_for": {"type": ["string", "null"], "description": "What a due decommission waits for, e.g. 'proxies still routing to blue: edge-2'."},
+                    "phase": {"type": ["string", "null"], "enum": ["mirror", "targeting", None],
+                              "description": "Before the steps: mirror (ready; shadow traffic only) or targeting (shifting at step -1; matching requests only)."},
                     "history": {
                         "type": "array",
                         "items": {
@@ -188,6 +190,7 @@ OPENAPI: dict[str, Any] = {
                     "drain_seconds": {"type": "integer"},
                     "standby_seconds": {"type": "integer"},
                     "require_all_proxies": {"type": "boolean"},
+                    "affinity": {"oneOf": [{"$ref": "#/components/schemas/Affinity"}, {"type": "null"}]},
                     "environments": {
                         "type": "object",
                         "required": ["blue", "green"],
@@ -225,6 +228,17 @@ OPENAPI: dict[str, Any] = {
                     "require_all_proxies": {"type": "boolean", "default": False,
                                             "description": "Gates wait for every connected proxy, lagging and rejecting ones too."},
                     "standby_seconds": {"type": "integer", "minimum": 0, "maximum": 2592000, "default": 1800},
+                    "affinity": {"oneOf": [{"$ref": "#/components/schemas/Affinity"}, {"type": "null"}],
+                                 "description": "Session affinity for this service's stepped shifts (a deployment may set its own); null: none."},
+                },
+            },
+            "Affinity": {
+                "type": "object",
+                "additionalProperties": False,
+                "description": "Pins each client to the environment it was drawn for during a stepped shift (docs/affinity.md).",
+                "properties": {
+                    "cookie": {"type": "string", "default": "bluegreen-env", "maxLength": 64},
+                    "ttl_seconds": {"type": "integer", "minimum": 1, "maximum": 2592000, "default": 3600},
                 },
             },
             "EnvironmentSpec": {
@@ -289,6 +303,28 @@ OPENAPI: dict[str, Any] = {
                         "type": ["object", "null"],
                         "additionalProperties": False,
                         "properties": {"require_all_proxies": {"type": ["boolean", "null"], "description": "Gates wait for every connected proxy; null: the service's setting."}},
+                    },
+                    "affinity": {"oneOf": [{"$ref": "#/components/schemas/Affinity"}, {"type": "null"}],
+                                 "description": "Session affinity during the steps; null: the service's setting."},
+                    "mirror": {
+                        "type": ["object", "null"],
+                        "additionalProperties": False,
+                        "description": "After the smoke tests: copy this share of production requests to the new version, judged by the analysis (required), before any user is served by it (docs/mirroring.md).",
+                        "properties": {
+                            "percent": {"type": "number", "exclusiveMinimum": 0, "maximum": 100, "default": 10},
+                            "seconds": {"type": "number", "minimum": 0.1, "default": 60},
+                        },
+                    },
+                    "target": {
+                        "type": ["object", "null"],
+                        "additionalProperties": False,
+                        "description": "First phase of the shift: requests with all these headers (exact values) and the cookie go to the new version, for seconds or until promoted (docs/targeting.md).",
+                        "properties": {
+                            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+                            "cookie": {"type": ["object", "null"], "additionalProperties": False, "required": ["name", "value"],
+                                       "properties": {"name": {"type": "string"}, "value": {"type": "string"}}},
+                            "seconds": {"type": "number", "minimum": 0.1, "default": 300},
+                        },
                     },
                 },
             },

@@ -96,7 +96,7 @@ class Rollouts:
         self._events: dict[str, asyncio.Event] = {}
         # service -> ((deployment id, step, baking), telemetry snapshot, started): one analysis
         # interval of one phase; a new step or the bake starts a new one.
-        self._windows: dict[str, tuple[tuple[str, int, bool], object, float]] = {}
+        self._windows: dict[str, tuple[tuple[str, int, bool, str | None], object, float]] = {}
         self._specs: dict[str, tuple[tuple[str, float], DeploymentSpec]] = {}  # service -> ((id, deployed_at), parsed spec)
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
@@ -234,8 +234,8 @@ class Rollouts:
                     return True, None
                 await self._smoke(service, d)
                 return True, None
-            if d.status is S.READY:
-                await self._mutate(name, lambda s, c, t: transitions.shift(s, c, d.id, 0, t, transitions.AUTOMATIC, "smoke tests passed; shifting"))
+            if d.status is S.READY and d.phase is None:
+                await self._mutate(name, lambda s, c, t: transitions.proceed(s, c, d.id, t))
                 return True, None
             paused = d.paused_remaining is not None
             analysis = self._spec(d).analysis
@@ -247,7 +247,9 @@ class Rollouts:
                     await self._analyse(service, d, analysis, window[1])
                     return True, None
             if transitions.timer_due(d, analysis, now):
-                if d.status is S.SHIFTING:
+                if d.phase is not None:  # mirror or targeting, before the steps
+                    await self._mutate(name, lambda s, c, t: transitions.phase_due(s, c, d.id, t))
+                elif d.status is S.SHIFTING:
                     await self._mutate(name, lambda s, c, t: transitions.step_due(s, c, d.id, t))
                 else:
                     await self._mutate(name, lambda s, c, t: transitions.bake_due(s, c, d.id, t))
@@ -510,9 +512,10 @@ def _just_activated(record: Deployment) -> bool:
     return record.status is S.ACTIVE and record.baking and statuses[-1:] == [S.ACTIVE.value] and statuses[:-1] != [S.ACTIVE.value]
 
 
-def _phase(d: Deployment) -> tuple[str, int, bool]:
-    """The step or bake an analysis interval belongs to: an interval never spans two."""
-    return d.id, d.step, d.baking
+def _phase(d: Deployment) -> tuple[str, int, bool, str | None]:
+    """The step, bake, mirror or targeting phase an analysis interval belongs to: an interval
+    never spans two."""
+    return d.id, d.step, d.baking, d.phase
 
 
 def _require(service: Service | None) -> Service:

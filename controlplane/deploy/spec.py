@@ -13,7 +13,17 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from ..errors import ValidationError
-from ..model import EnvironmentState, parse_environment_spec, reject_unknown, require_object
+from ..model import (
+    Affinity,
+    EnvironmentState,
+    Target,
+    affinity_to_dict,
+    parse_affinity,
+    parse_environment_spec,
+    parse_target_rule,
+    reject_unknown,
+    require_object,
+)
 
 MAX_STEPS = 20
 MAX_SECONDS = 7 * 86_400
@@ -85,6 +95,24 @@ class Migrations:
 
 
 @dataclass(frozen=True)
+class Mirror:
+    """Before any user is served by the new version: copy ``percent`` % of production requests
+    to it for ``seconds`` (responses discarded), judged by the analysis (docs/mirroring.md)."""
+
+    percent: float = 10.0
+    seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class Targeting:
+    """First phase of the shift: requests matching ``rule`` go to the new version, everyone else
+    stays, for ``seconds`` or until promoted (docs/targeting.md)."""
+
+    rule: Target
+    seconds: float = 300.0
+
+
+@dataclass(frozen=True)
 class DeploymentSpec:
     version: str
     endpoints: EnvironmentState
@@ -95,6 +123,9 @@ class DeploymentSpec:
     migrations: Migrations | None = None
     # convergence.require_all_proxies: gates wait for every connected proxy; None: the service's setting.
     require_all_proxies: bool | None = None
+    affinity: Affinity | None = None  # session affinity during the shift; None: the service's setting
+    mirror: Mirror | None = None
+    target: Targeting | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,10 +273,30 @@ def parse_migrations(body: object) -> Migrations:
     return Migrations(directory=_string("migrations.directory", spec["directory"]), database=database, locking=locking)
 
 
+def parse_mirror(body: object) -> Mirror:
+    spec = require_object("mirror", body)
+    reject_unknown("mirror", spec, {"percent", "seconds"})
+    default = Mirror()
+    percent = _number("mirror.percent", spec.get("percent", default.percent), minimum=0, maximum=100)
+    if percent == 0:
+        raise ValidationError("mirror.percent must be above 0 (omit mirror to skip the phase)")
+    if percent * 10_000 < 1:
+        raise ValidationError(f"mirror.percent must be at least 0.0001 (one request in a million), got {percent!r}")
+    return Mirror(percent=percent, seconds=_number("mirror.seconds", spec.get("seconds", default.seconds), minimum=0.1, maximum=MAX_SECONDS))
+
+
+def parse_targeting(body: object) -> Targeting:
+    spec = require_object("target", body)
+    reject_unknown("target", spec, {"headers", "cookie", "seconds"})
+    rule = parse_target_rule("target", spec)
+    seconds = _number("target.seconds", spec.get("seconds", Targeting(rule).seconds), minimum=0.1, maximum=MAX_SECONDS)
+    return Targeting(rule=rule, seconds=seconds)
+
+
 def parse_deployment_spec(body: object) -> DeploymentSpec:
     spec = require_object("deployment", body)
     reject_unknown("deployment", spec, {"version", "endpoints", "strategy", "smoke", "analysis", "decommission", "migrations",
-                                        "convergence"})
+                                        "convergence", "affinity", "mirror", "target"})
     state = parse_environment_spec({k: spec[k] for k in ("version", "endpoints") if k in spec})
     if not state.endpoints:
         raise ValidationError("endpoints must list at least one 'IP:PORT': a deployment needs something to send traffic to")
@@ -253,7 +304,7 @@ def parse_deployment_spec(body: object) -> DeploymentSpec:
     reject_unknown("decommission", decommission, {"webhooks"})
     hooks = tuple(_parse_webhook(f"decommission.webhooks[{i}]", w)
                   for i, w in enumerate(_list("decommission.webhooks", decommission.get("webhooks", []))))
-    return DeploymentSpec(
+    parsed = DeploymentSpec(
         version=state.version,
         endpoints=state,
         strategy=parse_strategy(spec.get("strategy", {})),
@@ -262,7 +313,13 @@ def parse_deployment_spec(body: object) -> DeploymentSpec:
         decommission_webhooks=hooks,
         migrations=parse_migrations(spec["migrations"]) if spec.get("migrations") is not None else None,
         require_all_proxies=parse_convergence(spec["convergence"]) if spec.get("convergence") is not None else None,
+        affinity=parse_affinity("affinity", spec["affinity"]) if spec.get("affinity") is not None else None,
+        mirror=parse_mirror(spec["mirror"]) if spec.get("mirror") is not None else None,
+        target=parse_targeting(spec["target"]) if spec.get("target") is not None else None,
     )
+    if parsed.mirror is not None and parsed.analysis is None:
+        raise ValidationError("mirror needs analysis: nothing else judges the mirrored requests")
+    return parsed
 
 
 def parse_convergence(body: object) -> bool | None:
@@ -292,4 +349,18 @@ def spec_to_dict(spec: DeploymentSpec) -> dict[str, Any]:
         "decommission": {"webhooks": [asdict(w) for w in spec.decommission_webhooks]},
         "migrations": asdict(spec.migrations) if spec.migrations else None,
         "convergence": {"require_all_proxies": spec.require_all_proxies} if spec.require_all_proxies is not None else None,
+        "affinity": affinity_to_dict(spec.affinity),
+        "mirror": asdict(spec.mirror) if spec.mirror else None,
+        "target": _targeting_to_dict(spec.target),
+    }
+
+
+def _targeting_to_dict(target: Targeting | None) -> dict[str, Any] | None:
+    if target is None:
+        return None
+    rule = target.rule
+    return {
+        "headers": dict(rule.headers),
+        "cookie": {"name": rule.cookie[0], "value": rule.cookie[1]} if rule.cookie else None,
+        "seconds": target.seconds,
     }

@@ -11,8 +11,14 @@ arrives after an automatic rollback is refused, not applied on top of it).
 Lifecycle of the deployment in the idle environment::
 
     deploying ──smoke ok──► ready ──► shifting (step 0 … n) ──► active (baking) ──► active
-        │                               │  ▲ pause/resume            │
-        └──smoke failed/abort──► failed └──┴── rollback/abort/analysis ──► rolled_back
+        │                       │       │  ▲ pause/resume            │
+        └──smoke failed/abort──►failed◄─┘  └──┴── rollback/abort/analysis ──► rolled_back
+
+Optional phases before step 0, each with a stored deadline and judged like a step:
+``ready`` with phase ``mirror`` (shadow traffic only; a failure there ends in ``failed``: no user
+was served by the new version) and ``shifting`` at step -1 with phase ``targeting`` (matching
+requests only; promote ends it early). While a deployment needs routing beyond weights
+(affinity pins, targeting, mirroring) it is on the service as ``service.release``.
 
 and of the environment it replaces: active ──(weight 0)──► draining ──► standby ──► decommissioned.
 
@@ -34,6 +40,7 @@ from ..model import (
     Environment,
     EnvironmentState,
     Event,
+    Release,
     Service,
     Traffic,
 )
@@ -150,7 +157,97 @@ def smoke_failed(service: Service, current: Current, deployment_id: str, now: fl
 
 
 # ---------------------------------------------------------------------------------------------
+# Before the shift: mirroring and targeting
+
+MIRROR = "mirror"
+TARGETING = "targeting"
+
+
+def proceed(service: Service, current: Current, deployment_id: str, now: float) -> Change:
+    """The smoke tests passed: start the first phase the spec asks for (mirror, targeting), or
+    the shift. With nothing to shift from (the first version of a service) there is no
+    production traffic to mirror or to target, and the shift goes straight to 100 %."""
+    d = _find(current, deployment_id)
+    if d.status is not S.READY or d.phase is not None:
+        raise ConflictError(f"deployment {d.id} is {d.status.value}{f' ({d.phase})' if d.phase else ''}, not ready to proceed")
+    spec = spec_of(d)
+    if d.counterpart is not None and spec.mirror is not None:
+        return _start_mirror(service, d, now, spec)
+    if d.counterpart is not None and spec.target is not None:
+        return _start_targeting(service, d, now, spec, "smoke tests passed")
+    return shift(service, current, d.id, 0, now, AUTOMATIC, "smoke tests passed; shifting")
+
+
+def _start_mirror(service: Service, d: Deployment, now: float, spec: DeploymentSpec) -> Change:
+    assert spec.mirror is not None
+    mirror = spec.mirror
+    updated = replace(service, release=Release(d.id, d.environment, mirror_percent=mirror.percent))
+    why = f"smoke tests passed; mirroring {mirror.percent:g}% of production requests to {d.environment.value} for {mirror.seconds:g}s"
+    return Change(updated, (_event(d, S.READY, now, AUTOMATIC, why, phase=MIRROR, deadline=now + mirror.seconds,
+                                   intervals_judged=0, failures=0, no_data_intervals=0, extended=False),))
+
+
+def _start_targeting(service: Service, d: Deployment, now: float, spec: DeploymentSpec, after: str) -> Change:
+    assert spec.target is not None
+    target = spec.target
+    rule = target.rule
+    what = ", ".join([f"{k}: {v}" for k, v in rule.headers] + ([f"cookie {rule.cookie[0]}={rule.cookie[1]}"] if rule.cookie else []))
+    updated = replace(service, release=Release(d.id, d.environment, target=rule))
+    why = f"{after}; targeting: requests with {what} go to {d.environment.value} for {target.seconds:g}s or until promoted"
+    return Change(updated, (_event(d, S.SHIFTING, now, AUTOMATIC, why, phase=TARGETING, step=-1, deadline=now + target.seconds,
+                                   intervals_judged=0, failures=0, no_data_intervals=0, extended=False),))
+
+
+def phase_due(service: Service, current: Current, deployment_id: str, now: float) -> Change:
+    """The mirror or targeting phase's time is up: go on to the next phase (as :func:`step_due`
+    for a step: with analysis it is extended once while unjudged, otherwise it ends with the
+    interval in progress)."""
+    d = _find(current, deployment_id)
+    if d.phase is None or d.paused_remaining is not None:
+        raise ConflictError(f"deployment {d.id} is not in a timed mirror or targeting phase")
+    if d.deadline is None or d.deadline > now:
+        raise ConflictError(f"deployment {d.id}: the {d.phase} phase is not over yet")
+    analysis = spec_of(d).analysis
+    if analysis is not None:
+        return _extend(service, d, now, analysis, f"{d.phase} phase")
+    return _after_phase(service, current, d, now, f"after {_phase_seconds(d):g}s")
+
+
+def _phase_seconds(d: Deployment) -> float:
+    spec = spec_of(d)
+    if d.phase == MIRROR and spec.mirror is not None:
+        return spec.mirror.seconds
+    return spec.target.seconds if spec.target is not None else 0.0
+
+
+def _after_phase(service: Service, current: Current, d: Deployment, now: float, after: str) -> Change:
+    spec = spec_of(d)
+    if d.phase == MIRROR and spec.target is not None:
+        return _start_targeting(service, d, now, spec, f"mirror phase passed {after}")
+    return shift(service, current, d.id, 0, now, AUTOMATIC, f"{d.phase} phase passed {after}; shifting")
+
+
+def _mirror_failed(service: Service, d: Deployment, now: float, actor: str, reason: str) -> Change:
+    """The mirror phase failed: no production response ever came from the new version."""
+    updated = replace(service, release=None)
+    return Change(updated, (_event(d, S.FAILED, now, actor, f"mirror phase failed: {reason}", reason=reason,
+                                   deadline=None, phase=None),))
+
+
+# ---------------------------------------------------------------------------------------------
 # Shifting
+
+
+def _release_for(service: Service, d: Deployment, weight: int) -> Release | None:
+    """The routing a step at ``weight`` needs beyond weights: affinity pins while split."""
+    affinity = spec_of(d).affinity or service.affinity
+    if affinity is None or not 0 < weight < 100:
+        return None
+    before = service.traffic.weight(d.environment)
+    earlier = service.release.earlier if service.release is not None and service.release.deployment == d.id else ()
+    if 0 < before < weight:
+        earlier = tuple(sorted({*earlier, before}))
+    return Release(d.id, d.environment, affinity=affinity, earlier=earlier)
 
 
 def _steps(service: Service, d: Deployment) -> tuple[int, ...]:
@@ -169,15 +266,15 @@ def shift(service: Service, current: Current, deployment_id: str, step: int, now
         raise ConflictError(f"deployment {d.id}: step {step} is not ahead of step {d.step} of {list(steps)}")
     weight = steps[step]
     strategy: Strategy = spec_of(d).strategy
-    updated = replace(service, traffic=_traffic(service, d.environment, weight))
+    updated = replace(service, traffic=_traffic(service, d.environment, weight), release=_release_for(service, d, weight))
     records: list[Deployment] = []
     if weight < 100:
         records.append(_event(d, S.SHIFTING, now, actor, reason, step=step, deadline=now + strategy.step_seconds,
-                              paused_remaining=None, awaiting_promote=False, intervals_judged=0, extended=False))
+                              paused_remaining=None, awaiting_promote=False, intervals_judged=0, extended=False, phase=None))
     else:
         records.append(_event(d, S.ACTIVE, now, actor, reason, step=step, deadline=now + strategy.bake_seconds,
                               baking=True, activated_at=now, paused_remaining=None, awaiting_promote=False,
-                              intervals_judged=0, extended=False))
+                              intervals_judged=0, extended=False, phase=None))
         old = current.get(d.environment.other)
         if old is not None and old.status not in (S.DECOMMISSIONED, S.FAILED):
             records.append(_event(old, S.DRAINING, now, AUTOMATIC, f"replaced by {d.id}; in-flight requests finish",
@@ -193,7 +290,7 @@ def step_due(service: Service, current: Current, deployment_id: str, now: float)
     ("step 0 (10%) extended: ..."); a step that may end ends with the interval in progress
     (:func:`analysis_result`), never here. Either way a second call raises ConflictError."""
     d = _find(current, deployment_id)
-    if d.status is not S.SHIFTING or d.paused_remaining is not None or d.awaiting_promote:
+    if d.status is not S.SHIFTING or d.paused_remaining is not None or d.awaiting_promote or d.phase is not None:
         raise ConflictError(f"deployment {d.id} is not running a timed step")
     if d.deadline is None or d.deadline > now:
         raise ConflictError(f"deployment {d.id}: step {d.step} is not over yet")
@@ -335,9 +432,10 @@ def rollback(service: Service, current: Current, deployment_id: str, now: float,
             f"cannot roll back {d.id}: {back.value} now holds {old.id} ({old.status.value}), "
             f"not the version {d.id} replaced; abort {old.id} first"
         )
-    updated = replace(service, traffic=_traffic(service, back, 100))
+    # No release routing outlives the rollback: no pin, target or mirror keeps sending anyone there.
+    updated = replace(service, traffic=_traffic(service, back, 100), release=None)
     records = [_event(d, S.ROLLED_BACK, now, actor, reason, reason=reason, deadline=None, paused_remaining=None,
-                      awaiting_promote=False, baking=False)]
+                      awaiting_promote=False, baking=False, phase=None)]
     if old is not None:
         records.append(_event(old, S.ACTIVE, now, actor, f"rollback of {d.id}: {reason}", deadline=None, waiting_for=None))
     return Change(updated, tuple(records))
@@ -348,7 +446,9 @@ def abort(service: Service, current: Current, deployment_id: str, now: float) ->
     if d.status in (S.FAILED, S.ROLLED_BACK):
         return Change(service)  # already stopped: idempotent
     if d.status in (S.DEPLOYING, S.READY):
-        return Change(service, (_event(d, S.FAILED, now, API, "aborted before taking production traffic", reason="aborted"),))
+        cleared = replace(service, release=None) if service.release is not None and service.release.deployment == d.id else service
+        return Change(cleared, (_event(d, S.FAILED, now, API, "aborted before taking production traffic", reason="aborted",
+                                       deadline=None, phase=None),))
     return rollback(service, current, deployment_id, now, API, "aborted")
 
 
@@ -362,9 +462,14 @@ def analysis_result(service: Service, current: Current, deployment_id: str, now:
     return _record_interval(service, current, d, now, figures, breach, failure_limit, no_data_intervals=0)
 
 
+def under_analysis(d: Deployment) -> bool:
+    """A step, the bake, or a mirror or targeting phase: the analysis judges ``d`` now."""
+    return d.status is S.SHIFTING or (d.status is S.ACTIVE and d.baking) or (d.status is S.READY and d.phase == MIRROR)
+
+
 def _record_interval(service: Service, current: Current, d: Deployment, now: float, figures: Mapping[str, object],
                      breach: str | None, failure_limit: int, *, no_data_intervals: int) -> Change:
-    if not (d.status is S.SHIFTING or (d.status is S.ACTIVE and d.baking)):
+    if not under_analysis(d):
         raise ConflictError(f"deployment {d.id} is not under analysis")
     judged = d.intervals_judged + 1
     if breach is None:
@@ -374,9 +479,16 @@ def _record_interval(service: Service, current: Current, d: Deployment, now: flo
             return Change(service, (passed,))
         if passed.baking:
             return _bake_finished(service, passed, now, f"bake finished; deployment complete ({_judged(passed)})")
+        if passed.phase is not None:
+            return _after_phase(service, {**current, d.environment: passed}, passed, now, f"after {_phase_seconds(d):g}s; {_judged(passed)}")
         after = f"after {spec_of(d).strategy.step_seconds:g}s; {_judged(passed)}"
         return _advance(service, {**current, d.environment: passed}, passed, now, after)
     failures = d.failures + 1
+    if failures >= failure_limit and d.phase == MIRROR:
+        failed = _mirror_failed(service, d, now, AUTOMATIC, f"analysis: {breach} ({failures} consecutive)")
+        first = replace(failed.deployments[0], analysis=dict(figures), failures=failures, intervals_judged=judged,
+                        no_data_intervals=no_data_intervals)
+        return Change(failed.service, (first,))
     if failures >= failure_limit:
         rolled = rollback(service, current, d.id, now, AUTOMATIC, f"analysis: {breach} ({failures} consecutive)")
         first = replace(rolled.deployments[0], analysis=dict(figures), failures=failures, intervals_judged=judged,
@@ -393,7 +505,7 @@ def analysis_wait(service: Service, current: Current, deployment_id: str, now: f
     step or bake goes on (it is not judged). The ``no_data_limit``-th such interval in a row,
     and every one after it, counts as a breach instead."""
     d = _find(current, deployment_id)
-    if not (d.status is S.SHIFTING or (d.status is S.ACTIVE and d.baking)):
+    if not under_analysis(d):
         raise ConflictError(f"deployment {d.id} is not under analysis")
     waited = d.no_data_intervals + 1
     if waited >= no_data_limit:

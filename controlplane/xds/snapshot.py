@@ -51,6 +51,11 @@ class Resource:
     it: a cluster warms with its ClusterLoadAssignment, a listener with its RouteConfiguration.
     After this resource changes, the next request for them is answered even if they did not
     change, and a proxy has not converged until it subscribed to them.
+
+    ``wildcard`` False makes the resource *named-only*: it is sent only to clients that name it
+    in their subscription, never in a wildcard response, and it takes no part in the versions
+    and convergence needs of wildcard subscribers. (Example: a gRPC API listener, which a
+    proxyless gRPC client asks for by name, in the same LDS as Envoy's wildcard listeners.)
     """
 
     type_url: str
@@ -63,27 +68,30 @@ class Resource:
     delta_field: bytes
     # ``requires`` grouped by type, so a stream checks them with one set operation per type.
     requires_by_type: tuple[tuple[str, frozenset[str]], ...] = ()
+    wildcard: bool = True
 
     @classmethod
     def from_message(
-        cls, name: str, message: Message, requires: Iterable[Ref] = (), warms_with: Iterable[Ref] = ()
+        cls, name: str, message: Message, requires: Iterable[Ref] = (), warms_with: Iterable[Ref] = (), *, wildcard: bool = True
     ) -> Resource:
         packed = any_pb2.Any()
         packed.Pack(message)
-        return cls._build(name, packed.type_url, packed.SerializeToString(deterministic=True), requires, warms_with)
+        return cls._build(name, packed.type_url, packed.SerializeToString(deterministic=True), requires, warms_with, wildcard)
 
     @classmethod
     def from_serialized(
-        cls, name: str, type_url: str, message_bytes: bytes, requires: Iterable[Ref] = (), warms_with: Iterable[Ref] = ()
+        cls, name: str, type_url: str, message_bytes: bytes, requires: Iterable[Ref] = (), warms_with: Iterable[Ref] = (),
+        *, wildcard: bool = True,
     ) -> Resource:
         """A resource from an already serialized message of ``type_url`` (assembled from cached
         parts, for example). Its bytes, and so its version, equal ``from_message``'s for the
         same message serialized deterministically."""
         any_bytes = length_delimited(1, type_url.encode()) + length_delimited(2, message_bytes)
-        return cls._build(name, type_url, any_bytes, requires, warms_with)
+        return cls._build(name, type_url, any_bytes, requires, warms_with, wildcard)
 
     @classmethod
-    def _build(cls, name: str, type_url: str, any_bytes: bytes, requires: Iterable[Ref], warms_with: Iterable[Ref]) -> Resource:
+    def _build(cls, name: str, type_url: str, any_bytes: bytes, requires: Iterable[Ref], warms_with: Iterable[Ref],
+               wildcard: bool) -> Resource:
         version = hashlib.sha256(any_bytes).hexdigest()[:16]
         delta = length_delimited(3, name.encode()) + length_delimited(1, version.encode()) + length_delimited(2, any_bytes)
         requires = frozenset(requires)
@@ -100,6 +108,7 @@ class Resource:
             sotw_field=length_delimited(2, any_bytes),
             delta_field=length_delimited(2, delta),
             requires_by_type=tuple((t, frozenset(n)) for t, n in sorted(grouped.items())),
+            wildcard=wildcard,
         )
 
 
@@ -126,6 +135,10 @@ class Snapshot:
     resources: Mapping[str, Mapping[str, Resource]]
     _versions: dict[tuple[str, frozenset[str] | None], str] = field(default_factory=dict, compare=False, repr=False)
     _warmed: dict[str, frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
+    _wildcard_pools: dict[str, Mapping[str, Resource]] = field(default_factory=dict, compare=False, repr=False)
+    _warmed_by: dict[str, dict[str, frozenset[str]]] = field(default_factory=dict, compare=False, repr=False)
+    _warming: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
+    _warmers: dict[Ref, tuple[Ref, ...]] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def build(cls, generation: int, resources: Iterable[Resource]) -> Snapshot:
@@ -149,32 +162,75 @@ class Snapshot:
     def of_type(self, type_url: str) -> Mapping[str, Resource]:
         return self.resources.get(type_url, {})
 
+    def wildcard_pool(self, type_url: str) -> Mapping[str, Resource]:
+        """The type's resources a wildcard subscriber gets: all but the named-only ones. The
+        same object as ``of_type(type_url)`` when the type has no named-only resource."""
+        cached = self._wildcard_pools.get(type_url)
+        if cached is None:
+            pool = self.of_type(type_url)
+            cached = pool if all(r.wildcard for r in pool.values()) else {n: r for n, r in pool.items() if r.wildcard}
+            self._wildcard_pools[type_url] = cached
+        return cached
+
     def version(self, type_url: str, names: frozenset[str] | None = None) -> str:
-        """Content version of the type's resources, optionally only those in ``names``.
-        Cached: every proxy of a fleet asks for the same sets."""
+        """Content version of the type's resources: those in ``names``, or with ``None`` those a
+        wildcard subscriber gets. Cached: every proxy of a fleet asks for the same sets."""
         key = (type_url, names)
         cached = self._versions.get(key)
         if cached is None:
             pool = self.of_type(type_url)
-            chosen = pool.values() if names is None else (pool[n] for n in names if n in pool)
+            chosen = self.wildcard_pool(type_url).values() if names is None else (pool[n] for n in names if n in pool)
             cached = self._versions[key] = content_version(chosen)
         return cached
 
     def warmed_names(self, type_url: str) -> frozenset[str]:
-        """Names of ``type_url`` resources that some resource in this snapshot warms with: a
-        converged proxy must be subscribed to all of them."""
+        """Names of ``type_url`` resources that some wildcard-visible resource in this snapshot
+        warms with: a proxy subscribed to every wildcard type must be subscribed to them."""
         cached = self._warmed.get(type_url)
         if cached is None:
             pool = self.of_type(type_url)
             cached = frozenset(
                 name
-                for resources in self.resources.values()
-                for resource in resources.values()
-                for t, name in resource.warms_with
+                for source in self.resources
+                for t, name in self._warms_of(source)
                 if t == type_url and name in pool
             )
             self._warmed[type_url] = cached
         return cached
+
+    def warmed_by_wildcard(self, source_type: str) -> dict[str, frozenset[str]]:
+        """What a wildcard subscription to ``source_type`` warms, by type: the names a
+        converged wildcard subscriber of that type must also be subscribed to."""
+        cached = self._warmed_by.get(source_type)
+        if cached is None:
+            grouped: dict[str, set[str]] = {}
+            for type_url, name in self._warms_of(source_type):
+                if name in self.of_type(type_url):
+                    grouped.setdefault(type_url, set()).add(name)
+            cached = self._warmed_by[source_type] = {t: frozenset(n) for t, n in grouped.items()}
+        return cached
+
+    def warmed_by(self, type_url: str, name: str) -> tuple[Ref, ...]:
+        """The resources of this snapshot that warm with ``(type_url, name)``."""
+        if self._warmers is None:
+            index: dict[Ref, list[Ref]] = {}
+            for pool in self.resources.values():
+                for resource in pool.values():
+                    for ref in resource.warms_with:
+                        index.setdefault(ref, []).append((resource.type_url, resource.name))
+            object.__setattr__(self, "_warmers", {ref: tuple(holders) for ref, holders in index.items()})
+        return self._warmers.get((type_url, name), ())  # type: ignore[union-attr]
+
+    def warms_anything(self, type_url: str) -> bool:
+        """Does any resource of the type warm with another resource?"""
+        cached = self._warming.get(type_url)
+        if cached is None:
+            cached = self._warming[type_url] = any(r.warms_with for r in self.of_type(type_url).values())
+        return cached
+
+    def _warms_of(self, source_type: str) -> Iterable[Ref]:
+        for resource in self.wildcard_pool(source_type).values():
+            yield from resource.warms_with
 
     def check_consistent(self) -> None:
         """Raise ValueError if a resource requires one the snapshot does not hold."""

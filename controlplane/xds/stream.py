@@ -208,22 +208,48 @@ class StreamState:
 
     def converged(self) -> bool:
         """True when this proxy holds exactly the current snapshot's content for every type it
-        needs: the wildcard types, and everything the snapshot's resources warm with."""
+        needs: the wildcard types (if the snapshot has wildcard-visible resources of them), and
+        everything that the resources it subscribed to warm with. A client that names what it
+        wants (a proxyless gRPC client) has converged once it holds those and what they warm
+        with; named-only resources it did not name are not its business."""
         snapshot = self.snapshot
         generation = snapshot.generation
+        needed = self._needed_names()
         for type_url in typeurls.PUSH_ORDER:
-            pool = snapshot.of_type(type_url)
             state = self.types.get(type_url)
-            needed = snapshot.warmed_names(type_url)
+            wanted = needed.get(type_url, frozenset())
             if state is None or not state.subscribed:
-                if needed or (type_url in typeurls.WILDCARD_TYPES and pool):
+                if wanted or (type_url in typeurls.WILDCARD_TYPES and snapshot.wildcard_pool(type_url)):
                     return False
                 continue
             if state.pending_nonce is not None or state.synced_generation != generation:
                 return False
-            if not state.wildcard and not needed <= state.names:
+            if not state.wildcard and not wanted <= state.names:
                 return False
         return True
+
+    def _needed_names(self) -> dict[str, set[str]]:
+        """By type, the names this client must be subscribed to because of what it subscribed
+        to: what its wildcard subscriptions and its named resources warm with."""
+        snapshot = self.snapshot
+        needed: dict[str, set[str]] = {}
+        for state in self.types.values():
+            if not state.subscribed:
+                continue
+            if state.wildcard:
+                for type_url, names in snapshot.warmed_by_wildcard(state.type_url).items():
+                    needed.setdefault(type_url, set()).update(names)
+            if not state.names or not snapshot.warms_anything(state.type_url):
+                continue
+            pool = snapshot.of_type(state.type_url)
+            for name in state.names:
+                resource = pool.get(name)
+                if resource is None:
+                    continue
+                for type_url, warmed in resource.warms_with:
+                    if warmed in snapshot.of_type(type_url):
+                        needed.setdefault(type_url, set()).add(warmed)
+        return needed
 
     # -- planning ------------------------------------------------------------------------
 
@@ -250,9 +276,11 @@ class StreamState:
 
     def _desired(self, state: TypeState) -> dict[str, Resource]:
         pool = self.snapshot.of_type(state.type_url)
+        named = {name: pool[name] for name in state.names if name in pool}
         if state.wildcard:
-            return dict(pool)
-        return {name: pool[name] for name in state.names if name in pool}
+            # Named-only resources go to a wildcard subscriber only if it also names them.
+            return {**self.snapshot.wildcard_pool(state.type_url), **named}
+        return named
 
     def _type_state(self, type_url: str) -> TypeState:
         """The state of a requested type; ProtocolError unless it is one this server serves."""
@@ -267,11 +295,26 @@ class StreamState:
 
     def _has_applied_all(self, resource: Resource) -> bool:
         """Does the proxy certainly hold every resource ``resource`` requires, now (ACKed) and
-        after the response in flight (which may remove some), with known content?"""
+        after the response in flight (which may remove some), with known content?
+
+        A requirement the client will never ask for before it has this resource does not gate
+        it (see ``_will_ask``): a client that names its listeners or clusters discovers names
+        from the resources that carry them (a proxyless gRPC client asks for a route's clusters
+        after it got the route) and orders the chain itself (gRFC A74: it uses a route only once
+        it has all its clusters); holding the route back would deadlock it. Envoy subscribes to
+        clusters and listeners by wildcard and to the endpoints of every cluster it holds, so
+        for Envoy every requirement gates, whatever order its requests come in."""
         for type_url, names in resource.requires_by_type:
             state = self.types.get(type_url)
             if state is None or not state.acked.keys() >= names:
-                return False
+                held = state.acked if state is not None else {}
+                missing = [n for n in names if n not in held]
+                if any(self._will_ask(type_url, name, state) for name in missing):
+                    return False
+                names = names & held.keys()
+                if not names:
+                    continue
+                assert state is not None
             # ``sent`` lacks something ``acked`` has only while a response removing it is in
             # flight; skip the second check otherwise (this runs for every route, every push).
             if state.pending_nonce is not None and not state.sent.keys() >= names:
@@ -279,6 +322,30 @@ class StreamState:
             if state.unknown and any(state.acked[n] is None or state.sent[n] is None for n in names):
                 return False
         return True
+
+    def _will_ask(self, type_url: str, name: str, state: TypeState | None) -> bool:
+        """Will the client ask for this resource without first getting one that names it? Yes
+        if its subscription covers the name, or something it holds or is being sent warms with
+        it (Envoy asks for a cluster's endpoints once it has the cluster), or it has not asked
+        for the type yet and is not a client that names its listeners and clusters (an Envoy
+        reconnecting may ask for routes before clusters, and then clusters by wildcard)."""
+        if state is not None and state.subscribed and state.wants(name):
+            return True
+        if (state is None or not state.subscribed) and not self._names_what_it_wants():
+            return True
+        for holder_type, holder in self.snapshot.warmed_by(type_url, name):
+            holder_state = self.types.get(holder_type)
+            if holder_state is not None and (holder in holder_state.acked or holder in holder_state.sent):
+                return True
+        return False
+
+    def _names_what_it_wants(self) -> bool:
+        """Has the client subscribed to a wildcard type (CDS, LDS) by names, without wildcard?"""
+        for type_url in typeurls.WILDCARD_TYPES:
+            state = self.types.get(type_url)
+            if state is not None and state.subscribed and not state.wildcard and state.names:
+                return True
+        return False
 
     def _held_requirements(self, extra: Iterable[Resource | None]) -> tuple[set[Ref], set[str]]:
         """Everything required by what the proxy holds, may hold or is about to hold, and the
@@ -311,7 +378,7 @@ class StreamState:
             state = self.types.get(holder)
             if state is not None and state.subscribed:
                 continue
-            if snapshot.warmed_names(holder) or (holder in typeurls.WILDCARD_TYPES and snapshot.of_type(holder)):
+            if snapshot.warmed_names(holder) or (holder in typeurls.WILDCARD_TYPES and snapshot.wildcard_pool(holder)):
                 return True
         return False
 
@@ -508,7 +575,11 @@ class SotwStream(StreamState):
 
     def _version_of(self, state: TypeState, content: Mapping[str, Resource | None], *, complete: bool) -> str:
         if complete:
-            return self.snapshot.version(state.type_url, None if state.wildcard else frozenset(state.names))
+            if not state.wildcard:
+                return self.snapshot.version(state.type_url, frozenset(state.names))
+            pool = self.snapshot.of_type(state.type_url)
+            if not any(name in pool and not pool[name].wildcard for name in state.names):
+                return self.snapshot.version(state.type_url)
         return content_version(r for r in content.values() if r is not None)
 
     def _on_warm(self, state: TypeState, name: str) -> None:
