@@ -22,6 +22,8 @@ import time
 import grpc
 
 from . import typeurls
+from .cluster import Coordinator, Standalone
+from .cluster.etcd import EtcdCoordinator
 from .config import Settings
 from .deploy.driver import Rollouts
 from .deploy.operations import Operations
@@ -30,6 +32,7 @@ from .fleet import Convergence, Publisher, SnapshotBuilder, fleet_resolver, serv
 from .fleet.telemetry_auth import telemetry_authorizer
 from .metrics import Metrics
 from .store.base import KVStore
+from .store.etcd import EtcdStore
 from .store.repository import Repository
 from .telemetry import MetricsSink, add_metrics_service
 from .xds.peer import StreamLimiter, StreamLimits
@@ -42,9 +45,11 @@ class ControlPlane:
     """The running control plane: store, publisher, ADS server. The admin API is attached by
     the caller (see ``serve.py``)."""
 
-    def __init__(self, settings: Settings, kv: KVStore) -> None:
+    def __init__(self, settings: Settings, kv: KVStore, *, replica_id: str = "local", lease_ttl: int = 5,
+                 admin_address: str = "") -> None:
         self.settings = settings
         self.kv = kv
+        self.admin_address = admin_address
         self.metrics = Metrics()
         self.repo = Repository(kv)
         self.operations = Operations(self.repo, settings.fleets)
@@ -63,7 +68,21 @@ class ControlPlane:
         self.rollouts = Rollouts(self.repo, settings.fleets, self.metrics, self.wait_converged, self.convergence.routing_to)
         self.grpc_server: grpc.aio.Server | None = None
         self.xds_port: int | None = None
+        self.xds_address = ""
         self._publisher_task: asyncio.Task[None] | None = None
+        # One process on SQLite leads by itself; replicas on etcd elect a leader (cluster/).
+        self.cluster: Coordinator = (
+            EtcdCoordinator(kv, replica_id, self.replica_info, ttl=lease_ttl) if isinstance(kv, EtcdStore)
+            else Standalone(replica_id, self.replica_info))
+        if isinstance(self.cluster, EtcdCoordinator):
+            self.rollouts.leadership = self.cluster
+        self._cluster_tasks: list[asyncio.Task[None]] = []
+
+    def replica_info(self) -> dict[str, object]:
+        """This replica's row of GET /v1/cluster (the coordinator adds id and last_seen)."""
+        return {"xds": self.xds_address, "admin": self.admin_address,
+                "connected_proxies": sum(len(p.streams) for p in self.convergence.fleets.values()),
+                "store_revision": self.publisher.generation}
 
     async def start(self, xds_address: str) -> None:
         await self.publisher.publish_once()  # before the port opens: never serve an empty config
@@ -95,10 +114,58 @@ class ControlPlane:
         self.xds_port = self._listen(server, xds_address)
         if not self.xds_port:
             raise OSError(f"cannot listen for xDS on {xds_address}")
+        self.xds_address = f"{xds_address.rpartition(':')[0]}:{self.xds_port}"
         await server.start()
         self.grpc_server = server
         self.rollouts.telemetry = self.telemetry
-        await self.rollouts.start()  # resumes deployments that were under way
+        await self.rollouts.start()  # standalone: resumes deployments that were under way
+        await self.cluster.start(self._elected, self._deposed)
+        if isinstance(self.cluster, EtcdCoordinator):
+            self._cluster_tasks = [asyncio.create_task(self._follow_deployments(), name="leader-follows-store"),
+                                   asyncio.create_task(self._cluster_metrics(), name="cluster-metrics")]
+        else:
+            self.metrics.leader.set(1)
+            self.metrics.replicas.set(1)
+
+    async def _elected(self) -> None:
+        self.metrics.leader.set(1)
+        if isinstance(self.cluster, EtcdCoordinator):
+            await self.rollouts.activate()  # resume every deployment from its stored deadlines
+
+    async def _deposed(self) -> None:
+        self.metrics.leader.set(0)
+        await self.rollouts.deactivate()
+
+    async def _follow_deployments(self) -> None:
+        """The leader's driver must notice deployments created or commanded through any replica:
+        after every config change, poke the services whose deployment records changed (one
+        range read per change; unchanged records are not decoded)."""
+        known: dict[str, int] = {}
+        async for _ in self.kv.watch():
+            try:
+                listing = await self.kv.list("deployments/", unchanged=known)
+            except Exception as exc:  # etcd away: the watch resumes when it is back
+                log.warning("reading deployment records failed: %s", exc)
+                continue
+            current = {key: known[key] for key in listing.kept}
+            changed = set()
+            for entry in listing.entries:
+                current[entry.key] = entry.mod_revision
+                changed.add(entry.key.split("/")[1])
+            changed |= {key.split("/")[1] for key in set(known) - set(current)}
+            known = current
+            if self.cluster.is_leader:
+                for service in changed:
+                    self.rollouts.poke(service)
+
+    async def _cluster_metrics(self) -> None:
+        assert isinstance(self.cluster, EtcdCoordinator)
+        while True:
+            try:
+                self.metrics.replicas.set(await self.cluster.replica_count())
+            except Exception as exc:
+                log.debug("counting replicas failed: %s", exc)
+            await asyncio.sleep(self.cluster.heartbeat)
 
     def _listen(self, server: grpc.aio.Server, address: str) -> int:
         tls = self.settings.xds.tls
@@ -130,6 +197,13 @@ class ControlPlane:
 
     async def stop(self, grace: float = 2.0) -> None:
         errors: list[BaseException] = []
+        for task in self._cluster_tasks:
+            task.cancel()
+        await asyncio.gather(*self._cluster_tasks, return_exceptions=True)
+        try:
+            await self.cluster.stop()  # steps down first: no election can restart the driver after this
+        except Exception as exc:
+            errors.append(exc)
         await self.rollouts.stop()
         self.convergence.close()
         if self.grpc_server is not None:

@@ -293,7 +293,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import ServeOptions, check_options, serve
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = ServeOptions(settings=load_settings(args.config), state_path=Path(args.state), xds=args.xds, admin=args.admin)
+    from .store.url import parse_store_url
+
+    store = parse_store_url(args.store) if args.store else None
+    if store is not None and args.state is not None:
+        raise ConfigError("give --store or --state, not both (--state PATH is --store sqlite:///PATH)")
+    state = Path(args.state or "bluegreen.db")
+    if store is not None and hasattr(store, "path"):
+        state = store.path  # the generated token goes beside the SQLite file, as with --state
+    options = ServeOptions(settings=load_settings(args.config), state_path=state, xds=args.xds, admin=args.admin,
+                           store=store, replica_id=args.replica_id, lease_ttl=args.lease_ttl)
     check_options(options)
     asyncio.run(serve(options))
     return 0
@@ -344,7 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the control plane (xDS server + admin API)")
     p.add_argument("--config", help="YAML config file (fleets, listeners, admin token)")
-    p.add_argument("--state", default="bluegreen.db", help="SQLite state file (default: ./bluegreen.db)")
+    p.add_argument("--state", help="SQLite state file (default: ./bluegreen.db); same as --store sqlite:///PATH")
+    p.add_argument("--store", help="state store URL: sqlite:///PATH, or etcd://HOST:PORT[,HOST:PORT...][/prefix] "
+                                   "for several replicas (default: --state)")
+    p.add_argument("--replica-id", help="this replica's name in /v1/cluster and the leader election "
+                                        "(default: <hostname>:<admin port>)")
+    p.add_argument("--lease-ttl", type=int, default=5,
+                   help="etcd lease TTL in seconds: a dead leader is replaced, and a dead replica's proxies "
+                        "leave the fleet-wide views, within it (default 5)")
     p.add_argument("--xds", default="127.0.0.1:18000", help="xDS gRPC listen address (default 127.0.0.1:18000)")
     p.add_argument("--admin", default="127.0.0.1:18001", help="admin HTTP listen address (default 127.0.0.1:18001)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

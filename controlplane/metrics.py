@@ -46,6 +46,8 @@ class Metrics:
             "From a change accepted by the control plane to the last connected proxy of the fleet ACKing it",
             ["fleet"], buckets=CONVERGENCE_BUCKETS, registry=r,
         )
+        self.leader = Gauge("bluegreen_leader", "1 on the replica that runs the deployment workflow (the leader)", registry=r)
+        self.replicas = Gauge("bluegreen_replicas", "Control-plane replicas registered in the store (1 without etcd)", registry=r)
         self.generation = Gauge(
             "bluegreen_snapshot_generation", "Store revision of the configuration published to a fleet", ["fleet"], registry=r
         )

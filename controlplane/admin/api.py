@@ -438,6 +438,12 @@ async def list_proxies(request: web.Request) -> web.Response:
     return web.json_response({"proxies": proxies})
 
 
+async def get_cluster(request: web.Request) -> web.Response:
+    """The replicas sharing this store and which of them leads the workflow."""
+    cp = request.app[CONTROL_PLANE]
+    return web.json_response(await cp.cluster.view())
+
+
 ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/healthz", healthz),
     ("GET", "/readyz", readyz),
@@ -457,6 +463,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     *[("POST", f"/v1/deployments/{{id}}/{action}", _deployment_action(action))
       for action in ("promote", "pause", "resume", "rollback", "abort", "decommission")],
     ("GET", "/v1/proxies", list_proxies),
+    ("GET", "/v1/cluster", get_cluster),
 ]
 
 
