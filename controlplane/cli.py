@@ -279,7 +279,7 @@ def _stored_times(view: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    text = render_bootstrap(node_id=args.node_id, fleet=args.fleet, xds=args.xds, admin_address=args.admin_address,
+    text = render_bootstrap(node_id=args.node_id, fleet=args.fleet, xds=args.xds or ["127.0.0.1:18000"], admin_address=args.admin_address,
                             admin_port=args.admin_port, delta=args.delta, stats_flush_seconds=args.stats_flush,
                             tls_cert=args.tls_cert, tls_key=args.tls_key, ca=args.ca)
     if args.output:
@@ -392,7 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("envoy-bootstrap", help="print an Envoy bootstrap that connects to this control plane")
     p.add_argument("--node-id", required=True)
     p.add_argument("--fleet", default="default", help="fleet name, sent as node.cluster (default: default)")
-    p.add_argument("--xds", default="127.0.0.1:18000", help="control plane xDS address (default 127.0.0.1:18000)")
+    p.add_argument("--xds", action="append",
+                   help="control plane xDS address; repeat it for every replica (Envoy reconnects to another "
+                        "when its replica dies; default 127.0.0.1:18000)")
     p.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (default 9901)")
     p.add_argument("--admin-address", default="127.0.0.1", help="Envoy admin bind address (default 127.0.0.1)")
     p.add_argument("--delta", action="store_true", help="use incremental (Delta) xDS instead of State of the World")
