@@ -24,6 +24,7 @@ import grpc
 from . import typeurls
 from .cluster import Coordinator, Standalone
 from .cluster.etcd import EtcdCoordinator
+from .cluster.shared import FleetTelemetry, SharedState
 from .config import Settings
 from .deploy.driver import Rollouts
 from .deploy.operations import Operations
@@ -74,8 +75,13 @@ class ControlPlane:
         self.cluster: Coordinator = (
             EtcdCoordinator(kv, replica_id, self.replica_info, ttl=lease_ttl) if isinstance(kv, EtcdStore)
             else Standalone(replica_id, self.replica_info))
+        self.shared: SharedState | None = None
         if isinstance(self.cluster, EtcdCoordinator):
             self.rollouts.leadership = self.cluster
+            coordinator = self.cluster
+            self.shared = SharedState(kv, replica_id, tuple(f.name for f in settings.fleets), lambda: coordinator.lease,
+                                      lambda fleet, require_all: self.convergence.status(fleet, require_all=require_all),
+                                      self.telemetry)
         self._cluster_tasks: list[asyncio.Task[None]] = []
 
     def replica_info(self) -> dict[str, object]:
@@ -117,7 +123,10 @@ class ControlPlane:
         self.xds_address = f"{xds_address.rpartition(':')[0]}:{self.xds_port}"
         await server.start()
         self.grpc_server = server
-        self.rollouts.telemetry = self.telemetry
+        # With replicas, the leader's analysis adds up what every replica's proxies report.
+        self.rollouts.telemetry = FleetTelemetry(self.telemetry, self.shared) if self.shared else self.telemetry
+        if self.shared is not None:
+            await self.shared.start()
         await self.rollouts.start()  # standalone: resumes deployments that were under way
         await self.cluster.start(self._elected, self._deposed)
         if isinstance(self.cluster, EtcdCoordinator):
@@ -165,6 +174,12 @@ class ControlPlane:
                 self.metrics.replicas.set(await self.cluster.replica_count())
             except Exception as exc:
                 log.debug("counting replicas failed: %s", exc)
+            if self.shared is not None:
+                for fleet in self.settings.fleets:
+                    local = self.convergence.status(fleet.name)
+                    remote = self.shared.remote(fleet.name).values()
+                    self.metrics.fleet_proxies.labels(fleet.name).set(local["proxies"] + sum(s["connected"] for s in remote))
+                    self.metrics.fleet_converged_proxies.labels(fleet.name).set(local["acked"] + sum(s["acked"] for s in remote))
             await asyncio.sleep(self.cluster.heartbeat)
 
     def _listen(self, server: grpc.aio.Server, address: str) -> int:
@@ -191,12 +206,21 @@ class ControlPlane:
         try:
             await asyncio.wait_for(self.publisher.wait_published(revision), timeout)
             remaining = max(0.0, timeout - (time.monotonic() - started))
-            return await asyncio.wait_for(self.convergence.wait(fleets, revision, started, require_all=require_all), remaining)
+            result = await asyncio.wait_for(self.convergence.wait(fleets, revision, started, require_all=require_all), remaining)
+            if self.shared is None:
+                return result
+            # Replicas: the proxies of every other replica, as they report through etcd.
+            remaining = max(0.0, timeout - (time.monotonic() - started))
+            lagging, rejecting = await asyncio.wait_for(self.shared.wait_converged(fleets, revision, require_all), remaining)
+            return WaitResult(time.monotonic() - started, tuple(sorted({*result.lagging, *lagging})),
+                              tuple(sorted({*result.rejecting, *rejecting})))
         except asyncio.TimeoutError:
             return None
 
     async def stop(self, grace: float = 2.0) -> None:
         errors: list[BaseException] = []
+        if self.shared is not None:
+            await self.shared.stop()
         for task in self._cluster_tasks:
             task.cancel()
         await asyncio.gather(*self._cluster_tasks, return_exceptions=True)

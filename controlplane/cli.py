@@ -129,9 +129,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         _, listing = _request(args, "GET", "/v1/services")
         views = listing["services"]
     _, proxies = _request(args, "GET", "/v1/proxies")
+    _, cluster = _request(args, "GET", "/v1/cluster")
     if args.json:
-        print(json.dumps({"services": views, "proxies": proxies["proxies"]}, indent=2))
+        print(json.dumps({"services": views, "proxies": proxies["proxies"], "cluster": cluster}, indent=2))
         return 0
+    replicas = cluster["replicas"]
+    print(f"leader {cluster['leader'] or '(none: election under way)'}; {len(replicas)} replica{'s' if len(replicas) != 1 else ''}")
+    for r in replicas:
+        print(f"  {r['id']}{' (leader)' if r['id'] == cluster['leader'] else ''} xds={r['xds']} admin={r['admin']} "
+              f"proxies={r['connected_proxies']} revision={r['store_revision']}")
     if not views:
         print("no services registered")
     for view in views:
@@ -144,7 +150,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for proxy in proxies["proxies"]:
         nacks = [f"{t}: {v['last_nack']['message']}" for t, v in proxy["types"].items() if v["last_nack"]]
         state = "converged" if proxy["converged"] else "converging"
-        print(f"  {proxy['node_id']} fleet={proxy['fleet']} {proxy['protocol']} {state}" + (f"  last NACK {'; '.join(nacks)}" if nacks else ""))
+        print(f"  {proxy['node_id']} fleet={proxy['fleet']} {proxy['protocol']} {state}" +
+              (f" replica={proxy['replica']}" if len(replicas) > 1 else "") + (f"  last NACK {'; '.join(nacks)}" if nacks else ""))
     return 0
 
 
@@ -296,8 +303,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .store.url import parse_store_url
 
     store = parse_store_url(args.store) if args.store else None
-    if store is not None and args.state is not None:
-        raise ConfigError("give --store or --state, not both (--state PATH is --store sqlite:///PATH)")
+    if store is not None and hasattr(store, "path") and args.state is not None:
+        raise ConfigError("give --store sqlite:///PATH or --state PATH, not both (they say the same)")
+    # With --store etcd://, --state only says where a generated admin token lives (beside it).
     state = Path(args.state or "bluegreen.db")
     if store is not None and hasattr(store, "path"):
         state = store.path  # the generated token goes beside the SQLite file, as with --state

@@ -24,7 +24,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from .admin.api import build_admin_app
+from .admin.api import build_admin_app, local_proxy_rows
 from .app import ControlPlane
 from .bootstrap import parse_host_port
 from .admin.auth import Authenticator
@@ -158,6 +158,8 @@ async def running(options: ServeOptions) -> AsyncIterator[tuple[ControlPlane, in
     replica_id = options.replica_id or f"{socket.gethostname()}:{port}"
     cp = ControlPlane(options.settings, kv, replica_id=replica_id, lease_ttl=options.lease_ttl,
                       admin_address=options.admin)
+    if cp.shared is not None:
+        cp.shared.rows = lambda: local_proxy_rows(cp)
     try:
         await cp.start(options.xds)
         hosts = (*options.settings.admin.hosts, host)

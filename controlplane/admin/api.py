@@ -432,9 +432,18 @@ def _proxy_view(cp: ControlPlane, stream: Any) -> dict[str, Any]:
     }
 
 
+def local_proxy_rows(cp: ControlPlane) -> list[dict[str, Any]]:
+    """The /v1/proxies rows of this replica's proxies (what it shares with the other replicas)."""
+    return [{**_proxy_view(cp, s), "replica": cp.cluster.replica_id} for _, s in sorted(cp.ads.streams.items())]
+
+
 async def list_proxies(request: web.Request) -> web.Response:
+    """Every proxy of every replica: this replica's live, the others' as they last reported
+    through etcd (within ~100 ms; a dead replica's rows vanish with its lease)."""
     cp = request.app[CONTROL_PLANE]
-    proxies = [_proxy_view(cp, s) for _, s in sorted(cp.ads.streams.items())]
+    proxies = local_proxy_rows(cp)
+    if cp.shared is not None:
+        proxies += cp.shared.remote_rows()
     return web.json_response({"proxies": proxies})
 
 

@@ -307,7 +307,8 @@ OPENAPI: dict[str, Any] = {
                 "type": "object",
                 "required": ["stream_id", "node_id", "fleet", "protocol", "connected_since", "converged", "types"],
                 "properties": {
-                    "stream_id": {"type": "integer"},
+                    "stream_id": {"type": "integer", "description": "Unique within its replica."},
+                    "replica": {"type": "string", "description": "The replica the proxy is connected to (GET /v1/cluster)."},
                     "node_id": {"type": "string"},
                     "fleet": {"type": "string"},
                     "protocol": {"type": "string", "enum": ["sotw", "delta"]},
