@@ -250,7 +250,11 @@ async def readyz(request: web.Request) -> web.Response:
         # A real read (of a key that need not exist): revision() may be answered from memory.
         await asyncio.wait_for(cp.kv.get("readyz"), READY_STORE_TIMEOUT)
         store_revision = await cp.kv.revision()
-    except (StoreError, OSError, asyncio.TimeoutError) as exc:
+    except asyncio.TimeoutError:
+        name = getattr(cp.kv, "name", "the state store")
+        body.update(status="not ready", error=f"state store unreachable: {name}: no answer within {READY_STORE_TIMEOUT:g}s")
+        return web.json_response(body, status=503)
+    except (StoreError, OSError) as exc:
         body.update(status="not ready", error=f"state store unreachable: {exc!r}")
         return web.json_response(body, status=503)
     body["store_revision"] = store_revision
