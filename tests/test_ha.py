@@ -26,7 +26,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from controlplane import typeurls
 from controlplane.bootstrap import render_bootstrap
 from tests.etcd import EtcdCluster, fresh_prefix
-from tests.harness import ControlPlane, cluster_view, free_port, run_envoy, run_replicas, run_upstream, sample_environments, wait_for
+from tests.harness import ControlPlane, cluster_view, free_port, run_envoy, run_replicas, run_upstream, sample_environments, settle_on, wait_for
 from tests.test_envoy import Api
 from tests.test_workflow import no_retry_session, steady_load
 
@@ -61,7 +61,7 @@ async def leader_of(replicas: list[ControlPlane]) -> ControlPlane:
             if r.process.returncode is None:
                 view = await cluster_view(r)
                 if view["leader"]:
-                    return next(x for x in replicas if view["leader"] == f"r{replicas.index(x)}")
+                    return next(x for x in replicas if view["leader"] == _name(replicas, x))
         return None
 
     return await wait_for(one, timeout=30, message="a leader")
@@ -100,6 +100,22 @@ async def test_leader_sigkill_mid_deployment_and_follower_sigkill_fail_no_reques
             api = apis[replicas.index(follower)]
             async with steady_load(urls[0]) as load_a, steady_load(urls[1]) as load_b, no_retry_session(8) as slow_session:
                 slow = [asyncio.create_task(_slow(slow_session, url)) for url in urls for _ in range(2)]
+                # A follower holding an Envoy dies (SIGKILL): its Envoy reconnects to another
+                # replica, and the follower comes back. (The two Envoys list the replicas in
+                # opposite orders, so they nearly always start on different replicas; if both
+                # sit on the leader, the leader's death below covers the reconnection.)
+                placed = await proxies_by_replica(api)
+                victim = next((r for r in replicas if r is not leader and _name(replicas, r) in placed.values()), None)
+                print(f"leader r{replicas.index(leader)}; proxies on {placed}; killing follower "
+                      f"{_name(replicas, victim) if victim else '(none holds an Envoy)'}")
+                if victim is not None:
+                    victim.process.kill(signal.SIGKILL)
+                    await victim.process.wait()
+                    live = {_name(replicas, r) for r in replicas if r is not victim}
+                    await wait_for(lambda: _placed_on(api, live), timeout=60, message="the Envoy moved to a live replica")
+                    await victim.start()
+                    await wait_for(lambda: _registered(api, 3), timeout=30, message="the follower rejoined")
+                assert (await leader_of(replicas)) is leader, "a follower's death does not move the leadership"
                 created = await api.call("POST", "/v1/services/shop/deployments", {
                     "version": "v2", "endpoints": [green.address],
                     "strategy": {"steps": [10, 50, 100], "step_seconds": 3},
@@ -120,25 +136,25 @@ async def test_leader_sigkill_mid_deployment_and_follower_sigkill_fail_no_reques
                     counts = await sample_environments(url, 50)
                     assert counts == {"green": 50}, counts
 
-                # A follower holding an Envoy dies: that Envoy reconnects to another replica.
-                placed = await proxies_by_replica(api)
-                victim = next((r for r in survivors if r is not new_leader and f"r{replicas.index(r)}" in placed.values()), None)
-                if victim is not None:
-                    victim.process.kill(signal.SIGKILL)
-                    await victim.process.wait()
-                    live = {f"r{replicas.index(r)}" for r in replicas if r.process.returncode is None}
-                    new_api = apis[replicas.index(new_leader)]
-                    await wait_for(lambda: _placed_on(new_api, live), timeout=60, message="Envoys back on live replicas")
-                view = await apis[replicas.index(new_leader)].call(
-                    "PUT", "/v1/services/shop/traffic", {"weights": {"blue": 100, "green": 0}}, wait="converged", timeout="30")
-                assert view["convergence"]["converged"], view["convergence"]
+                live = {_name(replicas, r) for r in survivors}
+                await wait_for(lambda: _placed_on(api, live), timeout=60, message="both Envoys on live replicas")
+                # And the workflow still answers: a rollback through the new leader reaches both Envoys.
+                view = await apis[replicas.index(new_leader)].call("POST", "/v1/services/shop/rollback")
+                assert view["traffic"]["weights"] == {"blue": 100, "green": 0}
                 for url in urls:
-                    counts = await sample_environments(url, 50)
-                    assert counts == {"blue": 50}, counts
+                    await settle_on(url, "blue", timeout=30)
                 results = await asyncio.gather(*slow)
             for load in (load_a, load_b):
                 assert load.total > 100 and set(load.statuses) == {200}, (dict(load.statuses), load.errors[:5])
             assert all(r.startswith("200") for r in results), results
+
+
+def _name(replicas: list[ControlPlane], replica: ControlPlane | None) -> str:
+    return f"r{replicas.index(replica)}" if replica is not None else "-"
+
+
+async def _registered(api: Api, count: int) -> bool:
+    return len((await api.call("GET", "/v1/cluster"))["replicas"]) == count
 
 
 async def _both(api: Api) -> bool:
