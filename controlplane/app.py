@@ -217,6 +217,23 @@ class ControlPlane:
         except asyncio.TimeoutError:
             return None
 
+    async def wait_fleet_converged(self, fleets: tuple[str, ...], revision: int, since: float, timeout: float, *,
+                                   require_all: bool = False) -> WaitResult | None:
+        """Wait (up to ``timeout``) until ``revision``, already published here, is held by the
+        proxies of ``fleets`` the policy waits for, on this replica and, with etcd, on every
+        other replica. Seconds are measured from ``since`` (this tracker's monotonic clock)."""
+        started = time.monotonic()
+        try:
+            result = await asyncio.wait_for(self.convergence.wait(fleets, revision, since, require_all=require_all), timeout)
+            if self.shared is None:
+                return result
+            remaining = max(0.0, timeout - (time.monotonic() - started))
+            lagging, rejecting = await asyncio.wait_for(self.shared.wait_converged(fleets, revision, require_all), remaining)
+            return WaitResult(time.monotonic() - since, tuple(sorted({*result.lagging, *lagging})),
+                              tuple(sorted({*result.rejecting, *rejecting})))
+        except asyncio.TimeoutError:
+            return None
+
     async def stop(self, grace: float = 2.0) -> None:
         errors: list[BaseException] = []
         if self.shared is not None:

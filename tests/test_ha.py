@@ -143,6 +143,11 @@ async def test_leader_sigkill_mid_deployment_and_follower_sigkill_fail_no_reques
                 assert view["traffic"]["weights"] == {"blue": 100, "green": 0}
                 for url in urls:
                     await settle_on(url, "blue", timeout=30)
+                # ?wait=converged through any replica waits for the proxies of every replica.
+                for r in survivors:
+                    view = await apis[replicas.index(r)].call("PUT", "/v1/services/shop/traffic", {"weights": {"blue": 100, "green": 0}},
+                                                              wait="converged", timeout="30")
+                    assert view["convergence"]["converged"] and view["convergence"]["proxies"] == 2, view["convergence"]
                 results = await asyncio.gather(*slow)
             for load in (load_a, load_b):
                 assert load.total > 100 and set(load.statuses) == {200}, (dict(load.statuses), load.errors[:5])

@@ -140,6 +140,14 @@ def _convergence_view(cp: ControlPlane, service: Service) -> dict[str, Any]:
     fleets = []
     for fleet in cp.fleets_serving(service.name):
         status = cp.convergence.status(fleet, require_all=service.require_all_proxies)
+        if cp.shared is not None:  # replicas: the other replicas' proxies, as reported through etcd
+            flag = "all_converged" if service.require_all_proxies else "converged"
+            for other in cp.shared.remote(fleet).values():
+                status["proxies"] += other["connected"]
+                status["acked"] += other["acked"]
+                status["lagging"] = sorted([*status["lagging"], *other["lagging"]])
+                status["rejecting"] = sorted([*status["rejecting"], *other["rejecting"]])
+                status["converged"] = status["converged"] and other[flag] and other["generation"] >= status["generation"]
         fleets.append({"fleet": fleet, **status})
     return {
         "fleets": fleets,
@@ -195,11 +203,12 @@ async def _respond_with_state(request: web.Request, committed: Committed | None,
         since = accepted if accepted is not None else time.monotonic()
         # Waits for the proxies the convergence policy waits for; lagging and rejecting ones
         # are named in the answer (all of them with the service's require_all_proxies).
-        future = cp.convergence.wait(cp.fleets_serving(service_name), revision, since, require_all=service.require_all_proxies)
-        try:
-            result = await asyncio.wait_for(future, timeout)
+        # With replicas, also every other replica's proxies (cp.wait_fleet_converged).
+        result = await cp.wait_fleet_converged(cp.fleets_serving(service_name), revision, since, timeout,
+                                               require_all=service.require_all_proxies)
+        if result is not None:
             wait_result = {"converged": True, "seconds": round(result.seconds, 6)}
-        except asyncio.TimeoutError:
+        else:
             wait_result = {"converged": False, "seconds": None, "timed_out_after": timeout}
             status = 202  # the change is stored and being pushed; not every proxy has ACKed it yet
     view = await _service_view(cp, service)
