@@ -268,8 +268,8 @@ class EtcdStore:
         lease is gone (etcd answered TTL 0) or could not be refreshed for ``ttl`` seconds."""
         refreshed = clock()
         while True:
+            call = self._keepalive_rpc(wait_for_ready=True, metadata=_REQUIRE_LEADER)
             try:
-                call = self._keepalive_rpc(wait_for_ready=True, metadata=_REQUIRE_LEADER)
                 while True:
                     await call.write(rpc_pb2.LeaseKeepAliveRequest(ID=lease))
                     response = await asyncio.wait_for(call.read(), timeout=max(0.1, ttl - (clock() - refreshed)))
@@ -281,6 +281,8 @@ class EtcdStore:
                     await asyncio.sleep(ttl / 3)
             except (grpc.aio.AioRpcError, asyncio.TimeoutError, grpc.aio.UsageError) as exc:
                 log.warning("%s: refreshing lease %x failed: %r", self.name, lease, exc)
+            finally:
+                call.cancel()  # a stream per attempt: never leave the old one open
             if clock() - refreshed >= ttl:
                 raise LeaseLost(f"{self.name}: lease {lease:x} could not be refreshed for {ttl:g}s")
             await asyncio.sleep(min(0.2, ttl / 10))
@@ -322,8 +324,8 @@ class EtcdStore:
         failures = 0
         start = follower.revision + 1
         while not self._closed:
+            call = self._watch_rpc(wait_for_ready=True, metadata=_REQUIRE_LEADER)
             try:
-                call = self._watch_rpc(wait_for_ready=True, metadata=_REQUIRE_LEADER)
                 await call.write(rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(
                     key=follower.key, range_end=follower.range_end, start_revision=start)))
                 async for response in call:
@@ -349,8 +351,16 @@ class EtcdStore:
                 failures += 1
                 delay = random.random() * min(2.0, 0.1 * 2 ** min(failures, 10))
                 log.warning("%s: watch interrupted (%s); resuming from revision %d in %.2fs",
-                            self.name, exc, start, delay)
+                            self.name, _brief(exc), start, delay)
                 await asyncio.sleep(delay)
+            finally:
+                call.cancel()
+
+
+def _brief(exc: Exception) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc)
 
 
 def _prefix_end(prefix: bytes) -> bytes:
