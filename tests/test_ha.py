@@ -96,7 +96,10 @@ async def test_leader_sigkill_mid_deployment_and_follower_sigkill_fail_no_reques
 
             urls = [f"http://127.0.0.1:{ports[f][0]}/" for f in ("a", "b")]
             leader = await leader_of(replicas)
-            follower = next(r for r in replicas if r is not leader)
+            placed = await proxies_by_replica(apis[0])
+            victim = next((r for r in replicas if r is not leader and _name(replicas, r) in placed.values()), None)
+            # Commands go through a follower that stays up (the victim goes down for a while).
+            follower = next(r for r in replicas if r is not leader and r is not victim)
             api = apis[replicas.index(follower)]
             async with steady_load(urls[0]) as load_a, steady_load(urls[1]) as load_b, no_retry_session(8) as slow_session:
                 slow = [asyncio.create_task(_slow(slow_session, url)) for url in urls for _ in range(2)]
@@ -104,8 +107,6 @@ async def test_leader_sigkill_mid_deployment_and_follower_sigkill_fail_no_reques
                 # replica, and the follower comes back. (The two Envoys list the replicas in
                 # opposite orders, so they nearly always start on different replicas; if both
                 # sit on the leader, the leader's death below covers the reconnection.)
-                placed = await proxies_by_replica(api)
-                victim = next((r for r in replicas if r is not leader and _name(replicas, r) in placed.values()), None)
                 print(f"leader r{replicas.index(leader)}; proxies on {placed}; killing follower "
                       f"{_name(replicas, victim) if victim else '(none holds an Envoy)'}")
                 if victim is not None:
