@@ -210,3 +210,43 @@ async def test_one_leader_fenced_writes_and_takeover(etcd: EtcdCluster, prefix: 
 async def _full_view(coordinator: EtcdCoordinator) -> dict[str, Any] | None:
     view = await coordinator.view()
     return view if len(view["replicas"]) == 2 and view["leader"] else None
+
+
+# -- fleet-wide views: proxy summaries and telemetry through etcd ----------------------------------------
+
+
+async def test_telemetry_reported_to_a_follower_reaches_the_leaders_analysis(etcd: EtcdCluster, prefix: str) -> None:
+    from controlplane.cluster.shared import FleetTelemetry, SharedState
+    from controlplane.telemetry import ClusterReport, MetricsSink
+
+    kvs = [await open_etcd_store(etcd.endpoints, prefix) for _ in range(2)]
+    sinks = [MetricsSink(), MetricsSink()]
+    status = {"generation": 7, "proxies": 2, "acked": 2, "lagging": [], "rejecting": [], "converged": True}
+    shared = [SharedState(kv, f"r{i}", ("edge",), lambda: 0, lambda fleet, require_all: dict(status), sinks[i])
+              for i, kv in enumerate(kvs)]
+    leases = [await kv.grant_lease(10) for kv in kvs]
+    try:
+        leader = FleetTelemetry(sinks[0], shared[0])
+        for s, lease in zip(shared, leases):
+            await s.write_once(lease)  # the starting point of each replica's sums
+        await shared[0].refresh()
+        start = leader.snapshot()
+        # A proxy on the follower reports 10 requests, 2 of them 5xx; one on the leader 5 and 0.
+        sinks[1].record("edge-2", {"shop-green": ClusterReport(requests=10, errors=2)})
+        sinks[0].record("edge-1", {"shop-green": ClusterReport(requests=5, errors=0)})
+        await shared[1].write_once(leases[1])
+        await shared[0].refresh()
+        window = leader.since(start, "shop-green")
+        assert (window.requests, window.errors) == (15, 2), window
+        assert "replica:r1" in window.proxies and "edge-1" in window.proxies
+        # The follower's proxy summary is part of the leader's view of the fleet.
+        [(replica, summary)] = shared[0].remote("edge").items()
+        assert replica == "r1" and (summary["connected"], summary["generation"], summary["converged"]) == (2, 7, True)
+        # Nothing changed: no write (the load grows with changes, not with time or proxies).
+        before = await kvs[1].list("cluster/")
+        await shared[1].write_once(leases[1])
+        assert [e.mod_revision for e in (await kvs[1].list("cluster/")).entries] == [e.mod_revision for e in before.entries]
+    finally:
+        for kv, lease in zip(kvs, leases):
+            await kv.revoke_lease(lease)
+            await kv.close()
