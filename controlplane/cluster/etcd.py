@@ -99,6 +99,9 @@ class EtcdCoordinator:
             except* (LeaseLost, StoreError) as errors:
                 log.warning("replica %s: lost its etcd lease or etcd (%s); stepping down and rejoining",
                             self.replica_id, "; ".join(str(e) for e in errors.exceptions))
+            except* Exception as errors:  # a bug must not end the coordination for good
+                log.error("replica %s: coordination failed; stepping down and rejoining",
+                          self.replica_id, exc_info=errors.exceptions[0])
             await self._step_down("lease lost")
             self._lease = 0
             failures += 1
