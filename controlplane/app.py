@@ -22,6 +22,9 @@ import time
 import grpc
 
 from . import typeurls
+from .cluster import Coordinator, Standalone
+from .cluster.etcd import EtcdCoordinator
+from .cluster.shared import FleetTelemetry, SharedState
 from .config import Settings
 from .deploy.driver import Rollouts
 from .deploy.operations import Operations
@@ -30,6 +33,7 @@ from .fleet import Convergence, Publisher, SnapshotBuilder, fleet_resolver, serv
 from .fleet.telemetry_auth import telemetry_authorizer
 from .metrics import Metrics
 from .store.base import KVStore
+from .store.etcd import EtcdStore
 from .store.repository import Repository
 from .telemetry import MetricsSink, add_metrics_service
 from .xds.peer import StreamLimiter, StreamLimits
@@ -42,9 +46,11 @@ class ControlPlane:
     """The running control plane: store, publisher, ADS server. The admin API is attached by
     the caller (see ``serve.py``)."""
 
-    def __init__(self, settings: Settings, kv: KVStore) -> None:
+    def __init__(self, settings: Settings, kv: KVStore, *, replica_id: str = "local", lease_ttl: int = 5,
+                 admin_address: str = "") -> None:
         self.settings = settings
         self.kv = kv
+        self.admin_address = admin_address
         self.metrics = Metrics()
         self.repo = Repository(kv)
         self.operations = Operations(self.repo, settings.fleets)
@@ -63,7 +69,26 @@ class ControlPlane:
         self.rollouts = Rollouts(self.repo, settings.fleets, self.metrics, self.wait_converged, self.convergence.routing_to)
         self.grpc_server: grpc.aio.Server | None = None
         self.xds_port: int | None = None
+        self.xds_address = ""
         self._publisher_task: asyncio.Task[None] | None = None
+        # One process on SQLite leads by itself; replicas on etcd elect a leader (cluster/).
+        self.cluster: Coordinator = (
+            EtcdCoordinator(kv, replica_id, self.replica_info, ttl=lease_ttl) if isinstance(kv, EtcdStore)
+            else Standalone(replica_id, self.replica_info))
+        self.shared: SharedState | None = None
+        if isinstance(self.cluster, EtcdCoordinator):
+            self.rollouts.leadership = self.cluster
+            coordinator = self.cluster
+            self.shared = SharedState(kv, replica_id, tuple(f.name for f in settings.fleets), lambda: coordinator.lease,
+                                      lambda fleet, require_all: self.convergence.status(fleet, require_all=require_all),
+                                      self.telemetry)
+        self._cluster_tasks: list[asyncio.Task[None]] = []
+
+    def replica_info(self) -> dict[str, object]:
+        """This replica's row of GET /v1/cluster (the coordinator adds id and last_seen)."""
+        return {"xds": self.xds_address, "admin": self.admin_address,
+                "connected_proxies": sum(len(p.streams) for p in self.convergence.fleets.values()),
+                "store_revision": self.publisher.generation}
 
     async def start(self, xds_address: str) -> None:
         await self.publisher.publish_once()  # before the port opens: never serve an empty config
@@ -95,10 +120,67 @@ class ControlPlane:
         self.xds_port = self._listen(server, xds_address)
         if not self.xds_port:
             raise OSError(f"cannot listen for xDS on {xds_address}")
+        self.xds_address = f"{xds_address.rpartition(':')[0]}:{self.xds_port}"
         await server.start()
         self.grpc_server = server
-        self.rollouts.telemetry = self.telemetry
-        await self.rollouts.start()  # resumes deployments that were under way
+        # With replicas, the leader's analysis adds up what every replica's proxies report.
+        self.rollouts.telemetry = FleetTelemetry(self.telemetry, self.shared) if self.shared else self.telemetry
+        if self.shared is not None:
+            await self.shared.start()
+        await self.rollouts.start()  # standalone: resumes deployments that were under way
+        await self.cluster.start(self._elected, self._deposed)
+        if isinstance(self.cluster, EtcdCoordinator):
+            self._cluster_tasks = [asyncio.create_task(self._follow_deployments(), name="leader-follows-store"),
+                                   asyncio.create_task(self._cluster_metrics(), name="cluster-metrics")]
+        else:
+            self.metrics.leader.set(1)
+            self.metrics.replicas.set(1)
+
+    async def _elected(self) -> None:
+        self.metrics.leader.set(1)
+        if isinstance(self.cluster, EtcdCoordinator):
+            await self.rollouts.activate()  # resume every deployment from its stored deadlines
+
+    async def _deposed(self) -> None:
+        self.metrics.leader.set(0)
+        await self.rollouts.deactivate()
+
+    async def _follow_deployments(self) -> None:
+        """The leader's driver must notice deployments created or commanded through any replica:
+        after every config change, poke the services whose deployment records changed (one
+        range read per change; unchanged records are not decoded)."""
+        known: dict[str, int] = {}
+        async for _ in self.kv.watch():
+            try:
+                listing = await self.kv.list("deployments/", unchanged=known)
+            except Exception as exc:  # etcd away: the watch resumes when it is back
+                log.warning("reading deployment records failed: %s", exc)
+                continue
+            current = {key: known[key] for key in listing.kept}
+            changed = set()
+            for entry in listing.entries:
+                current[entry.key] = entry.mod_revision
+                changed.add(entry.key.split("/")[1])
+            changed |= {key.split("/")[1] for key in set(known) - set(current)}
+            known = current
+            if self.cluster.is_leader:
+                for service in changed:
+                    self.rollouts.poke(service)
+
+    async def _cluster_metrics(self) -> None:
+        assert isinstance(self.cluster, EtcdCoordinator)
+        while True:
+            try:
+                self.metrics.replicas.set(await self.cluster.replica_count())
+            except Exception as exc:
+                log.debug("counting replicas failed: %s", exc)
+            if self.shared is not None:
+                for fleet in self.settings.fleets:
+                    local = self.convergence.status(fleet.name)
+                    remote = self.shared.remote(fleet.name).values()
+                    self.metrics.fleet_proxies.labels(fleet.name).set(local["proxies"] + sum(s["connected"] for s in remote))
+                    self.metrics.fleet_converged_proxies.labels(fleet.name).set(local["acked"] + sum(s["acked"] for s in remote))
+            await asyncio.sleep(self.cluster.heartbeat)
 
     def _listen(self, server: grpc.aio.Server, address: str) -> int:
         tls = self.settings.xds.tls
@@ -124,12 +206,45 @@ class ControlPlane:
         try:
             await asyncio.wait_for(self.publisher.wait_published(revision), timeout)
             remaining = max(0.0, timeout - (time.monotonic() - started))
-            return await asyncio.wait_for(self.convergence.wait(fleets, revision, started, require_all=require_all), remaining)
+            result = await asyncio.wait_for(self.convergence.wait(fleets, revision, started, require_all=require_all), remaining)
+            if self.shared is None:
+                return result
+            # Replicas: the proxies of every other replica, as they report through etcd.
+            remaining = max(0.0, timeout - (time.monotonic() - started))
+            lagging, rejecting = await asyncio.wait_for(self.shared.wait_converged(fleets, revision, require_all), remaining)
+            return WaitResult(time.monotonic() - started, tuple(sorted({*result.lagging, *lagging})),
+                              tuple(sorted({*result.rejecting, *rejecting})))
+        except asyncio.TimeoutError:
+            return None
+
+    async def wait_fleet_converged(self, fleets: tuple[str, ...], revision: int, since: float, timeout: float, *,
+                                   require_all: bool = False) -> WaitResult | None:
+        """Wait (up to ``timeout``) until ``revision``, already published here, is held by the
+        proxies of ``fleets`` the policy waits for, on this replica and, with etcd, on every
+        other replica. Seconds are measured from ``since`` (this tracker's monotonic clock)."""
+        started = time.monotonic()
+        try:
+            result = await asyncio.wait_for(self.convergence.wait(fleets, revision, since, require_all=require_all), timeout)
+            if self.shared is None:
+                return result
+            remaining = max(0.0, timeout - (time.monotonic() - started))
+            lagging, rejecting = await asyncio.wait_for(self.shared.wait_converged(fleets, revision, require_all), remaining)
+            return WaitResult(time.monotonic() - since, tuple(sorted({*result.lagging, *lagging})),
+                              tuple(sorted({*result.rejecting, *rejecting})))
         except asyncio.TimeoutError:
             return None
 
     async def stop(self, grace: float = 2.0) -> None:
         errors: list[BaseException] = []
+        if self.shared is not None:
+            await self.shared.stop()
+        for task in self._cluster_tasks:
+            task.cancel()
+        await asyncio.gather(*self._cluster_tasks, return_exceptions=True)
+        try:
+            await self.cluster.stop()  # steps down first: no election can restart the driver after this
+        except Exception as exc:
+            errors.append(exc)
         await self.rollouts.stop()
         self.convergence.close()
         if self.grpc_server is not None:

@@ -8,6 +8,7 @@ import math
 import re
 from importlib import resources
 from string import Template
+from typing import Sequence
 
 from .errors import ValidationError
 
@@ -32,7 +33,7 @@ def render_bootstrap(
     *,
     node_id: str,
     fleet: str = "default",
-    xds: str = "127.0.0.1:18000",
+    xds: str | Sequence[str] = "127.0.0.1:18000",
     admin_address: str = "127.0.0.1",
     admin_port: int = 9901,
     delta: bool = False,
@@ -48,7 +49,11 @@ def render_bootstrap(
     With ``ca`` (a PEM file path, as Envoy will see it) the xDS connection uses TLS and Envoy
     verifies that the server's certificate is signed by it and names the ``xds`` host (an IP
     SAN for an IP address, else a DNS SAN). ``tls_cert`` and ``tls_key`` (together, and only
-    with ``ca``) are the certificate Envoy presents: a control plane with ``xds.tls`` requires one."""
+    with ``ca``) are the certificate Envoy presents: a control plane with ``xds.tls`` requires one.
+
+    ``xds`` may name several replicas (``["a:18000", "b:18000"]``): the ``bluegreen_xds`` cluster
+    lists them all, Envoy holds its ADS stream to one of them and reconnects to another when
+    that one goes away; with ``ca`` the certificate may name any of them."""
     if not _NODE_ID.match(node_id):
         raise ValidationError(f"invalid node id {node_id!r}: use letters, digits, '.', '_', ':' or '-'")
     if not _NODE_ID.match(fleet):
@@ -60,13 +65,15 @@ def render_bootstrap(
     if not 0 < admin_port < 65536:
         raise ValidationError(f"invalid admin port {admin_port}")
     stats_flush = format_flush_interval(stats_flush_seconds)
-    host, port = parse_host_port(xds, what="--xds")
-    try:
-        ipaddress.ip_address(host)
-        cluster_type = "STATIC"
-    except ValueError:
-        cluster_type = "STRICT_DNS"  # e.g. a compose service name
-    transport_socket = _tls_transport_socket(host, tls_cert, tls_key, ca)
+    addresses = [xds] if isinstance(xds, str) else list(xds)
+    if not addresses:
+        raise ValidationError("--xds: name at least one control plane replica")
+    targets = [parse_host_port(a, what="--xds") for a in addresses]
+    if len(set(targets)) != len(targets):
+        raise ValidationError(f"--xds: the same address is named twice: {', '.join(addresses)}")
+    hosts = [h for h, _ in targets]
+    cluster_type = "STATIC" if all(_is_ip(h) for h in hosts) else "STRICT_DNS"  # e.g. compose service names
+    transport_socket = _tls_transport_socket(hosts, tls_cert, tls_key, ca)
     template = Template(resources.files("controlplane").joinpath("templates/bootstrap.yaml").read_text())
     return template.substitute(
         node_id=node_id,
@@ -75,14 +82,25 @@ def render_bootstrap(
         admin_port=admin_port,
         api_type="DELTA_GRPC" if delta else "GRPC",
         xds_cluster_type=cluster_type,
-        xds_host=host,
-        xds_port=port,
+        xds_endpoints="".join(
+            "\n              - endpoint:"
+            "\n                  address:"
+            f"\n                    socket_address: {{ address: {json.dumps(h)}, port_value: {p} }}"
+            for h, p in targets),
         stats_flush=stats_flush,
         xds_transport_socket=transport_socket,
     )
 
 
-def _tls_transport_socket(host: str, cert: str | None, key: str | None, ca: str | None) -> str:
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _tls_transport_socket(hosts: list[str], cert: str | None, key: str | None, ca: str | None) -> str:
     """The bluegreen_xds cluster's ``transport_socket``: YAML lines indented for the template,
     each after a newline (the template puts it at the end of the line before), or ''."""
     if (cert is None) != (key is None):
@@ -94,19 +112,14 @@ def _tls_transport_socket(host: str, cert: str | None, key: str | None, ca: str 
     for what, value in (("--tls-cert", cert), ("--tls-key", key), ("--ca", ca)):
         if value is not None and (not value or "\n" in value):
             raise ValidationError(f"{what}: expected a file path, got {value!r}")
-    try:
-        ipaddress.ip_address(host)
-        san_type = "IP_ADDRESS"
-    except ValueError:
-        san_type = "DNS"
     lines = [
         "      transport_socket:",
         "        name: envoy.transport_sockets.tls",
         "        typed_config:",
         '          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext',
     ]
-    if san_type == "DNS":
-        lines.append(f"          sni: {json.dumps(host)}")
+    if len(hosts) == 1 and not _is_ip(hosts[0]):
+        lines.append(f"          sni: {json.dumps(hosts[0])}")
     lines += [
         "          common_tls_context:",
         '            alpn_protocols: ["h2"]',
@@ -121,9 +134,12 @@ def _tls_transport_socket(host: str, cert: str | None, key: str | None, ca: str 
         "            validation_context:",
         f"              trusted_ca: {{ filename: {json.dumps(ca)} }}",
         "              match_typed_subject_alt_names:",
-        f"                - san_type: {san_type}",
-        f"                  matcher: {{ exact: {json.dumps(host)} }}",
     ]
+    for host in dict.fromkeys(hosts):  # any replica's certificate names its own host
+        lines += [
+            f"                - san_type: {'IP_ADDRESS' if _is_ip(host) else 'DNS'}",
+            f"                  matcher: {{ exact: {json.dumps(host)} }}",
+        ]
     return "".join("\n" + line for line in lines)
 
 

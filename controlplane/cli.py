@@ -129,9 +129,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         _, listing = _request(args, "GET", "/v1/services")
         views = listing["services"]
     _, proxies = _request(args, "GET", "/v1/proxies")
+    _, cluster = _request(args, "GET", "/v1/cluster")
     if args.json:
-        print(json.dumps({"services": views, "proxies": proxies["proxies"]}, indent=2))
+        print(json.dumps({"services": views, "proxies": proxies["proxies"], "cluster": cluster}, indent=2))
         return 0
+    replicas = cluster["replicas"]
+    print(f"leader {cluster['leader'] or '(none: election under way)'}; {len(replicas)} replica{'s' if len(replicas) != 1 else ''}")
+    for r in replicas:
+        print(f"  {r['id']}{' (leader)' if r['id'] == cluster['leader'] else ''} xds={r['xds']} admin={r['admin']} "
+              f"proxies={r['connected_proxies']} revision={r['store_revision']}")
     if not views:
         print("no services registered")
     for view in views:
@@ -144,7 +150,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for proxy in proxies["proxies"]:
         nacks = [f"{t}: {v['last_nack']['message']}" for t, v in proxy["types"].items() if v["last_nack"]]
         state = "converged" if proxy["converged"] else "converging"
-        print(f"  {proxy['node_id']} fleet={proxy['fleet']} {proxy['protocol']} {state}" + (f"  last NACK {'; '.join(nacks)}" if nacks else ""))
+        print(f"  {proxy['node_id']} fleet={proxy['fleet']} {proxy['protocol']} {state}" +
+              (f" replica={proxy['replica']}" if len(replicas) > 1 else "") + (f"  last NACK {'; '.join(nacks)}" if nacks else ""))
     return 0
 
 
@@ -279,7 +286,7 @@ def _stored_times(view: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    text = render_bootstrap(node_id=args.node_id, fleet=args.fleet, xds=args.xds, admin_address=args.admin_address,
+    text = render_bootstrap(node_id=args.node_id, fleet=args.fleet, xds=args.xds or ["127.0.0.1:18000"], admin_address=args.admin_address,
                             admin_port=args.admin_port, delta=args.delta, stats_flush_seconds=args.stats_flush,
                             tls_cert=args.tls_cert, tls_key=args.tls_key, ca=args.ca)
     if args.output:
@@ -303,7 +310,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import ServeOptions, check_options, serve
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = ServeOptions(settings=load_settings(args.config), state_path=Path(args.state), xds=args.xds, admin=args.admin)
+    from .store.url import parse_store_url
+
+    store = parse_store_url(args.store) if args.store else None
+    if store is not None and hasattr(store, "path") and args.state is not None:
+        raise ConfigError("give --store sqlite:///PATH or --state PATH, not both (they say the same)")
+    # With --store etcd://, --state only says where a generated admin token lives (beside it).
+    state = Path(args.state or "bluegreen.db")
+    if store is not None and hasattr(store, "path"):
+        state = store.path  # the generated token goes beside the SQLite file, as with --state
+    options = ServeOptions(settings=load_settings(args.config), state_path=state, xds=args.xds, admin=args.admin,
+                           store=store, replica_id=args.replica_id, lease_ttl=args.lease_ttl)
     check_options(options)
     asyncio.run(serve(options))
     return 0
@@ -354,7 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the control plane (xDS server + admin API)")
     p.add_argument("--config", help="YAML config file (fleets, listeners, admin token)")
-    p.add_argument("--state", default="bluegreen.db", help="SQLite state file (default: ./bluegreen.db)")
+    p.add_argument("--state", help="SQLite state file (default: ./bluegreen.db); same as --store sqlite:///PATH")
+    p.add_argument("--store", help="state store URL: sqlite:///PATH, or etcd://HOST:PORT[,HOST:PORT...][/prefix] "
+                                   "for several replicas (default: --state)")
+    p.add_argument("--replica-id", help="this replica's name in /v1/cluster and the leader election "
+                                        "(default: <hostname>:<admin port>)")
+    p.add_argument("--lease-ttl", type=int, default=5,
+                   help="etcd lease TTL in seconds: a dead leader is replaced, and a dead replica's proxies "
+                        "leave the fleet-wide views, within it (default 5)")
     p.add_argument("--xds", default="127.0.0.1:18000", help="xDS gRPC listen address (default 127.0.0.1:18000)")
     p.add_argument("--admin", default="127.0.0.1:18001", help="admin HTTP listen address (default 127.0.0.1:18001)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -386,7 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("envoy-bootstrap", help="print an Envoy bootstrap that connects to this control plane")
     p.add_argument("--node-id", required=True)
     p.add_argument("--fleet", default="default", help="fleet name, sent as node.cluster (default: default)")
-    p.add_argument("--xds", default="127.0.0.1:18000", help="control plane xDS address (default 127.0.0.1:18000)")
+    p.add_argument("--xds", action="append",
+                   help="control plane xDS address; repeat it for every replica (Envoy reconnects to another "
+                        "when its replica dies; default 127.0.0.1:18000)")
     p.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (default 9901)")
     p.add_argument("--admin-address", default="127.0.0.1", help="Envoy admin bind address (default 127.0.0.1)")
     p.add_argument("--delta", action="store_true", help="use incremental (Delta) xDS instead of State of the World")

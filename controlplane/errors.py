@@ -4,7 +4,8 @@
      ├── ValidationError      bad input: a value the user gave is malformed or out of range (HTTP 400)
      ├── NotFoundError        a named service, environment, deployment or proxy does not exist (HTTP 404)
      ├── ConflictError        the request is valid but contradicts current state (HTTP 409)
-     │    └── RevisionConflict   a compare-and-set lost a race; callers normally retry (store layer)
+     │    ├── RevisionConflict   a compare-and-set lost a race; callers normally retry (store layer)
+     │    └── NotLeader          a fenced workflow write of a replica that is no longer the leader
      ├── ConfigError          the control plane's own configuration file is wrong (refuse to start)
      ├── StoreError           the state backend failed (disk full, I/O, corruption, state file in use by
      │                          another process); the message starts with the cause; nothing was changed (HTTP 503)
@@ -36,6 +37,10 @@ class ConflictError(BlueGreenError):
 
 class RevisionConflict(ConflictError):
     """A compare-and-set found a different revision than expected: someone else wrote first."""
+
+
+class NotLeader(ConflictError):
+    """A fenced write failed: this replica lost the leadership (another one runs the workflow)."""
 
 
 class ConfigError(BlueGreenError):

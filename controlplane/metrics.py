@@ -46,6 +46,15 @@ class Metrics:
             "From a change accepted by the control plane to the last connected proxy of the fleet ACKing it",
             ["fleet"], buckets=CONVERGENCE_BUCKETS, registry=r,
         )
+        self.leader = Gauge("bluegreen_leader", "1 on the replica that runs the deployment workflow (the leader)", registry=r)
+        self.replicas = Gauge("bluegreen_replicas", "Control-plane replicas registered in the store (1 without etcd)", registry=r)
+        self.fleet_proxies = Gauge(
+            "bluegreen_fleet_proxies", "Proxies of the fleet connected to any replica (with etcd; shared through it)", ["fleet"], registry=r
+        )
+        self.fleet_converged_proxies = Gauge(
+            "bluegreen_fleet_converged_proxies", "Proxies of the fleet, on any replica, holding their replica's current configuration (with etcd)",
+            ["fleet"], registry=r,
+        )
         self.generation = Gauge(
             "bluegreen_snapshot_generation", "Store revision of the configuration published to a fleet", ["fleet"], registry=r
         )

@@ -16,6 +16,7 @@ import os
 import resource
 import secrets
 import signal
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +24,13 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from .admin.api import build_admin_app
+from .admin.api import build_admin_app, local_proxy_rows
 from .app import ControlPlane
 from .bootstrap import parse_host_port
 from .admin.auth import Authenticator
 from .config import MIN_TOKEN_LENGTH, Settings, TokenSpec
 from .errors import ConfigError, ValidationError
-from .store.sqlite import open_sqlite_store
+from .store.url import EtcdURL, SQLiteURL, StoreURL, open_store
 
 log = logging.getLogger("bluegreen")
 
@@ -41,6 +42,13 @@ class ServeOptions:
     xds: str = "127.0.0.1:18000"
     admin: str = "127.0.0.1:18001"
     token_path: Path | None = None  # where the generated token lives; default: <state>.token
+    store: StoreURL | None = None  # --store; None: SQLite at state_path
+    replica_id: str | None = None  # --replica-id; default: <host>:<admin port>
+    lease_ttl: int = 5  # --lease-ttl: seconds a dead replica's leadership and proxies outlive it
+
+    @property
+    def store_url(self) -> StoreURL:
+        return self.store if self.store is not None else SQLiteURL(self.state_path)
 
     @property
     def generated_token_path(self) -> Path:
@@ -130,6 +138,11 @@ def check_options(options: ServeOptions) -> tuple[str, int]:
             f"refusing to bind the admin API to {host} with only a generated token: anyone who can reach it "
             "could try to move traffic. Configure admin.tokens (or admin.token / admin.token_file), or bind 127.0.0.1"
         )
+    if isinstance(options.store, EtcdURL) and not options.settings.tokens():
+        log.warning("replicas on etcd with a generated admin token: each host generates its own; configure "
+                    "admin.tokens so every replica accepts the same tokens")
+    if options.lease_ttl < 2:
+        raise ConfigError(f"--lease-ttl must be at least 2 seconds, got {options.lease_ttl}")
     if not _is_loopback(host) and options.settings.admin.tls_cert is None:
         log.warning("the admin API on %s is plain HTTP: bearer tokens cross the network in clear; set admin.tls", host)
     return host, port
@@ -141,8 +154,12 @@ async def running(options: ServeOptions) -> AsyncIterator[tuple[ControlPlane, in
     host, port = check_options(options)
     auth = authenticator_for(options)
     tls = ssl_context(options.settings)
-    kv = await open_sqlite_store(options.state_path, lock=True)  # one process per state file
-    cp = ControlPlane(options.settings, kv)
+    kv = await open_store(options.store_url, lock=True)  # SQLite: one process per state file
+    replica_id = options.replica_id or f"{socket.gethostname()}:{port}"
+    cp = ControlPlane(options.settings, kv, replica_id=replica_id, lease_ttl=options.lease_ttl,
+                      admin_address=options.admin)
+    if cp.shared is not None:
+        cp.shared.rows = lambda: local_proxy_rows(cp)
     try:
         await cp.start(options.xds)
         hosts = (*options.settings.admin.hosts, host)
@@ -183,8 +200,9 @@ async def serve(options: ServeOptions) -> None:
         gc.freeze()
         gc.set_threshold(20_000, 10, 10)
         log.info(
-            "serving xDS (ADS, SotW and Delta) on %s, admin API on %s%s; state %s; fleets: %s; open files limit %d",
-            options.xds, options.admin, " (TLS)" if options.settings.admin.tls_cert else "", options.state_path, ", ".join(f.name for f in options.settings.fleets), open_files,
+            "serving xDS (ADS, SotW and Delta) on %s, admin API on %s%s; state %s; replica %s; fleets: %s; open files limit %d",
+            options.xds, options.admin, " (TLS)" if options.settings.admin.tls_cert else "", options.store_url.describe(),
+            cp.cluster.replica_id, ", ".join(f.name for f in options.settings.fleets), open_files,
         )
         await stop.wait()
         log.info("stopping: proxies keep their last configuration until a control plane is back")

@@ -774,3 +774,35 @@ async def settle_on(url: str, environment: str, *, headers: Mapping[str, str] | 
         return counts == Counter({environment: 10})
 
     await wait_for(settled, timeout=timeout, message=f"every answer through {url} from {environment}")
+
+
+# --------------------------------------------------------------------------------------------
+# Replicas (several `serve` processes on one etcd)
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def run_replicas(
+    count: int,
+    *,
+    store_url: str,
+    config_path: Path | str,
+    log_dir: Path,
+    lease_ttl: int = 2,
+) -> AsyncIterator[list[ControlPlane]]:
+    """``count`` replicas of ``bluegreen serve --store <store_url>`` started in parallel, named
+    r0, r1, ...; they share one generated admin token (``log_dir/bluegreen.db.token``)."""
+    token_home = Path(log_dir) / "bluegreen.db"
+    async with contextlib.AsyncExitStack() as stack:
+        replicas = await asyncio.gather(*(
+            stack.enter_async_context(run_control_plane(
+                state_path=token_home, config_path=config_path, log_dir=Path(log_dir) / f"r{i}",
+                extra_args=("--store", store_url, "--replica-id", f"r{i}", "--lease-ttl", str(lease_ttl))))
+            for i in range(count)))
+        yield list(replicas)
+
+
+async def cluster_view(cp: ControlPlane) -> dict[str, Any]:
+    async with cp.session() as session, session.get(f"{cp.admin_url}/v1/cluster", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()  # type: ignore[no-any-return]

@@ -1,15 +1,22 @@
 #!/bin/sh
 # System packages the test suite needs, installed only when missing (Debian):
-# PostgreSQL server binaries for the migration tests (the tests start their own server on a
-# free loopback port; nothing else is configured).
+# - PostgreSQL server binaries for the migration tests (the tests start their own server on a
+#   free loopback port; nothing else is configured);
+# - etcd (etcd-server, and etcd-client for etcdctl) for the etcd store and replica tests (the
+#   tests start their own 3-member cluster on loopback ports; the packaged service is not used).
 set -e
-if ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+missing=""
+ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$missing postgresql"
+command -v etcd >/dev/null 2>&1 || missing="$missing etcd-server"
+command -v etcdctl >/dev/null 2>&1 || missing="$missing etcd-client"
+if [ -z "$missing" ]; then
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
-    echo "PostgreSQL server binaries are missing: run 'apt-get install postgresql' as root" >&2
+    echo "missing system packages:$missing: run 'apt-get install$missing' as root" >&2
     exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $missing >/dev/null

@@ -35,6 +35,22 @@ def test_envoy_bootstrap_is_accepted_by_envoy(tmp_path: Path, delta: bool) -> No
     assert check.returncode == 0 and "OK" in check.stdout + check.stderr, check.stdout + check.stderr
 
 
+def test_envoy_bootstrap_lists_every_replica_and_envoy_accepts_it(tmp_path: Path) -> None:
+    import yaml
+
+    out = tmp_path / "bootstrap.yaml"
+    replicas = ["127.0.0.1:18000", "127.0.0.1:18010", "127.0.0.2:18020"]
+    result = bluegreen("envoy-bootstrap", "--node-id", "edge-1", *[a for r in replicas for a in ("--xds", r)], "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    cluster = yaml.safe_load(out.read_text())["static_resources"]["clusters"][0]
+    endpoints = [e["endpoint"]["address"]["socket_address"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert [f"{e['address']}:{e['port_value']}" for e in endpoints] == replicas
+    check = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(out)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and "OK" in check.stdout + check.stderr, check.stdout + check.stderr
+    twice = bluegreen("envoy-bootstrap", "--node-id", "n", "--xds", replicas[0], "--xds", replicas[0])
+    assert twice.returncode != 0 and "named twice" in twice.stderr
+
+
 def test_envoy_bootstrap_for_a_dns_named_control_plane_uses_strict_dns(tmp_path: Path) -> None:
     result = bluegreen("envoy-bootstrap", "--node-id", "n", "--xds", "controlplane:18000")
     assert result.returncode == 0, result.stderr

@@ -58,3 +58,28 @@ def test_registered_endpoints_are_the_apps_static_addresses() -> None:
     assert registered == apps
     for name in ("app-blue", "app-green"):
         assert "--port 8080" in COMPOSE["services"][name]["command"]
+
+
+HA = ROOT / "deploy" / "ha"
+
+
+def test_ha_compose_files_exist_and_its_bootstrap_lists_every_replica(tmp_path: Path) -> None:
+    compose = yaml.safe_load((HA / "docker-compose.yml").read_text())
+    for name, service in compose["services"].items():
+        assert ":" in service["image"] and not service["image"].endswith(":latest"), name
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (HA / source).exists(), f"{name} mounts missing {source}"
+    assert (HA / compose["secrets"]["bluegreen_admin_token"]["file"]).is_file()
+    raw = yaml.safe_load((HA / "config.yaml").read_text())
+    raw["admin"]["token_file"] = str(HA / compose["secrets"]["bluegreen_admin_token"]["file"])
+    assert parse_settings(raw).tokens()
+    replicas = [n for n in compose["services"] if n.startswith("cp-")]
+    expected = render_bootstrap(node_id="edge-1", fleet="default", xds=[f"{r}:18000" for r in replicas],
+                                admin_address="0.0.0.0", admin_port=9901)
+    path = HA / "envoy-bootstrap.yaml"
+    assert path.read_text() == expected, ("re-render with: bluegreen envoy-bootstrap --node-id edge-1 --xds cp-1:18000 "
+                                          "--xds cp-2:18000 --xds cp-3:18000 --admin-address 0.0.0.0 -o deploy/ha/envoy-bootstrap.yaml")
+    check = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr

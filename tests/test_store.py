@@ -1,5 +1,10 @@
-"""Tests of the state store against the real SQLite backend (files under tmp_path), of the typed
-Repository on top of it, and of the xDS versions derived from stored state.
+"""Tests of the state store against both real backends (SQLite files under tmp_path, and a real
+3-member etcd cluster with a key prefix per test), of the typed Repository on top of them, and of
+the xDS versions derived from stored state.
+
+The contract tests take the ``store`` fixture, which runs them once per backend. They assert
+revisions relative to each other (etcd's revision is global to the cluster, so it starts wherever
+the cluster is), except where a test is SQLite-only.
 
 Watches are awaited with asyncio.wait_for and a timeout, never with sleeps.
 """
@@ -39,7 +44,9 @@ from controlplane.model import (
 )
 from controlplane.store.base import Txn
 from controlplane.store.repository import DEPLOYMENTS, SERVICES, Repository, deployment_key, service_key
+from controlplane.store.etcd import EtcdStore, open_etcd_store
 from controlplane.store.sqlite import SQLiteStore, open_sqlite_store
+from tests.etcd import EtcdCluster, fresh_prefix
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -55,16 +62,38 @@ VALUE: dict[str, Any] = {
 }
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    s = await open_sqlite_store(tmp_path / "state" / "store.db")
+@pytest.fixture(params=["sqlite", "etcd"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SQLiteStore | EtcdStore]:
+    s: SQLiteStore | EtcdStore
+    if request.param == "sqlite":
+        s = await open_sqlite_store(tmp_path / "state" / "store.db")
+    else:
+        cluster: EtcdCluster = request.getfixturevalue("etcd")
+        s = await open_etcd_store(cluster.endpoints, fresh_prefix())
     try:
         yield s
     finally:
         await s.close()
 
 
-async def snapshot_of(store: SQLiteStore) -> tuple[int, dict[str, tuple[dict[str, Any], int]]]:
+async def wait_until(watcher: AsyncIterator[int], revision: int) -> int:
+    """Next values of ``watcher`` until one reaches ``revision``; that value (asserting none
+    overshoots it, or goes backwards)."""
+    previous = -1
+    async for seen in watcher:
+        assert previous < seen <= revision, (previous, seen, revision)
+        if seen == revision:
+            return seen
+        previous = seen
+    raise AssertionError("watch ended")
+
+
+async def wait_for_seen(seen: list[int], revision: int) -> None:
+    while not seen or seen[-1] < revision:
+        await asyncio.sleep(0.01)
+
+
+async def snapshot_of(store: SQLiteStore | EtcdStore) -> tuple[int, dict[str, tuple[dict[str, Any], int]]]:
     listing = await store.list("")
     return listing.revision, {e.key: (e.value, e.mod_revision) for e in listing.entries}
 
@@ -73,31 +102,32 @@ async def snapshot_of(store: SQLiteStore) -> tuple[int, dict[str, tuple[dict[str
 # Revisions, get and list
 
 
-async def test_fresh_store_is_empty_at_revision_zero(store: SQLiteStore) -> None:
+async def test_fresh_store_is_empty_at_revision_zero(store: SQLiteStore | EtcdStore) -> None:
     assert await store.revision() == 0
     assert await store.get("services/shop") is None
     listing = await store.list(SERVICES)
     assert (listing.revision, listing.entries) == (0, ())
 
 
-async def test_commit_increments_the_global_revision(store: SQLiteStore) -> None:
+async def test_commit_increments_the_global_revision(store: SQLiteStore | EtcdStore) -> None:
     r1 = await store.commit(Txn().put("services/a", {"n": 1}))
     r2 = await store.commit(Txn().put("services/b", {"n": 2}).put("services/c", {"n": 3}))
     r3 = await store.commit(Txn().put("services/a", {"n": 4}))
-    assert (r1, r2, r3) == (1, 2, 3)
-    assert await store.revision() == 3
+    assert 0 < r1 < r2 < r3
+    assert await store.revision() == r3
     a, b, c = [await store.get(f"services/{k}") for k in "abc"]
     assert a is not None and b is not None and c is not None
     # Each key carries the revision of the commit that last wrote it; one txn, one revision.
-    assert (a.mod_revision, b.mod_revision, c.mod_revision) == (3, 2, 2)
+    assert (a.mod_revision, b.mod_revision, c.mod_revision) == (r3, r2, r2)
     assert a.value == {"n": 4}
     r4 = await store.commit(Txn().delete("services/b"))
-    assert r4 == 4
+    assert r4 > r3
     assert await store.get("services/b") is None
-    assert (await store.list(SERVICES)).revision == 4
+    # A deletion moves the listing's revision too (the generation proxies are served).
+    assert (await store.list(SERVICES)).revision == r4 == await store.revision()
 
 
-async def test_get_and_list_return_equal_dicts(store: SQLiteStore) -> None:
+async def test_get_and_list_return_equal_dicts(store: SQLiteStore | EtcdStore) -> None:
     await store.commit(Txn().put("services/shop", VALUE))
     entry = await store.get("services/shop")
     assert entry is not None and entry.value == VALUE and entry.key == "services/shop"
@@ -107,7 +137,7 @@ async def test_get_and_list_return_equal_dicts(store: SQLiteStore) -> None:
     assert entry.value is not VALUE
 
 
-async def test_list_is_a_prefix_range(store: SQLiteStore) -> None:
+async def test_list_is_a_prefix_range(store: SQLiteStore | EtcdStore) -> None:
     keys = [
         "services/a",
         "services/b/c",
@@ -145,7 +175,7 @@ async def test_list_is_a_prefix_range(store: SQLiteStore) -> None:
 # Compare-and-set
 
 
-async def test_list_skips_what_the_reader_already_has(store: SQLiteStore) -> None:
+async def test_list_skips_what_the_reader_already_has(store: SQLiteStore | EtcdStore) -> None:
     first = await store.commit(Txn().put("services/a", {"v": 1}).put("services/b", {"v": 1}).put("services/c", {"v": 1}))
     held = {e.key: e.mod_revision for e in (await store.list(SERVICES)).entries}
     second = await store.commit(Txn().put("services/b", {"v": 2}).delete("services/c").put("services/d", {"v": 1}))
@@ -159,7 +189,7 @@ async def test_list_skips_what_the_reader_already_has(store: SQLiteStore) -> Non
     assert again.kept == () and [e.key for e in again.entries] == ["services/a", "services/b", "services/d"]
 
 
-async def test_expect_zero_means_must_not_exist(store: SQLiteStore) -> None:
+async def test_expect_zero_means_must_not_exist(store: SQLiteStore | EtcdStore) -> None:
     r1 = await store.commit(Txn().expect("services/a", 0).put("services/a", {"v": 1}))
     with pytest.raises(RevisionConflict):
         await store.commit(Txn().expect("services/a", 0).put("services/a", {"v": 2}))
@@ -168,15 +198,15 @@ async def test_expect_zero_means_must_not_exist(store: SQLiteStore) -> None:
     assert await store.revision() == r1
 
 
-async def test_matching_mod_revision_commits(store: SQLiteStore) -> None:
+async def test_matching_mod_revision_commits(store: SQLiteStore | EtcdStore) -> None:
     r1 = await store.commit(Txn().put("services/a", {"v": 1}))
     r2 = await store.commit(Txn().expect("services/a", r1).put("services/a", {"v": 2}))
-    assert r2 == r1 + 1
+    assert r2 > r1
     entry = await store.get("services/a")
     assert entry is not None and (entry.value, entry.mod_revision) == ({"v": 2}, r2)
 
 
-async def test_stale_compare_raises_and_writes_nothing(store: SQLiteStore) -> None:
+async def test_stale_compare_raises_and_writes_nothing(store: SQLiteStore | EtcdStore) -> None:
     r1 = await store.commit(Txn().put("services/a", {"v": 1}).put("services/b", {"v": 1}))
     r2 = await store.commit(Txn().put("services/a", {"v": 2}))
     before = await snapshot_of(store)
@@ -200,11 +230,11 @@ async def test_stale_compare_raises_and_writes_nothing(store: SQLiteStore) -> No
     assert await store.revision() == r2
     assert await store.get("services/c") is None
     assert await store.get("services/d") is None
-    # The store still works, and the next revision follows on without a gap.
-    assert await store.commit(Txn().put("services/c", {"v": 4})) == r2 + 1
+    # The store still works, and revisions go on increasing.
+    assert await store.commit(Txn().put("services/c", {"v": 4})) > r2
 
 
-async def test_compare_on_a_deleted_key(store: SQLiteStore) -> None:
+async def test_compare_on_a_deleted_key(store: SQLiteStore | EtcdStore) -> None:
     r1 = await store.commit(Txn().put("services/a", {"v": 1}))
     await store.commit(Txn().expect("services/a", r1).delete("services/a"))
     with pytest.raises(RevisionConflict):
@@ -212,13 +242,13 @@ async def test_compare_on_a_deleted_key(store: SQLiteStore) -> None:
     await store.commit(Txn().expect("services/a", 0).put("services/a", {"v": 2}))
 
 
-async def test_conflict_is_a_blue_green_conflict(store: SQLiteStore) -> None:
+async def test_conflict_is_a_blue_green_conflict(store: SQLiteStore | EtcdStore) -> None:
     await store.commit(Txn().put("k", {}))
     with pytest.raises(BlueGreenError):
         await store.commit(Txn().expect("k", 0).put("k", {}))
 
 
-async def test_empty_transaction_is_refused(store: SQLiteStore) -> None:
+async def test_empty_transaction_is_refused(store: SQLiteStore | EtcdStore) -> None:
     with pytest.raises(ValueError):
         await store.commit(Txn())
     assert await store.revision() == 0
@@ -275,11 +305,11 @@ async def test_repository_state_survives_restart(tmp_path: Path) -> None:
 # Watch
 
 
-async def test_watch_yields_current_then_later_revisions(store: SQLiteStore) -> None:
-    await store.commit(Txn().put("a", {}))
+async def test_watch_yields_current_then_later_revisions(store: SQLiteStore | EtcdStore) -> None:
+    r1 = await store.commit(Txn().put("a", {}))
     watcher = store.watch()
     try:
-        assert await asyncio.wait_for(watcher.__anext__(), WAIT) == 1
+        assert await asyncio.wait_for(watcher.__anext__(), WAIT) == r1
         pending = asyncio.ensure_future(watcher.__anext__())
         await asyncio.sleep(0)  # let it start waiting (not a timing assumption: a yield to the loop)
         assert not pending.done()
@@ -291,14 +321,15 @@ async def test_watch_yields_current_then_later_revisions(store: SQLiteStore) -> 
         await watcher.aclose()
 
 
-async def test_slow_watcher_sees_the_latest_revision(store: SQLiteStore) -> None:
+async def test_slow_watcher_sees_the_latest_revision(store: SQLiteStore | EtcdStore) -> None:
     watcher = store.watch()
     try:
         assert await asyncio.wait_for(watcher.__anext__(), WAIT) == 0
         for i in range(5):
             last = await store.commit(Txn().put(f"k{i}", {"i": i}))
-        # Missed five commits: the next value is the latest revision, not r1.
-        assert await asyncio.wait_for(watcher.__anext__(), WAIT) == last == 5
+        # Missed five commits: the next value is the latest revision, not r1 (etcd's watch may
+        # hand over the intermediate ones first; it never goes past the latest).
+        assert await asyncio.wait_for(wait_until(watcher, last), WAIT) == last
         pending = asyncio.ensure_future(watcher.__anext__())
         r6 = await store.commit(Txn().put("k6", {}))
         assert await asyncio.wait_for(pending, WAIT) == r6
@@ -306,25 +337,27 @@ async def test_slow_watcher_sees_the_latest_revision(store: SQLiteStore) -> None
         await watcher.aclose()
 
 
-async def test_watcher_never_goes_backwards(store: SQLiteStore) -> None:
+async def test_watcher_never_goes_backwards(store: SQLiteStore | EtcdStore) -> None:
     watcher = store.watch()
     seen: list[int] = []
 
     async def consume() -> None:
         async for revision in watcher:
             seen.append(revision)
-            if revision >= 20:
-                return
 
     task = asyncio.ensure_future(consume())
-    await asyncio.gather(*(store.commit(Txn().put(f"k{i}", {"i": i})) for i in range(20)))
-    await asyncio.wait_for(task, WAIT)
+    revisions = await asyncio.gather(*(store.commit(Txn().put(f"k{i}", {"i": i})) for i in range(20)))
+    last = max(revisions)
+    await asyncio.wait_for(wait_for_seen(seen, last), WAIT)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
     await watcher.aclose()
-    assert seen[0] == 0 and seen[-1] == 20
+    assert seen[0] == 0 and seen[-1] == last
     assert all(a < b for a, b in zip(seen, seen[1:])), seen
 
 
-async def test_several_watchers_all_wake(store: SQLiteStore) -> None:
+async def test_several_watchers_all_wake(store: SQLiteStore | EtcdStore) -> None:
     watchers = [store.watch() for _ in range(3)]
     try:
         for w in watchers:
@@ -394,7 +427,7 @@ def spec(body: dict[str, Any], name: str = "shop") -> Any:
     return mutation
 
 
-async def test_mutate_creates_only_with_create(store: SQLiteStore) -> None:
+async def test_mutate_creates_only_with_create(store: SQLiteStore | EtcdStore) -> None:
     repo = Repository(store, clock=lambda: 1000.0)
     with pytest.raises(NotFoundError, match="shop"):
         await repo.mutate("shop", spec({"drain_seconds": 5}))
@@ -403,7 +436,8 @@ async def test_mutate_creates_only_with_create(store: SQLiteStore) -> None:
         await repo.service("shop")
 
     committed = await repo.mutate("shop", spec({"drain_seconds": 5}), create=True)
-    assert committed.revision == 1 and committed.accepted_at == 1000.0
+    assert committed.revision > 0 and committed.accepted_at == 1000.0
+    assert committed.revision == await store.revision()
     assert committed.change.service == Service(name="shop", drain_seconds=5)
     assert await repo.service("shop") == committed.change.service
     entry = await store.get(service_key("shop"))
@@ -414,7 +448,7 @@ async def test_mutate_creates_only_with_create(store: SQLiteStore) -> None:
     assert again.change.service == Service(name="shop", drain_seconds=5, prefix="/x")
 
 
-async def test_failing_mutation_writes_nothing(store: SQLiteStore) -> None:
+async def test_failing_mutation_writes_nothing(store: SQLiteStore | EtcdStore) -> None:
     repo = Repository(store)
     await repo.mutate("shop", spec({}), create=True)
     before = await snapshot_of(store)
@@ -431,7 +465,7 @@ async def test_failing_mutation_writes_nothing(store: SQLiteStore) -> None:
     assert await snapshot_of(store) == before
 
 
-async def test_mutate_writes_deployment_records(store: SQLiteStore) -> None:
+async def test_mutate_writes_deployment_records(store: SQLiteStore | EtcdStore) -> None:
     repo = Repository(store, clock=lambda: 1000.0)
     await repo.mutate("shop", spec({}), create=True)
     await repo.mutate("shop", lambda s, c, now: set_environment(s, GREEN, env("v1", "10.0.0.1:80"), c, now))  # type: ignore[arg-type]
@@ -489,8 +523,8 @@ class GatedKV:
         return revision
 
 
-async def test_two_replicas_mutating_concurrently_lose_no_update(store: SQLiteStore) -> None:
-    await Repository(store).mutate("shop", spec({}), create=True)
+async def test_two_replicas_mutating_concurrently_lose_no_update(store: SQLiteStore | EtcdStore) -> None:
+    first = await Repository(store).mutate("shop", spec({}), create=True)
     barrier = asyncio.Barrier(2)
     kv_a, kv_b = GatedKV(store, barrier), GatedKV(store, barrier)
     replica_a, replica_b = Repository(kv_a), Repository(kv_b)  # type: ignore[arg-type]
@@ -507,11 +541,11 @@ async def test_two_replicas_mutating_concurrently_lose_no_update(store: SQLiteSt
     # Exactly one of them lost the race, and retried on the fresh state.
     assert kv_a.conflicts + kv_b.conflicts == 1
     assert kv_a.commits == kv_b.commits == 1
-    assert sorted(r.revision for r in results) == [2, 3]
-    assert await store.revision() == 3
+    assert first.revision < min(r.revision for r in results) and len({r.revision for r in results}) == 2
+    assert await store.revision() == max(r.revision for r in results)
 
 
-async def test_many_concurrent_increments_across_replicas(store: SQLiteStore) -> None:
+async def test_many_concurrent_increments_across_replicas(store: SQLiteStore | EtcdStore) -> None:
     await Repository(store).mutate("shop", spec({"drain_seconds": 0}), create=True)
     replicas = [Repository(store) for _ in range(3)]
 
@@ -525,10 +559,9 @@ async def test_many_concurrent_increments_across_replicas(store: SQLiteStore) ->
 
     await asyncio.wait_for(asyncio.gather(*(bump(r, 5) for r in replicas)), WAIT * 2)
     assert (await replicas[0].service("shop")).drain_seconds == 15
-    assert await store.revision() == 16
 
 
-async def test_current_deployments_picks_latest_live_record_per_environment(store: SQLiteStore) -> None:
+async def test_current_deployments_picks_latest_live_record_per_environment(store: SQLiteStore | EtcdStore) -> None:
     def rec(service: str, seq: int, environment: Environment, status: DeploymentStatus) -> Deployment:
         return Deployment(f"{service}-{seq}", service, f"v{seq}", environment, status, deployed_at=float(seq))
 
@@ -591,7 +624,7 @@ def raw_version(service: Service) -> str:
     return service_version.__wrapped__(service)  # type: ignore[attr-defined]
 
 
-async def test_service_version_is_a_function_of_state(store: SQLiteStore) -> None:
+async def test_service_version_is_a_function_of_state(store: SQLiteStore | EtcdStore) -> None:
     service = make_service()
     twin = make_service()
     assert twin == service and twin is not service

@@ -140,6 +140,14 @@ def _convergence_view(cp: ControlPlane, service: Service) -> dict[str, Any]:
     fleets = []
     for fleet in cp.fleets_serving(service.name):
         status = cp.convergence.status(fleet, require_all=service.require_all_proxies)
+        if cp.shared is not None:  # replicas: the other replicas' proxies, as reported through etcd
+            flag = "all_converged" if service.require_all_proxies else "converged"
+            for other in cp.shared.remote(fleet).values():
+                status["proxies"] += other["connected"]
+                status["acked"] += other["acked"]
+                status["lagging"] = sorted([*status["lagging"], *other["lagging"]])
+                status["rejecting"] = sorted([*status["rejecting"], *other["rejecting"]])
+                status["converged"] = status["converged"] and other[flag] and other["generation"] >= status["generation"]
         fleets.append({"fleet": fleet, **status})
     return {
         "fleets": fleets,
@@ -196,11 +204,12 @@ async def _respond_with_state(request: web.Request, committed: Committed | None,
         since = accepted if accepted is not None else time.monotonic()
         # Waits for the proxies the convergence policy waits for; lagging and rejecting ones
         # are named in the answer (all of them with the service's require_all_proxies).
-        future = cp.convergence.wait(cp.fleets_serving(service_name), revision, since, require_all=service.require_all_proxies)
-        try:
-            result = await asyncio.wait_for(future, timeout)
+        # With replicas, also every other replica's proxies (cp.wait_fleet_converged).
+        result = await cp.wait_fleet_converged(cp.fleets_serving(service_name), revision, since, timeout,
+                                               require_all=service.require_all_proxies)
+        if result is not None:
             wait_result = {"converged": True, "seconds": round(result.seconds, 6)}
-        except asyncio.TimeoutError:
+        else:
             wait_result = {"converged": False, "seconds": None, "timed_out_after": timeout}
             status = 202  # the change is stored and being pushed; not every proxy has ACKed it yet
     view = await _service_view(cp, service)
@@ -251,7 +260,11 @@ async def readyz(request: web.Request) -> web.Response:
         # A real read (of a key that need not exist): revision() may be answered from memory.
         await asyncio.wait_for(cp.kv.get("readyz"), READY_STORE_TIMEOUT)
         store_revision = await cp.kv.revision()
-    except (StoreError, OSError, asyncio.TimeoutError) as exc:
+    except asyncio.TimeoutError:
+        name = getattr(cp.kv, "name", "the state store")
+        body.update(status="not ready", error=f"state store unreachable: {name}: no answer within {READY_STORE_TIMEOUT:g}s")
+        return web.json_response(body, status=503)
+    except (StoreError, OSError) as exc:
         body.update(status="not ready", error=f"state store unreachable: {exc!r}")
         return web.json_response(body, status=503)
     body["store_revision"] = store_revision
@@ -433,10 +446,25 @@ def _proxy_view(cp: ControlPlane, stream: Any) -> dict[str, Any]:
     }
 
 
+def local_proxy_rows(cp: ControlPlane) -> list[dict[str, Any]]:
+    """The /v1/proxies rows of this replica's proxies (what it shares with the other replicas)."""
+    return [{**_proxy_view(cp, s), "replica": cp.cluster.replica_id} for _, s in sorted(cp.ads.streams.items())]
+
+
 async def list_proxies(request: web.Request) -> web.Response:
+    """Every proxy of every replica: this replica's live, the others' as they last reported
+    through etcd (within ~100 ms; a dead replica's rows vanish with its lease)."""
     cp = request.app[CONTROL_PLANE]
-    proxies = [_proxy_view(cp, s) for _, s in sorted(cp.ads.streams.items())]
+    proxies = local_proxy_rows(cp)
+    if cp.shared is not None:
+        proxies += cp.shared.remote_rows()
     return web.json_response({"proxies": proxies})
+
+
+async def get_cluster(request: web.Request) -> web.Response:
+    """The replicas sharing this store and which of them leads the workflow."""
+    cp = request.app[CONTROL_PLANE]
+    return web.json_response(await cp.cluster.view())
 
 
 ROUTES: list[tuple[str, str, Handler]] = [
@@ -458,6 +486,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     *[("POST", f"/v1/deployments/{{id}}/{action}", _deployment_action(action))
       for action in ("promote", "pause", "resume", "rollback", "abort", "decommission")],
     ("GET", "/v1/proxies", list_proxies),
+    ("GET", "/v1/cluster", get_cluster),
 ]
 
 

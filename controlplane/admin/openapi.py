@@ -343,7 +343,8 @@ OPENAPI: dict[str, Any] = {
                 "type": "object",
                 "required": ["stream_id", "node_id", "fleet", "protocol", "connected_since", "converged", "types"],
                 "properties": {
-                    "stream_id": {"type": "integer"},
+                    "stream_id": {"type": "integer", "description": "Unique within its replica."},
+                    "replica": {"type": "string", "description": "The replica the proxy is connected to (GET /v1/cluster)."},
                     "node_id": {"type": "string"},
                     "fleet": {"type": "string"},
                     "protocol": {"type": "string", "enum": ["sotw", "delta"]},
@@ -536,6 +537,33 @@ OPENAPI: dict[str, Any] = {
             "get": {
                 "summary": "Connected proxies: node, fleet, per-type ACKed version, last NACK, connected since.",
                 "responses": {"200": _json({"type": "object", "required": ["proxies"], "properties": {"proxies": {"type": "array", "items": {"$ref": "#/components/schemas/Proxy"}}}}, "Proxies.")},
+            }
+        },
+        "/v1/cluster": {
+            "get": {
+                "summary": "The replicas sharing this store (etcd), and the leader that runs the deployment workflow.",
+                "description": "Without etcd: one replica, the leader. A replica's row vanishes within its lease TTL after it dies.",
+                "responses": {
+                    "200": _json({
+                        "type": "object", "required": ["leader", "replicas"],
+                        "properties": {
+                            "leader": {"type": ["string", "null"], "description": "Replica id of the leader; null during an election."},
+                            "replicas": {"type": "array", "items": {
+                                "type": "object",
+                                "required": ["id", "xds", "admin", "connected_proxies", "store_revision", "last_seen"],
+                                "properties": {
+                                    "id": {"type": "string"},
+                                    "xds": {"type": "string", "description": "xDS address (HOST:PORT)"},
+                                    "admin": {"type": "string", "description": "admin API address (HOST:PORT)"},
+                                    "connected_proxies": {"type": "integer", "minimum": 0},
+                                    "store_revision": {"type": "integer", "description": "config revision this replica has published"},
+                                    "last_seen": {"type": "number", "description": "Unix time of its last heartbeat"},
+                                },
+                            }},
+                        },
+                    }, "Leader and replicas."),
+                    "503": _json(_ERROR, "The state store is unreachable; the message names it."),
+                },
             }
         },
     },

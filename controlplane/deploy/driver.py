@@ -22,7 +22,7 @@ import aiohttp
 
 from . import transitions
 from .spec import Analysis, DeploymentSpec, Migrations, parse_deployment_spec, parse_migrations
-from ..errors import ConflictError, ContractBlocked, MigrationError, NotFoundError
+from ..errors import ConflictError, ContractBlocked, MigrationError, NotFoundError, NotLeader
 from ..migrations.files import MigrationSet, Phase
 from ..migrations.gate import contract_blockers, refusal
 from ..metrics import Metrics
@@ -60,6 +60,15 @@ class Waiter(Protocol):
 
 
 RoutingTo = Callable[[tuple[str, ...], str], tuple[str, ...]]  # (fleets, cluster) -> node ids still routing to it
+
+
+class Leadership(Protocol):
+    """Whether this replica runs the workflow, and the fence its writes carry (controlplane.cluster)."""
+
+    @property
+    def is_leader(self) -> bool: ...
+
+    def fence(self) -> Any: ...
 
 
 def judge(analysis: Analysis, figures: Mapping[str, Any]) -> tuple[str, str | None]:
@@ -100,15 +109,47 @@ class Rollouts:
         self._specs: dict[str, tuple[tuple[str, float], DeploymentSpec]] = {}  # service -> ((id, deployed_at), parsed spec)
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
+        # None: one process, always in charge. With replicas only the leader's driver runs
+        # loops, and each of its writes is fenced by its election (see controlplane.cluster).
+        self.leadership: Leadership | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    @property
+    def leading(self) -> bool:
+        return self.leadership is None or self.leadership.is_leader
+
+    def _fence(self) -> tuple[str, int] | None:
+        """The fence of a workflow write now; NotLeader once this replica does not lead."""
+        if self.leadership is None:
+            return None
+        if not self.leadership.is_leader:
+            raise NotLeader("this replica is not the leader: the workflow runs on the leader")
+        fence = self.leadership.fence()
+        return (fence.key, fence.mod_revision) if fence is not None else None
+
     async def start(self) -> None:
+        """Open the HTTP session, and resume the deployments under way if this replica leads."""
         self._session = aiohttp.ClientSession()
+        if self.leadership is None:
+            await self.activate()
+
+    async def activate(self) -> None:
+        """Take charge (start-up, or elected leader): resume every service with unfinished work
+        from its stored deadlines."""
         for service in (await self.repo.state()).services:
             records = await self.repo.deployments(service.name)
             if any(r.deadline is not None or r.in_progress or r.hooks_pending for r in records):
                 self.poke(service.name)
+
+    async def deactivate(self) -> None:
+        """Stop every loop (deposed): the new leader resumes them from the store."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._windows.clear()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -121,8 +162,8 @@ class Rollouts:
 
     def poke(self, service: str) -> None:
         """Look at ``service`` now (after a command, or to resume its work)."""
-        if self._stopping:
-            return
+        if self._stopping or not self.leading:
+            return  # not the leader: the leader sees the change through the store watch
         self._events.setdefault(service, asyncio.Event()).set()
         task = self._tasks.get(service)
         if task is None or task.done():
@@ -193,6 +234,10 @@ class Rollouts:
             except asyncio.CancelledError:
                 raise
             except NotFoundError:
+                return
+            except NotLeader as exc:
+                log.warning("deployment driver for %s stops: %s", name, exc)
+                self._tasks.pop(name, None)
                 return
             except ConflictError as exc:
                 # Someone else changed the deployment first; look again, but never spin on a
@@ -329,7 +374,7 @@ class Rollouts:
         return cached[1]
 
     async def _mutate(self, name: str, transition: Callable[[Service, Any, float], Change]) -> Committed:
-        committed = await self.repo.mutate(name, lambda s, c, now: transition(_require(s), c, now))
+        committed = await self.repo.mutate(name, lambda s, c, now: transition(_require(s), c, now), fence=self._fence())
         self._count(committed)
         for record in committed.change.deployments:
             if _just_activated(record):
@@ -434,7 +479,7 @@ class Rollouts:
             return
         text = f"{gate} proceeded without proxies that did not converge ({'; '.join(parts)})"
         log.warning("%s: %s", d.id, text)
-        await self.repo.update_record(d.service, d.id, lambda r, now: _noted(r, now, text))
+        await self.repo.update_record(d.service, d.id, lambda r, now: _noted(r, now, text), fence=self._fence())
 
     # -- analysis ------------------------------------------------------------------------------
 
@@ -482,11 +527,11 @@ class Rollouts:
             problem = await call_webhook(self._session, hook, {
                 "event": "decommission", "service": record.service, "deployment": record.id,
                 "version": record.version, "environment": record.environment.value,
-            })
+            }, delivery=f"{record.id}/decommission")
             if problem:
                 problems.append(problem)
         reason = "decommission hooks: " + ("; ".join(problems) if problems else f"{len(hooks)} called") if hooks else "no decommission hooks"
-        await self.repo.update_record(record.service, record.id, lambda r, now: _hooks_done(r, now, reason))
+        await self.repo.update_record(record.service, record.id, lambda r, now: _hooks_done(r, now, reason), fence=self._fence())
 
 
 def _hooks_done(record: Deployment, now: float, reason: str) -> Deployment:

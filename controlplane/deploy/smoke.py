@@ -143,10 +143,18 @@ async def _stop_group(process: asyncio.subprocess.Process) -> None:
         await process.wait()
 
 
-async def call_webhook(session: aiohttp.ClientSession, hook: Webhook, payload: Mapping[str, Any]) -> str | None:
+async def call_webhook(session: aiohttp.ClientSession, hook: Webhook, payload: Mapping[str, Any], *,
+                       delivery: str | None = None) -> str | None:
+    """POST ``payload``; None on a 2xx, else the problem. ``delivery`` goes out as the
+    ``X-Bluegreen-Delivery`` header: the same value for every attempt of one event (a new leader
+    that repeats a call the old one made before it died sends the same key), so a receiver can
+    drop duplicates."""
+    headers = {"Content-Type": "application/json"}
+    if delivery:
+        headers["X-Bluegreen-Delivery"] = delivery
     try:
         timeout = aiohttp.ClientTimeout(total=hook.timeout_seconds)
-        async with session.post(hook.url, data=json.dumps(payload), headers={"Content-Type": "application/json"}, timeout=timeout) as response:
+        async with session.post(hook.url, data=json.dumps(payload), headers=headers, timeout=timeout) as response:
             if 200 <= response.status < 300:
                 return None
             return f"webhook {hook.url}: status {response.status}"
@@ -170,7 +178,8 @@ async def run_smoke(session: aiohttp.ClientSession, smoke: Smoke, target: Previe
         if problem:
             failures.append(problem)
     for hook in smoke.webhooks:
-        problem = await call_webhook(session, hook, {"event": "smoke", "preview_url": target.base_url, **context})
+        problem = await call_webhook(session, hook, {"event": "smoke", "preview_url": target.base_url, **context},
+                                     delivery=f"{context['deployment']}/smoke" if "deployment" in context else None)
         if problem:
             failures.append(problem)
     total = len(smoke.checks) + len(smoke.commands) + len(smoke.webhooks)

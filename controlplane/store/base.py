@@ -48,20 +48,26 @@ class Txn:
     compares: dict[str, int] = field(default_factory=dict)
     puts: dict[str, dict[str, Any]] = field(default_factory=dict)
     deletes: set[str] = field(default_factory=set)
+    # key -> lease id for puts attached to a lease (etcd: the key vanishes with the lease).
+    # Backends without leases (SQLite: one process, no replicas to outlive) ignore them.
+    leases: dict[str, int] = field(default_factory=dict)
 
     def expect(self, key: str, mod_revision: int) -> Txn:
         """Require ``key`` to have ``mod_revision`` at commit time (0: the key must not exist)."""
         self.compares[key] = mod_revision
         return self
 
-    def put(self, key: str, value: dict[str, Any]) -> Txn:
+    def put(self, key: str, value: dict[str, Any], *, lease: int = 0) -> Txn:
         self.puts[key] = value
         self.deletes.discard(key)
+        if lease:
+            self.leases[key] = lease
         return self
 
     def delete(self, key: str) -> Txn:
         self.deletes.add(key)
         self.puts.pop(key, None)
+        self.leases.pop(key, None)
         return self
 
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from ..errors import NotFoundError, RevisionConflict
+from ..errors import NotFoundError, NotLeader, RevisionConflict
 from ..model import (
     Change,
     Deployment,
@@ -38,6 +38,7 @@ DEPLOYMENTS = "deployments/"
 MAX_ATTEMPTS = 20
 
 Mutation = Callable[[Service | None, Mapping[Environment, Deployment | None], float], Change]
+Fence = tuple[str, int]  # (key, mod_revision) a fenced write requires; see controlplane.cluster
 
 
 def service_key(name: str) -> str:
@@ -105,9 +106,20 @@ class Repository:
                 current[record.environment] = record
         return current
 
-    async def mutate(self, name: str, mutation: Mutation, *, create: bool = False) -> Committed:
+    async def _check_fence(self, fence: Fence | None) -> None:
+        """After a conflict: NotLeader if the fence moved (retrying could never succeed)."""
+        if fence is None:
+            return
+        entry = await self.kv.get(fence[0])
+        if entry is None or entry.mod_revision != fence[1]:
+            raise NotLeader(f"fenced write refused: {fence[0]} is no longer at revision {fence[1]} "
+                            "(this replica is not the leader any more)")
+
+    async def mutate(self, name: str, mutation: Mutation, *, create: bool = False, fence: Fence | None = None) -> Committed:
         """Apply ``mutation`` atomically. Raises NotFoundError for an unknown service unless
-        ``create``; errors raised by ``mutation`` propagate and nothing is written."""
+        ``create``; errors raised by ``mutation`` propagate and nothing is written. With
+        ``fence`` the write also requires that key to be at that mod_revision, and raises
+        NotLeader (writing nothing) once it is not."""
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:  # serializes writers of this service within this process
             for _ in range(MAX_ATTEMPTS):
@@ -124,6 +136,8 @@ class Repository:
                         current[record.environment] = record
                 change = mutation(service, current, self._clock())
                 txn = Txn().expect(service_key(name), entry.mod_revision if entry else 0)
+                if fence is not None:
+                    txn.expect(*fence)
                 txn.put(service_key(name), service_to_dict(change.service))
                 for record in change.deployments:
                     key = deployment_key(name, _seq(record.id))
@@ -131,11 +145,13 @@ class Repository:
                 try:
                     revision = await self.kv.commit(txn)
                 except RevisionConflict:
+                    await self._check_fence(fence)
                     continue  # another replica wrote first: re-read and re-apply
                 return Committed(revision, change, self._clock())
         raise RevisionConflict(f"service {name!r}: gave up after {MAX_ATTEMPTS} conflicting concurrent updates")
 
-    async def update_record(self, service: str, deployment_id: str, update: Callable[[Deployment, float], Deployment]) -> int:
+    async def update_record(self, service: str, deployment_id: str, update: Callable[[Deployment, float], Deployment],
+                            *, fence: Fence | None = None) -> int:
         """Rewrite one deployment record (any status) with compare-and-set on that record alone."""
         key = deployment_key(service, _seq(deployment_id))
         for _ in range(MAX_ATTEMPTS):
@@ -143,9 +159,13 @@ class Repository:
             if entry is None:
                 raise NotFoundError(f"unknown deployment {deployment_id!r}")
             record = update(deployment_from_dict(entry.value), self._clock())
+            txn = Txn().expect(key, entry.mod_revision).put(key, deployment_to_dict(record))
+            if fence is not None:
+                txn.expect(*fence)
             try:
-                return await self.kv.commit(Txn().expect(key, entry.mod_revision).put(key, deployment_to_dict(record)))
+                return await self.kv.commit(txn)
             except RevisionConflict:
+                await self._check_fence(fence)
                 continue
         raise RevisionConflict(f"deployment {deployment_id!r}: gave up after {MAX_ATTEMPTS} conflicting concurrent updates")
 

@@ -57,6 +57,7 @@ class SQLiteStore:
 
     def __init__(self, path: str | Path, *, lock: bool = False) -> None:
         self._path = str(path)
+        self.name = f"sqlite store {self._path}"
         self._lock = lock
         self._lock_fd: int | None = None
         self._commits: set[asyncio.Task[int]] = set()  # in flight; referenced so none is collected
