@@ -270,6 +270,9 @@ class Deployment:
     hooks_pending: bool = False  # decommission webhooks still to be called
     waiting_for: str | None = None  # what a due decommission waits for (proxies still routing to it)
     history: tuple[Event, ...] = ()
+    # The figures of the last analysis intervals (each with its time, "at"), oldest first; the
+    # dashboard draws them. Bounded (transitions.INTERVALS_KEPT).
+    intervals: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def in_progress(self) -> bool:
@@ -638,6 +641,7 @@ def deployment_to_dict(d: Deployment) -> dict[str, Any]:
         "hooks_pending": d.hooks_pending,
         "waiting_for": d.waiting_for,
         "history": [{"at": e.at, "status": e.status, "actor": e.actor, "reason": e.reason} for e in d.history],
+        "intervals": [dict(i) for i in d.intervals],
     }
 
 
@@ -668,4 +672,5 @@ def deployment_from_dict(data: Mapping[str, Any]) -> Deployment:
         hooks_pending=data.get("hooks_pending", False),
         waiting_for=data.get("waiting_for"),
         history=tuple(Event(e["at"], e["status"], e["actor"], e["reason"]) for e in data.get("history", ())),
+        intervals=tuple(data.get("intervals", ())),  # absent from records of older releases
     )

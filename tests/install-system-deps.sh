@@ -1,15 +1,23 @@
 #!/bin/sh
-# System packages the test suite needs, installed only when missing (Debian):
-# PostgreSQL server binaries for the migration tests (the tests start their own server on a
-# free loopback port; nothing else is configured).
+# System packages the test suite needs, installed only when missing (Debian), quietly:
+# - PostgreSQL server binaries for the migration tests (the tests start their own server on a
+#   free loopback port; nothing else is configured);
+# - chromium and chromium-driver for the dashboard's browser tests (tests/test_ui.py);
+# - prometheus (with promtool) for the Grafana dashboard, alert rules and PromQL analysis tests.
 set -e
-if ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+missing=""
+ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$missing postgresql"
+[ -x /usr/bin/chromium ] || missing="$missing chromium"
+[ -x /usr/bin/chromedriver ] || missing="$missing chromium-driver"
+{ [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ]; } || missing="$missing prometheus"
+if [ -z "$missing" ]; then
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
-    echo "PostgreSQL server binaries are missing: run 'apt-get install postgresql' as root" >&2
+    echo "missing system packages:$missing; run 'apt-get install$missing' as root" >&2
     exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+# shellcheck disable=SC2086  # one word per package
+apt-get install -y -qq --no-install-recommends $missing >/dev/null

@@ -26,6 +26,7 @@ from ..store.repository import Committed
 from ..deploy.spec import parse_deployment_spec, parse_migrations
 from .auth import Authenticator, actor_of, content_type_middleware, security_middleware
 from .openapi import OPENAPI
+from . import ui
 from .policy import check_deployment, check_migrations
 
 log = logging.getLogger(__name__)
@@ -457,6 +458,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     *[("POST", f"/v1/deployments/{{id}}/{action}", _deployment_action(action))
       for action in ("promote", "pause", "resume", "rollback", "abort", "decommission")],
     ("GET", "/v1/proxies", list_proxies),
+    *ui.ROUTES,  # the dashboard, its live feed and whoami (admin/ui/)
 ]
 
 
@@ -468,6 +470,7 @@ def build_admin_app(cp: ControlPlane, auth: Authenticator | None, *, hosts: tupl
     middlewares += [errors_middleware, content_type_middleware]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[CONTROL_PLANE] = cp
+    ui.install(app, cp.kv.watch, cp.convergence.listeners)
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     return app

@@ -120,6 +120,8 @@ OPENAPI: dict[str, Any] = {
                     "no_data_intervals": {"type": "integer", "description": "Consecutive analysis intervals with fewer than min_requests requests."},
                     "extended": {"type": "boolean", "description": "The current step or bake went on past its deadline to be judged; the history says why."},
                     "analysis": {"type": ["object", "null"], "description": "Latest analysis figures."},
+                    "intervals": {"type": "array", "items": {"type": "object"},
+                                  "description": "Figures of the last analysis intervals (at most 30, oldest first), each with `at` (epoch seconds) and `verdict`."},
                     "reason": {"type": ["string", "null"]},
                     "counterpart": {"type": ["string", "null"], "description": "Deployment id of the other environment this one replaces or serves as standby for."},
                     "hooks_pending": {"type": "boolean"},
@@ -494,6 +496,34 @@ OPENAPI: dict[str, Any] = {
                 "parameters": [_ID, {"name": "force", "in": "query", "required": False, "schema": {"type": "string", "enum": ["true", "false"], "default": "false"},
                                      "description": "Decommission even while proxies still route to the environment; the history records it."}],
                 "responses": {"200": _json({"$ref": "#/components/schemas/Deployment"}, "The deployment after the command."), **_ERRORS},
+            }
+        },
+        "/v1/whoami": {
+            "get": {
+                "summary": "The calling token's name and role (the dashboard hides the buttons a viewer may not use; the server enforces roles anyway).",
+                "responses": {"200": _json({"type": "object", "required": ["name", "role"], "properties": {
+                    "name": {"type": "string"}, "role": {"type": "string", "enum": ["viewer", "operator", "admin"]}}}, "The token's identity.")},
+            }
+        },
+        "/v1/events": {
+            "get": {
+                "summary": "Live feed (text/event-stream) for the dashboard: an event `hello` at once, then `change` (data: "
+                           "`{\"store_revision\", \"proxies\"}`) at most every 200 ms after the stored state or the proxies' "
+                           "convergence changed, and a comment line every 15 s. Read it with fetch() and the Authorization header.",
+                "responses": {"200": {"description": "text/event-stream; one JSON object per `data:` line"}},
+            }
+        },
+        "/ui": {
+            "get": {
+                "summary": "The web dashboard (HTML). Carries no data: the page calls the API with the token from `#token=...` or the one it asks for.",
+                "responses": {"200": {"description": "text/html"}},
+            }
+        },
+        "/ui/{file}": {
+            "get": {
+                "summary": "The dashboard's static files (JavaScript, CSS), shipped in the package.",
+                "parameters": [{"name": "file", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "The file"}, "404": _json(_ERROR, "No such file.")},
             }
         },
         "/v1/proxies": {
