@@ -368,6 +368,15 @@ class Rollouts:
             phase = "paused"
         for known in ("idle", "deploying", "ready", "shifting", "baking", "paused"):
             self.metrics.deployment_phase.labels(service.name, known).set(1 if known == phase else 0)
+        self._init_counters(service.name)
+
+    def _init_counters(self, name: str) -> None:
+        """Create the service's result counters at 0, so the first deployment's end and the first
+        rollback are an increase that rate(), increase() and alert rules can see."""
+        for result in ("succeeded", "failed", "rolled_back"):
+            self.metrics.deployments.labels(name, result)
+        for reason in ("automatic", "api"):
+            self.metrics.rollbacks.labels(name, reason)
 
     # -- migrations ----------------------------------------------------------------------------
 
