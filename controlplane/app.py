@@ -29,6 +29,7 @@ from .fleet.convergence import WaitResult
 from .fleet import Convergence, Publisher, SnapshotBuilder, fleet_resolver, service_version  # noqa: F401  (re-exported)
 from .fleet.telemetry_auth import telemetry_authorizer
 from .metrics import Metrics
+from .notify import Notifier
 from .store.base import KVStore
 from .store.repository import Repository
 from .telemetry import MetricsSink, add_metrics_service
@@ -64,6 +65,10 @@ class ControlPlane:
         self.grpc_server: grpc.aio.Server | None = None
         self.xds_port: int | None = None
         self._publisher_task: asyncio.Task[None] | None = None
+        # Deployment event notifications: a task of its own, so that with replicas only the
+        # leader runs it (start_notifier / stop_notifier). None when none are configured.
+        self.notifier = Notifier(kv, self.repo, settings.notifications, self.metrics) if settings.notifications else None
+        self._notifier_task: asyncio.Task[None] | None = None
 
     async def start(self, xds_address: str) -> None:
         await self.publisher.publish_once()  # before the port opens: never serve an empty config
@@ -99,6 +104,17 @@ class ControlPlane:
         self.grpc_server = server
         self.rollouts.telemetry = self.telemetry
         await self.rollouts.start()  # resumes deployments that were under way
+        self.start_notifier()
+
+    def start_notifier(self) -> None:
+        if self.notifier is not None and self._notifier_task is None:
+            self._notifier_task = asyncio.create_task(self.notifier.run(), name="notifier")
+
+    async def stop_notifier(self) -> None:
+        task, self._notifier_task = self._notifier_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     def _listen(self, server: grpc.aio.Server, address: str) -> int:
         tls = self.settings.xds.tls
@@ -130,6 +146,7 @@ class ControlPlane:
 
     async def stop(self, grace: float = 2.0) -> None:
         errors: list[BaseException] = []
+        await self.stop_notifier()
         await self.rollouts.stop()
         self.convergence.close()
         if self.grpc_server is not None:

@@ -62,6 +62,7 @@ import yaml
 
 from .errors import ConfigError, ValidationError
 from .model import DEFAULT_FLEET, Fleet, ListenerSpec, validate_service_name
+from .notify.events import EVENTS, FORMATS, WebhookTarget
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ class Settings:
     # fleet name -> identity patterns allowed to join it (fleets absent here: any client the
     # transport admits). See :func:`identity_allowed`.
     fleet_identities: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    notifications: tuple[WebhookTarget, ...] = ()  # the notifications: section (docs/notifications.md)
 
     def tokens(self) -> tuple[TokenSpec, ...]:
         """Every configured token; empty means `bluegreen serve` generates one."""
@@ -404,7 +406,7 @@ def parse_settings(data: object) -> Settings:
     if data is None:
         return Settings()
     root = _mapping("config", data)
-    _check_keys("config", root, {"admin", "convergence", "fleets", "smoke", "webhooks", "migrations", "xds"})
+    _check_keys("config", root, {"admin", "convergence", "fleets", "smoke", "webhooks", "migrations", "xds", "notifications"})
     token, admin = _admin(root["admin"]) if "admin" in root else (None, AdminSettings())
     allow = Allowlists(
         smoke_commands=_smoke_commands(root["smoke"]) if "smoke" in root else (),
@@ -433,8 +435,48 @@ def parse_settings(data: object) -> Settings:
     if identities and xds.tls is None:
         # Without mTLS there is no verified identity to match: the list would refuse every proxy.
         raise ConfigError(f"fleets.{next(iter(identities))}.identities: needs xds.tls (client certificates)")
+    notifications = _notifications(root["notifications"], allow) if "notifications" in root else ()
     return Settings(fleets=fleets, admin_token=token, admin=admin, allow=allow, lagging_after_seconds=lagging_after,
-                    xds=xds, fleet_identities=identities)
+                    xds=xds, fleet_identities=identities, notifications=notifications)
+
+
+def _notifications(raw: object, allow: Allowlists) -> tuple[WebhookTarget, ...]:
+    """``notifications: {webhooks: [{url, secret_file, format, events, timeout_seconds}]}``; each
+    URL must pass ``webhooks.allowed`` and each secret file must be readable now."""
+    from .admin.policy import url_allowed  # late: the policy module needs this one's Allowlists
+
+    data = _mapping("notifications", raw)
+    _check_keys("notifications", data, {"webhooks"})
+    hooks = data.get("webhooks", [])
+    if not isinstance(hooks, list):
+        raise ConfigError(f"notifications.webhooks: expected a list, got {type(hooks).__name__}")
+    targets = []
+    for i, raw_hook in enumerate(hooks):
+        where = f"notifications.webhooks[{i}]"
+        hook = _mapping(where, raw_hook)
+        _check_keys(where, hook, {"url", "secret_file", "format", "events", "timeout_seconds"})
+        url = hook.get("url")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.url: expected an http:// or https:// URL, got {url!r}")
+        if not url_allowed(url, allow.webhooks):
+            raise ConfigError(f"{where}.url: {url} is not allowed by webhooks.allowed {list(allow.webhooks)}")
+        fmt = hook.get("format", "json")
+        if fmt not in FORMATS:
+            raise ConfigError(f"{where}.format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+        events = _string_list(f"{where}.events", hook.get("events", []))
+        unknown = sorted(set(events) - set(EVENTS))
+        if unknown:
+            raise ConfigError(f"{where}.events: unknown event(s) {', '.join(unknown)}; known: {', '.join(EVENTS)}")
+        secret_file = hook.get("secret_file")
+        if secret_file is not None:
+            try:
+                if not Path(str(secret_file)).read_bytes().strip():
+                    raise ConfigError(f"{where}.secret_file: {secret_file} is empty")
+            except OSError as exc:
+                raise ConfigError(f"{where}.secret_file: {exc}") from exc
+        timeout = _seconds(f"{where}.timeout_seconds", hook.get("timeout_seconds", 5.0), nullable=False)
+        targets.append(WebhookTarget(url, fmt, str(secret_file) if secret_file is not None else None, events, timeout or 5.0))
+    return tuple(targets)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

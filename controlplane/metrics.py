@@ -95,3 +95,13 @@ class Metrics:
             "foreign_cluster, future_timestamp, absurd_rate, negative_value, malformed",
             ["reason"], registry=r,
         )
+        self.notifications = Counter(
+            "bluegreen_notifications_total",
+            "Deployment event notifications (webhooks) sent, by result: delivered (2xx) or failed (an attempt; retried)",
+            ["result"], registry=r,
+        )
+        for result in ("delivered", "failed"):
+            self.notifications.labels(result)
+        self.notifications_pending = Gauge(
+            "bluegreen_notifications_pending", "Notifications in the outbox, not yet delivered", registry=r,
+        )

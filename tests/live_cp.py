@@ -5,6 +5,7 @@ stopped (and its log shown on failure) by the context manager."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import json
 import subprocess
 import sys
@@ -30,6 +31,15 @@ class LiveControlPlane:
     log_path: Path
     state_path: Path
     config_path: Path
+    argv: list[str]
+
+    def restart(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the process with ``sig`` (SIGKILL: a crash) and start a new one on the same ports."""
+        self.process.send_signal(sig)
+        self.process.wait(15)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        _wait_healthy(self)
 
     def call(self, method: str, path: str, body: Any = None, *, role: str = "admin", timeout: float = 15) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
@@ -77,29 +87,33 @@ def live_control_plane(directory: Path, extra_config: dict[str, Any] | None = No
             "--xds", f"127.0.0.1:{xds_port}", "--admin", f"127.0.0.1:{admin_port}"]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    cp = LiveControlPlane(f"http://127.0.0.1:{admin_port}", xds_port, process, log_path, state, config)
+    cp = LiveControlPlane(f"http://127.0.0.1:{admin_port}", xds_port, process, log_path, state, config, argv)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, f"control plane exited:\n{cp.log_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(cp.admin_url + "/healthz", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, f"control plane did not answer /healthz:\n{cp.log_text()[-3000:]}"
-                time.sleep(0.1)
+        _wait_healthy(cp)
         yield cp
     except BaseException:
         print(cp.log_text()[-4000:])
         raise
     finally:
-        if process.poll() is None:
-            process.terminate()
+        if cp.process.poll() is None:
+            cp.process.terminate()
             try:
-                process.wait(10)
+                cp.process.wait(10)
             except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+                cp.process.kill()
+                cp.process.wait()
+
+
+def _wait_healthy(cp: LiveControlPlane) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        assert cp.process.poll() is None, f"control plane exited:\n{cp.log_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(cp.admin_url + "/healthz", timeout=2):
+                return
+        except OSError:
+            assert time.monotonic() < deadline, f"control plane did not answer /healthz:\n{cp.log_text()[-3000:]}"
+            time.sleep(0.1)
 
 
 def wait_until(predicate: Any, *, timeout: float = 20.0, message: str = "condition not met") -> Any:
