@@ -65,9 +65,9 @@ class ControlPlane:
         self.grpc_server: grpc.aio.Server | None = None
         self.xds_port: int | None = None
         self._publisher_task: asyncio.Task[None] | None = None
-        # Deployment event notifications: a task of its own, so that with replicas only the
-        # leader runs it (start_notifier / stop_notifier). None when none are configured.
-        self.notifier = Notifier(kv, self.repo, settings.notifications, self.metrics) if settings.notifications else None
+        # Deployment event notifications (the config file's and each service's webhooks): a task
+        # of its own, so that with replicas only the leader runs it (start_notifier / stop_notifier).
+        self.notifier: Notifier | None = Notifier(kv, self.repo, settings.notifications, self.metrics)
         self._notifier_task: asyncio.Task[None] | None = None
 
     async def start(self, xds_address: str) -> None:

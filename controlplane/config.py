@@ -62,7 +62,7 @@ import yaml
 
 from .errors import ConfigError, ValidationError
 from .model import DEFAULT_FLEET, Fleet, ListenerSpec, validate_service_name
-from .notify.events import EVENTS, FORMATS, WebhookTarget
+from .notify.events import WebhookTarget, parse_webhook
 
 log = logging.getLogger(__name__)
 
@@ -450,33 +450,11 @@ def _notifications(raw: object, allow: Allowlists) -> tuple[WebhookTarget, ...]:
     hooks = data.get("webhooks", [])
     if not isinstance(hooks, list):
         raise ConfigError(f"notifications.webhooks: expected a list, got {type(hooks).__name__}")
-    targets = []
-    for i, raw_hook in enumerate(hooks):
-        where = f"notifications.webhooks[{i}]"
-        hook = _mapping(where, raw_hook)
-        _check_keys(where, hook, {"url", "secret_file", "format", "events", "timeout_seconds"})
-        url = hook.get("url")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ConfigError(f"{where}.url: expected an http:// or https:// URL, got {url!r}")
-        if not url_allowed(url, allow.webhooks):
-            raise ConfigError(f"{where}.url: {url} is not allowed by webhooks.allowed {list(allow.webhooks)}")
-        fmt = hook.get("format", "json")
-        if fmt not in FORMATS:
-            raise ConfigError(f"{where}.format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
-        events = _string_list(f"{where}.events", hook.get("events", []))
-        unknown = sorted(set(events) - set(EVENTS))
-        if unknown:
-            raise ConfigError(f"{where}.events: unknown event(s) {', '.join(unknown)}; known: {', '.join(EVENTS)}")
-        secret_file = hook.get("secret_file")
-        if secret_file is not None:
-            try:
-                if not Path(str(secret_file)).read_bytes().strip():
-                    raise ConfigError(f"{where}.secret_file: {secret_file} is empty")
-            except OSError as exc:
-                raise ConfigError(f"{where}.secret_file: {exc}") from exc
-        timeout = _seconds(f"{where}.timeout_seconds", hook.get("timeout_seconds", 5.0), nullable=False)
-        targets.append(WebhookTarget(url, fmt, str(secret_file) if secret_file is not None else None, events, timeout or 5.0))
-    return tuple(targets)
+    try:
+        return tuple(parse_webhook(f"notifications.webhooks[{i}]", hook, lambda url: url_allowed(url, allow.webhooks))
+                     for i, hook in enumerate(hooks))
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (rules: {list(allow.webhooks)})" if "webhooks.allowed" in str(exc) else str(exc)) from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

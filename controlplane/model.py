@@ -208,6 +208,39 @@ class Traffic:
 
 
 @dataclass(frozen=True)
+class Webhook:
+    """A receiver of deployment event notifications (controlplane/notify/): ``events`` empty
+    means every event. Checked fully (allowlist, secret file) by notify.events.parse_webhook."""
+
+    url: str
+    format: str = "json"
+    secret_file: str | None = None
+    events: tuple[str, ...] = ()
+    timeout_seconds: float = 5.0
+
+    def wants(self, event: str) -> bool:
+        return not self.events or event in self.events
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "format": self.format, "secret_file": self.secret_file, "events": list(self.events),
+                "timeout_seconds": self.timeout_seconds}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Webhook":
+        """From a stored or requested object; ValidationError for a shape that is not one."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("url"), str):
+            raise ValidationError("a webhook is an object with a 'url' string")
+        events = data.get("events") or ()
+        if not isinstance(events, (list, tuple)) or not all(isinstance(e, str) for e in events):
+            raise ValidationError("a webhook's events must be a list of event names")
+        timeout = data.get("timeout_seconds", 5.0)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise ValidationError("a webhook's timeout_seconds must be a number")
+        secret = data.get("secret_file")
+        return cls(data["url"], str(data.get("format", "json")), str(secret) if secret is not None else None, tuple(events), float(timeout))
+
+
+@dataclass(frozen=True)
 class Service:
     name: str
     domains: tuple[str, ...] = ("*",)
@@ -220,6 +253,9 @@ class Service:
     green: EnvironmentState = field(default_factory=EnvironmentState)
     traffic: Traffic = field(default_factory=Traffic)
     deployment_seq: int = 0  # last deployment number issued for this service
+    # The service's own notification webhooks (as given; checked at the API edge by
+    # controlplane.notify.events.parse_webhook), in addition to the config file's.
+    notifications: tuple[Webhook, ...] = ()
 
     def environment(self, env: Environment) -> EnvironmentState:
         return self.blue if env is Environment.BLUE else self.green
@@ -352,7 +388,7 @@ def apply_service_spec(existing: Service | None, name: str, body: object) -> Ser
     current value (or the default for a new service). Environments and traffic are untouched."""
     validate_service_name(name)
     spec = require_object("service", body)
-    reject_unknown("service", spec, {"domains", "prefix", "drain_seconds", "standby_seconds", "require_all_proxies"})
+    reject_unknown("service", spec, {"domains", "prefix", "drain_seconds", "standby_seconds", "require_all_proxies", "notifications"})
     base = existing or Service(name=name)
     changes: dict[str, Any] = {}
     if "domains" in spec:
@@ -375,6 +411,13 @@ def apply_service_spec(existing: Service | None, name: str, body: object) -> Ser
         if not isinstance(spec["require_all_proxies"], bool):
             raise ValidationError(f"require_all_proxies must be true or false, got {spec['require_all_proxies']!r}")
         changes["require_all_proxies"] = spec["require_all_proxies"]
+    if "notifications" in spec:
+        notifications = require_object("notifications", spec["notifications"])
+        reject_unknown("notifications", notifications, {"webhooks"})
+        hooks = notifications.get("webhooks", [])
+        if not isinstance(hooks, list) or not all(isinstance(h, dict) for h in hooks):
+            raise ValidationError("notifications.webhooks must be a list of objects like {\"url\": \"https://...\"}")
+        changes["notifications"] = tuple(Webhook.from_dict(h) for h in hooks)
     return replace(base, **changes)
 
 
@@ -588,6 +631,7 @@ def service_to_dict(service: Service) -> dict[str, Any]:
             "weights": t.weights,
         },
         "deployment_seq": service.deployment_seq,
+        "notifications": [h.to_dict() for h in service.notifications],
     }
 
 
@@ -612,6 +656,7 @@ def service_from_dict(data: Mapping[str, Any]) -> Service:
             green=t["weights"]["green"],
         ),
         deployment_seq=data.get("deployment_seq", 0),
+        notifications=tuple(Webhook.from_dict(h) for h in data.get("notifications", ())),
     )
 
 

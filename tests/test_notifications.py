@@ -85,12 +85,13 @@ def test_every_event_once_in_order_across_a_restart(tmp_path: Path, receivers: t
     main, slack = receivers
     secret_file = tmp_path / "hook.secret"
     secret_file.write_bytes(SECRET + b"\n")
-    config = {"notifications": {"webhooks": [
-        {"url": main.url, "secret_file": str(secret_file)},
-        {"url": slack.url, "format": "slack", "events": ["active"]},
-    ]}}
+    config = {"notifications": {"webhooks": [{"url": main.url, "secret_file": str(secret_file)}]}}
     with live_control_plane(tmp_path / "cp", config) as cp:
-        cp.ok("PUT", "/v1/services/shop", {"domains": ["shop.example.com"]})
+        # The service's own webhook (its settings), besides the config file's; checked against webhooks.allowed.
+        status, reply = cp.call("PUT", "/v1/services/shop", {"notifications": {"webhooks": [{"url": "https://chat.example.com/hook"}]}})
+        assert status == 400 and "notifications.webhooks[0].url: https://chat.example.com/hook is not allowed by webhooks.allowed" in reply["error"]
+        cp.ok("PUT", "/v1/services/shop", {"domains": ["shop.example.com"],
+                                           "notifications": {"webhooks": [{"url": slack.url, "format": "slack", "events": ["active"]}]}})
         cp.ok("PUT", "/v1/services/shop/environments/blue", {"version": "v1", "endpoints": ["127.0.0.1:9001"]})
         deployment = cp.ok("POST", "/v1/services/shop/deployments", {
             "version": "v2", "endpoints": ["127.0.0.1:9002"], "strategy": {"steps": [50, 100], "step_seconds": 4, "bake_seconds": 1}})["id"]

@@ -27,7 +27,7 @@ from ..deploy.spec import parse_deployment_spec, parse_migrations
 from .auth import Authenticator, actor_of, content_type_middleware, security_middleware
 from .openapi import OPENAPI
 from . import ui
-from .policy import check_deployment, check_migrations
+from .policy import check_deployment, check_migrations, check_service_notifications
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,7 @@ async def _service_view(cp: ControlPlane, service: Service) -> dict[str, Any]:
         "drain_seconds": service.drain_seconds,
         "standby_seconds": service.standby_seconds,
         "require_all_proxies": service.require_all_proxies,
+        "notifications": {"webhooks": [h.to_dict() for h in service.notifications]},
         "environments": envs,
         "traffic": {
             "weights": traffic.weights,
@@ -298,6 +299,7 @@ async def _mutate(request: web.Request, operation: Callable[[], Awaitable[Commit
 async def put_service(request: web.Request) -> web.Response:
     _wait_params(request)
     body = await _json_body(request)
+    check_service_notifications(body, request.app[CONTROL_PLANE].settings.allow)  # 400 before anything is stored
     ops = request.app[CONTROL_PLANE].operations
     return await _mutate(request, lambda: ops.put_service(request.match_info["name"], body, actor=actor_of(request)))
 

@@ -190,6 +190,10 @@ OPENAPI: dict[str, Any] = {
                     "drain_seconds": {"type": "integer"},
                     "standby_seconds": {"type": "integer"},
                     "require_all_proxies": {"type": "boolean"},
+                    "notifications": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {"webhooks": {"type": "array", "items": {"$ref": "#/components/schemas/Webhook"}}},
+                        "description": "The service's own deployment event webhooks, besides the config file's (docs/notifications.md)."},
                     "environments": {
                         "type": "object",
                         "required": ["blue", "green"],
@@ -227,6 +231,24 @@ OPENAPI: dict[str, Any] = {
                     "require_all_proxies": {"type": "boolean", "default": False,
                                             "description": "Gates wait for every connected proxy, lagging and rejecting ones too."},
                     "standby_seconds": {"type": "integer", "minimum": 0, "maximum": 2592000, "default": 1800},
+                    "notifications": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {"webhooks": {"type": "array", "items": {"$ref": "#/components/schemas/Webhook"}}},
+                        "description": "The service's own deployment event webhooks, besides the config file's (docs/notifications.md)."},
+                },
+            },
+            "Webhook": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["url"],
+                "properties": {
+                    "url": {"type": "string", "description": "http(s) URL; must pass the config's webhooks.allowed."},
+                    "secret_file": {"type": ["string", "null"], "description": "File on the control plane's host holding the HMAC-SHA256 key (X-Bluegreen-Signature)."},
+                    "format": {"type": "string", "enum": ["json", "slack"], "default": "json"},
+                    "events": {"type": "array", "items": {"type": "string", "enum": ["started", "smoke_passed", "smoke_failed", "step", "paused",
+                                                                                      "promoted", "rolled_back", "failed", "active", "decommissioned"]},
+                               "description": "Events to send; empty or absent: all."},
+                    "timeout_seconds": {"type": "number", "exclusiveMinimum": 0, "maximum": 60, "default": 5},
                 },
             },
             "EnvironmentSpec": {

@@ -149,3 +149,20 @@ def check_deployment(spec: DeploymentSpec, allow: Allowlists) -> None:
             raise _refuse_url(where, url, "webhooks.allowed", allow.webhooks)
     if spec.migrations is not None:
         check_migrations(spec.migrations, allow)
+
+
+def check_service_notifications(body: object, allow: Allowlists) -> None:
+    """A service's own webhooks (``notifications.webhooks`` of PUT /v1/services/{name}) must be
+    well-formed and allowed by ``webhooks.allowed``, like the config file's (400 otherwise)."""
+    from ..notify.events import parse_webhook
+
+    if not isinstance(body, dict) or not isinstance(body.get("notifications"), dict):
+        return  # absent, or malformed: the model's parser names the problem
+    hooks = body["notifications"].get("webhooks", [])
+    if not isinstance(hooks, list):
+        return
+    for i, hook in enumerate(hooks):
+        try:
+            parse_webhook(f"notifications.webhooks[{i}]", hook, lambda url: url_allowed(url, allow.webhooks))
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None

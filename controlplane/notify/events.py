@@ -6,38 +6,52 @@ stored, and a restart re-derives nothing (the outbox cursor says how far it got)
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
-from ..model import Deployment, Event
+from ..model import Deployment, Event, Webhook
 
 EVENTS = ("started", "smoke_passed", "smoke_failed", "step", "paused", "promoted", "rolled_back", "failed", "active",
           "decommissioned")
 FORMATS = ("json", "slack")
 
 
-@dataclass(frozen=True)
-class WebhookTarget:
-    """One configured receiver: ``events`` empty means every event."""
+WebhookTarget = Webhook  # one receiver (defined in the model: a service's settings hold them)
 
-    url: str
-    format: str = "json"
-    secret_file: str | None = None
-    events: tuple[str, ...] = ()
-    timeout_seconds: float = 5.0
 
-    def wants(self, event: str) -> bool:
-        return not self.events or event in self.events
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"url": self.url, "format": self.format, "secret_file": self.secret_file, "events": list(self.events),
-                "timeout_seconds": self.timeout_seconds}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "WebhookTarget":
-        return cls(data["url"], data.get("format", "json"), data.get("secret_file"), tuple(data.get("events", ())),
-                   float(data.get("timeout_seconds", 5.0)))
+def parse_webhook(where: str, raw: object, allowed: Callable[[str], bool], allowed_key: str = "webhooks.allowed") -> WebhookTarget:
+    """One webhook from the config file or a service's settings; ValueError naming the field."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected an object like {{url: https://...}}, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - {"url", "secret_file", "format", "events", "timeout_seconds"})
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: url, secret_file, format, events, timeout_seconds")
+    url = raw.get("url")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ValueError(f"{where}.url: expected an http:// or https:// URL, got {url!r}")
+    if not allowed(url):
+        raise ValueError(f"{where}.url: {url} is not allowed by {allowed_key}")
+    fmt = raw.get("format", "json")
+    if fmt not in FORMATS:
+        raise ValueError(f"{where}.format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    events = raw.get("events", [])
+    if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
+        raise ValueError(f"{where}.events: expected a list of event names")
+    unknown = sorted(set(events) - set(EVENTS))
+    if unknown:
+        raise ValueError(f"{where}.events: unknown event(s) {', '.join(unknown)}; known: {', '.join(EVENTS)}")
+    secret_file = raw.get("secret_file")
+    if secret_file is not None:
+        try:
+            if not Path(str(secret_file)).read_bytes().strip():
+                raise ValueError(f"{where}.secret_file: {secret_file} is empty")
+        except OSError as exc:
+            raise ValueError(f"{where}.secret_file: cannot read {secret_file}: {exc.strerror}") from None
+    timeout = raw.get("timeout_seconds", 5.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 60:
+        raise ValueError(f"{where}.timeout_seconds: expected a number of seconds in (0, 60], got {timeout!r}")
+    return WebhookTarget(url, fmt, str(secret_file) if secret_file is not None else None, tuple(events), float(timeout))
 
 
 def events_of(previous: Event | None, event: Event) -> tuple[str, ...]:

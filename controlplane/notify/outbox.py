@@ -94,14 +94,19 @@ class Notifier:
 
     async def collect(self) -> int:
         """Write the outbox entries of history events not collected yet. Returns how many."""
-        listing = await self.kv.list(DEPLOYMENTS)
+        # Records unchanged since the last pass are only named (not read or decoded).
+        listing = await self.kv.list(DEPLOYMENTS, unchanged=self._mod_seen)
         written = 0
         cursors: dict[str, tuple[int, int]] | None = None
+        service_targets: dict[str, tuple[WebhookTarget, ...]] = {}
         for entry in listing.entries:
             if self._mod_seen.get(entry.key) == entry.mod_revision:
                 continue
             record = deployment_from_dict(entry.value)
-            if record.spec is None:  # registered by hand: not a deployment of the workflow
+            if record.service not in service_targets:
+                service_targets[record.service] = await self._targets(record.service)
+            if record.spec is None or not service_targets[record.service]:
+                # Registered by hand (not a workflow deployment), or nobody to tell: no write at all.
                 self._mod_seen[entry.key] = entry.mod_revision
                 continue
             if cursors is None:
@@ -109,7 +114,7 @@ class Notifier:
             seen, revision = cursors.get(record.id, (self._first_seen(record), 0))
             if seen < len(record.history):
                 try:
-                    written += await self._enqueue(record, seen, revision)
+                    written += await self._enqueue(record, seen, revision, service_targets[record.service])
                 except RevisionConflict:
                     continue  # another collector got there first: look again at the next change
             self._mod_seen[entry.key] = entry.mod_revision
@@ -122,13 +127,21 @@ class Notifier:
             return len(record.history)
         return 0
 
-    async def _enqueue(self, record: Deployment, seen: int, cursor_revision: int) -> int:
+    async def _targets(self, service: str) -> tuple[WebhookTarget, ...]:
+        """The config file's webhooks, then the service's own (its settings' notifications)."""
+        try:
+            own = (await self.repo.service(service)).notifications
+        except NotFoundError:
+            own = ()
+        return self.targets + tuple(own)
+
+    async def _enqueue(self, record: Deployment, seen: int, cursor_revision: int, targets: tuple[WebhookTarget, ...]) -> int:
         cursor = f"{CURSORS}{record.id}"
         txn = Txn().expect(cursor, cursor_revision).put(cursor, {"seen": len(record.history)})
         count = 0
         for index, name, event in new_events(record, seen):
             payload = message(record, name, event.at, event.reason or None)
-            for n, target in enumerate(targets_for(name, self.targets)):
+            for n, target in enumerate(targets_for(name, targets)):
                 key = f"{OUTBOX}{time.time_ns():020d}-{record.id}-{index:06d}-{name}-{n}"
                 txn.put(key, {"id": uuid.uuid4().hex, "service": record.service, "deployment": record.id, "event": name,
                               "target": target.to_dict(), "payload": payload, "attempts": 0, "next_at": 0.0, "noted": False})
