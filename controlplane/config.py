@@ -15,6 +15,11 @@ Example::
       allowed: ["https://hooks.internal/bluegreen/", "10.0.0.0/8"]   # default: loopback only
     migrations:
       databases_allowed: ["db.internal:5432"]                          # default: loopback only
+    analysis:
+      prometheus_allowed: ["https://prometheus.internal/"]             # default: loopback only
+    notifications:                       # deployment event webhooks (docs/notifications.md)
+      webhooks:
+        - {url: "https://hooks.internal/bluegreen", secret_file: /etc/bluegreen/hook.secret, format: json, events: []}
     fleets:
       edge:                              # Envoys with node.cluster "edge"
         listeners:
@@ -96,6 +101,7 @@ class Allowlists:
     smoke_commands: tuple[tuple[str, ...], ...] = ()
     webhooks: tuple[str, ...] = LOOPBACK_RULES
     databases: tuple[str, ...] = LOOPBACK_RULES
+    prometheus: tuple[str, ...] = LOOPBACK_RULES  # analysis.prometheus_allowed: Prometheus servers analysis may query
 
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
@@ -406,12 +412,13 @@ def parse_settings(data: object) -> Settings:
     if data is None:
         return Settings()
     root = _mapping("config", data)
-    _check_keys("config", root, {"admin", "convergence", "fleets", "smoke", "webhooks", "migrations", "xds", "notifications"})
+    _check_keys("config", root, {"admin", "convergence", "fleets", "smoke", "webhooks", "migrations", "xds", "notifications", "analysis"})
     token, admin = _admin(root["admin"]) if "admin" in root else (None, AdminSettings())
     allow = Allowlists(
         smoke_commands=_smoke_commands(root["smoke"]) if "smoke" in root else (),
         webhooks=_rules("webhooks", root["webhooks"], "allowed") if "webhooks" in root else LOOPBACK_RULES,
         databases=_rules("migrations", root["migrations"], "databases_allowed") if "migrations" in root else LOOPBACK_RULES,
+        prometheus=_rules("analysis", root["analysis"], "prometheus_allowed") if "analysis" in root else LOOPBACK_RULES,
     )
     fleets: tuple[Fleet, ...] = (DEFAULT_FLEET,)
     identities: dict[str, tuple[str, ...]] = {}

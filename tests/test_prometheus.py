@@ -133,8 +133,42 @@ class NackingProxy:
         self.channel.close()
 
 
+class ErrorApp:
+    """A test app exporting an error counter (``app_errors_total{version="v2"}``) the test sets."""
+
+    def __init__(self) -> None:
+        self.errors = 0
+        app = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                body = f'# TYPE app_errors_total counter\napp_errors_total{{version="v2"}} {app.errors}\n'.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory, upstream: str) -> Iterator[tuple[LiveControlPlane, Prometheus, str]]:
+def error_app() -> Iterator[ErrorApp]:
+    app = ErrorApp()
+    try:
+        yield app
+    finally:
+        app.server.shutdown()
+        app.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory, upstream: str, error_app: ErrorApp) -> Iterator[tuple[LiveControlPlane, Prometheus, str]]:
     directory = tmp_path_factory.mktemp("prometheus")
     listener_port, preview_port = free_port(), free_port()
     fleets = {"default": {"listeners": [{"name": "http", "address": "127.0.0.1", "port": listener_port, "preview_port": preview_port}]}}
@@ -150,7 +184,8 @@ def live(tmp_path_factory: pytest.TempPathFactory, upstream: str) -> Iterator[tu
         token_file.write_text(TOKENS["viewer"])
         token_file.chmod(0o600)
         scrape = [{"job_name": "bluegreen", "metrics_path": "/metrics", "static_configs": [{"targets": [cp.admin_url.split("//")[1]]}],
-                   "authorization": {"type": "Bearer", "credentials_file": str(token_file)}}]
+                   "authorization": {"type": "Bearer", "credentials_file": str(token_file)}},
+                  {"job_name": "app", "static_configs": [{"targets": [error_app.address]}]}]
         try:
             with run_prometheus(directory / "prometheus", scrape, [ALERTS]) as prometheus:
                 wait_until(lambda: prometheus.query('up{job="bluegreen"} == 1'), timeout=30, message="Prometheus scrapes the control plane")
@@ -252,3 +287,39 @@ def test_the_live_prometheus_evaluates_the_alert_rules(live: Any) -> None:
                        timeout=30, message="the NACKing proxy's alert is pending")
     assert alert[0]["metric"]["alertstate"] in ("pending", "firing")
     assert not prometheus.query('ALERTS{alertname="BluegreenControlPlaneDown"}')
+
+
+def test_prometheus_queries_judge_a_deployment(live: Any, error_app: ErrorApp) -> None:
+    """analysis.prometheus: the query's value is judged each interval next to Envoy's figures;
+    above max it breaches like an error rate does, and the history shows value and threshold."""
+    cp, prometheus, upstream = live
+    cp.ok("PUT", "/v1/services/pay", {"domains": ["pay.example.com"]})
+    cp.ok("PUT", "/v1/services/pay/environments/blue", {"version": "v1", "endpoints": [upstream]})
+    wait_until(lambda: prometheus.query('app_errors_total{version="v2"}'), message="the app's counter scraped")
+    deployment = cp.ok("POST", "/v1/services/pay/deployments", {
+        "version": "v2", "endpoints": [upstream], "strategy": {"steps": [50, 100], "step_seconds": 900},
+        "analysis": {"interval_seconds": 1, "min_requests": 0, "no_data": "fail", "failure_limit": 2, "prometheus": {
+            "url": prometheus.url,
+            "queries": [{"name": "errors", "query": 'sum(app_errors_total{version="$version"})', "max": 5}]}}})["id"]
+
+    def judged_ok() -> Any:
+        intervals = cp.ok("GET", f"/v1/deployments/{deployment}")["intervals"]
+        return [i for i in intervals if i["verdict"] == "ok" and i["prometheus"][0]["value"] == 0]
+
+    (interval, *_) = wait_until(judged_ok, timeout=30, message="an interval judged ok with the query's value")
+    assert interval["prometheus"][0]["query"] == 'sum(app_errors_total{version="v2"})'
+    assert interval["prometheus"][0]["max"] == 5
+    error_app.errors = 10
+    record = wait_until(lambda: (r := cp.ok("GET", f"/v1/deployments/{deployment}"))["status"] == "rolled_back" and r,
+                        timeout=30, message="rolled back by the Prometheus query")
+    assert "prometheus errors = 10 > max 5" in record["reason"]
+    assert any(e["reason"] == "analysis breach 1/2: prometheus errors = 10 > max 5" for e in record["history"])
+
+
+def test_a_prometheus_url_outside_the_allowlist_is_refused(live: Any) -> None:
+    cp, _, upstream = live
+    status, reply = cp.call("POST", "/v1/services/shop/deployments", {
+        "version": "v9", "endpoints": [upstream],
+        "analysis": {"prometheus": {"url": "http://prometheus.example.com:9090", "queries": [{"name": "e", "query": "up", "min": 1}]}}})
+    assert status == 400
+    assert "analysis.prometheus.url http://prometheus.example.com:9090 is not allowed by the server config's analysis.prometheus_allowed" in reply["error"]

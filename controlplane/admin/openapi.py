@@ -305,6 +305,25 @@ OPENAPI: dict[str, Any] = {
                             "failure_limit": {"type": "integer", "default": 2},
                             "no_data_limit": {"type": "integer", "default": 10,
                                               "description": "With no_data wait: this many intervals in a row without min_requests requests, and each one after, count as a breach."},
+                            "prometheus": {
+                                "type": ["object", "null"],
+                                "additionalProperties": False,
+                                "required": ["url", "queries"],
+                                "description": "PromQL queries judged each interval next to Envoy's figures (docs/prometheus.md). The URL must pass the config's analysis.prometheus_allowed; errors and empty answers follow no_data.",
+                                "properties": {
+                                    "url": {"type": "string"},
+                                    "timeout_seconds": {"type": "number", "default": 5},
+                                    "queries": {"type": "array", "minItems": 1, "maxItems": 20, "items": {
+                                        "type": "object", "additionalProperties": False, "required": ["name", "query"],
+                                        "properties": {
+                                            "name": {"type": "string"},
+                                            "query": {"type": "string", "description": "PromQL giving one number; $service, $environment, $version and $interval are filled in."},
+                                            "max": {"type": ["number", "null"]},
+                                            "min": {"type": ["number", "null"]},
+                                            "for_environment": {"type": "string", "enum": ["new", "old"], "default": "new"},
+                                        }}},
+                                },
+                            },
                         },
                     },
                     "decommission": {"type": "object", "properties": {"webhooks": {"type": "array", "items": {"type": "object"}}}},

@@ -147,6 +147,10 @@ def check_deployment(spec: DeploymentSpec, allow: Allowlists) -> None:
     for where, url in hooks:
         if not url_allowed(url, allow.webhooks):
             raise _refuse_url(where, url, "webhooks.allowed", allow.webhooks)
+    if spec.analysis is not None and spec.analysis.prometheus is not None:
+        url = spec.analysis.prometheus.url
+        if not url_allowed(url, allow.prometheus):
+            raise _refuse_url("analysis.prometheus.url", url, "analysis.prometheus_allowed", allow.prometheus)
     if spec.migrations is not None:
         check_migrations(spec.migrations, allow)
 
