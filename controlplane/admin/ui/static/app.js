@@ -280,13 +280,21 @@ function deploymentView(d) {
     el("h3", { text: "Timeline" }),
     table(["time", "status", "actor", "reason"], d.history.map((e) => [iso(e.at), e.status, e.actor, e.reason]), "timeline"),
     el("h3", { text: "Analysis intervals" + (analysis ? ` (max error rate ${analysis.max_error_rate}, max p99 ${analysis.max_p99_ms ?? "–"} ms, min requests ${analysis.min_requests})` : "") }),
-    table(["time", "requests", "error rate", "p99 ms", "verdict", "reason"],
+    table(["time", "requests", "error rate", "p99 ms", "prometheus", "verdict", "reason"],
       (d.intervals || []).slice().reverse().map((i) => [time(i.at), String(i.requests ?? ""), i.error_rate == null ? "" : i.error_rate.toFixed(4),
-        i.p99_ms == null ? "" : i.p99_ms.toFixed(1), i.verdict || "", i.reason || ""]), "intervals"),
+        i.p99_ms == null ? "" : i.p99_ms.toFixed(1), prometheusCell(i.prometheus), i.verdict || "", i.reason || ""]), "intervals"),
     el("h3", { text: "Smoke tests" }),
     table(["time", "result"], smoke.map((e) => [iso(e.at), e.reason]), "smoke"),
     el("h3", { text: "Migrations" }),
     table(["time", "what"], migrations.map((e) => [iso(e.at), e.reason]), "migrations"));
+}
+
+// "errors = 3 (max 5)" per query; the error text when Prometheus did not answer.
+function prometheusCell(results) {
+  return (results || []).map((r) => {
+    const bounds = [r.max != null ? `max ${r.max}` : null, r.min != null ? `min ${r.min}` : null].filter(Boolean).join(", ");
+    return r.error ? `${r.name}: ${r.error}` : `${r.name} = ${r.value} (${bounds})`;
+  }).join("; ");
 }
 
 function proxiesView(proxies) {
