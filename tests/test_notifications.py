@@ -153,6 +153,7 @@ def test_backoff_is_capped() -> None:
     ({"url": "http://127.0.0.1/x", "events": ["started", "launched"]}, "notifications.webhooks[0].events: unknown event(s) launched"),
     ({"url": "http://127.0.0.1/x", "format": "teams"}, "notifications.webhooks[0].format: expected one of json, slack"),
     ({"url": "http://127.0.0.1/x", "secret_file": "/nonexistent/secret"}, "notifications.webhooks[0].secret_file:"),
+    ({"url": "http://127.0.0.1/x", "secret_file": "/dev/zero"}, "notifications.webhooks[0].secret_file: /dev/zero is not a regular file"),
     ({"url": "http://127.0.0.1/x", "retries": 3}, "retries"),
 ])
 def test_bad_notification_config_is_refused(hook: dict[str, Any], problem: str) -> None:

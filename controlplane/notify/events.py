@@ -6,6 +6,7 @@ stored, and a restart re-derives nothing (the outbox cursor says how far it got)
 from __future__ import annotations
 
 import json
+import stat
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,6 +19,24 @@ FORMATS = ("json", "slack")
 
 
 WebhookTarget = Webhook  # one receiver (defined in the model: a service's settings hold them)
+
+
+MAX_SECRET_BYTES = 4096
+
+
+def read_secret(path: str) -> bytes:
+    """The HMAC key in ``path``: a regular file of at most 4 KiB, stripped, not empty (a device
+    or a FIFO named by mistake must not hang or exhaust the process). OSError or ValueError."""
+    file = Path(path)
+    info = file.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path} is not a regular file")
+    if info.st_size > MAX_SECRET_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_SECRET_BYTES} bytes")
+    secret = file.read_bytes().strip()
+    if not secret:
+        raise ValueError(f"{path} is empty")
+    return secret
 
 
 def parse_webhook(where: str, raw: object, allowed: Callable[[str], bool], allowed_key: str = "webhooks.allowed") -> WebhookTarget:
@@ -44,10 +63,9 @@ def parse_webhook(where: str, raw: object, allowed: Callable[[str], bool], allow
     secret_file = raw.get("secret_file")
     if secret_file is not None:
         try:
-            if not Path(str(secret_file)).read_bytes().strip():
-                raise ValueError(f"{where}.secret_file: {secret_file} is empty")
-        except OSError as exc:
-            raise ValueError(f"{where}.secret_file: cannot read {secret_file}: {exc.strerror}") from None
+            read_secret(str(secret_file))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{where}.secret_file: {exc}") from None
     timeout = raw.get("timeout_seconds", 5.0)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 60:
         raise ValueError(f"{where}.timeout_seconds: expected a number of seconds in (0, 60], got {timeout!r}")

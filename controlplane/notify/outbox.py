@@ -26,7 +26,6 @@ import logging
 import time
 import uuid
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Callable
 
 import aiohttp
@@ -36,7 +35,7 @@ from ..metrics import Metrics
 from ..model import Deployment, Event, deployment_from_dict
 from ..store.base import KVStore, Txn
 from ..store.repository import DEPLOYMENTS, Repository
-from .events import WebhookTarget, body, message, new_events, targets_for
+from .events import WebhookTarget, body, message, new_events, read_secret, targets_for
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +208,9 @@ class Notifier:
                    "User-Agent": "bluegreen-controlplane"}
         if target.secret_file:
             try:
-                secret = Path(target.secret_file).read_bytes().strip()
-            except OSError as exc:
-                return f"cannot read secret_file {target.secret_file}: {exc.strerror}"
+                secret = read_secret(target.secret_file)
+            except (OSError, ValueError) as exc:
+                return f"secret_file: {exc}"
             headers["X-Bluegreen-Signature"] = signature(secret, payload)
         assert self._session is not None
         try:
