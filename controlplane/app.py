@@ -32,6 +32,7 @@ from .fleet.convergence import WaitResult
 from .fleet import Convergence, Publisher, SnapshotBuilder, fleet_resolver, service_version  # noqa: F401  (re-exported)
 from .fleet.telemetry_auth import telemetry_authorizer
 from .metrics import Metrics
+from .notify import Notifier
 from .store.base import KVStore
 from .store.etcd import EtcdStore
 from .store.repository import Repository
@@ -89,6 +90,10 @@ class ControlPlane:
         return {"xds": self.xds_address, "admin": self.admin_address,
                 "connected_proxies": sum(len(p.streams) for p in self.convergence.fleets.values()),
                 "store_revision": self.publisher.generation}
+        # Deployment event notifications (the config file's and each service's webhooks): a task
+        # of its own, so that with replicas only the leader runs it (start_notifier / stop_notifier).
+        self.notifier: Notifier | None = Notifier(kv, self.repo, settings.notifications, self.metrics)
+        self._notifier_task: asyncio.Task[None] | None = None
 
     async def start(self, xds_address: str) -> None:
         await self.publisher.publish_once()  # before the port opens: never serve an empty config
@@ -135,15 +140,18 @@ class ControlPlane:
         else:
             self.metrics.leader.set(1)
             self.metrics.replicas.set(1)
+            self.start_notifier()  # standalone: this process is the leader
 
     async def _elected(self) -> None:
         self.metrics.leader.set(1)
         if isinstance(self.cluster, EtcdCoordinator):
             await self.rollouts.activate()  # resume every deployment from its stored deadlines
+            self.start_notifier()  # only the leader delivers notifications
 
     async def _deposed(self) -> None:
         self.metrics.leader.set(0)
         await self.rollouts.deactivate()
+        await self.stop_notifier()
 
     async def _follow_deployments(self) -> None:
         """The leader's driver must notice deployments created or commanded through any replica:
@@ -181,6 +189,16 @@ class ControlPlane:
                     self.metrics.fleet_proxies.labels(fleet.name).set(local["proxies"] + sum(s["connected"] for s in remote))
                     self.metrics.fleet_converged_proxies.labels(fleet.name).set(local["acked"] + sum(s["acked"] for s in remote))
             await asyncio.sleep(self.cluster.heartbeat)
+
+    def start_notifier(self) -> None:
+        if self.notifier is not None and self._notifier_task is None:
+            self._notifier_task = asyncio.create_task(self.notifier.run(), name="notifier")
+
+    async def stop_notifier(self) -> None:
+        task, self._notifier_task = self._notifier_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     def _listen(self, server: grpc.aio.Server, address: str) -> int:
         tls = self.settings.xds.tls
@@ -236,6 +254,7 @@ class ControlPlane:
 
     async def stop(self, grace: float = 2.0) -> None:
         errors: list[BaseException] = []
+        await self.stop_notifier()
         if self.shared is not None:
             await self.shared.stop()
         for task in self._cluster_tasks:

@@ -121,7 +121,47 @@ def _mutation(args: argparse.Namespace, method: str, path: str, body: Any = None
     return 3 if status == 202 else 0
 
 
+def _live_feed(args: argparse.Namespace) -> Any:
+    """A threading.Event set whenever the admin API's live feed reports a change."""
+    import threading
+
+    from .watch import follow_events
+
+    changed = threading.Event()
+    token = resolve_token(args)
+    follow_events(args.admin.rstrip("/") + "/v1/events", {"Authorization": f"Bearer {token}"} if token else {}, changed,
+                  _ssl_context(args))
+    changed.set()
+    return changed
+
+
+def _watch_status(args: argparse.Namespace) -> int:
+    """Redraw the compact view: re-read on each live event, redraw each second (countdowns)."""
+    import shutil
+    import time as _time
+
+    from .watch import redraw, status_frame
+
+    changed = _live_feed(args)
+    views: list[dict[str, Any]] = []
+    try:
+        while True:
+            if changed.is_set():
+                changed.clear()
+                if args.service:
+                    views = [_request(args, "GET", f"/v1/services/{args.service}")[1]]
+                else:
+                    views = _request(args, "GET", "/v1/services")[1]["services"]
+            redraw(status_frame(views, _time.time(), shutil.get_terminal_size().columns) + [f"(live; {_time.strftime('%H:%M:%S')}; Ctrl-C to quit)"], sys.stdout.write)
+            sys.stdout.flush()
+            changed.wait(1.0)
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    if getattr(args, "watch", False):
+        return _watch_status(args)
     if args.service:
         _, view = _request(args, "GET", f"/v1/services/{args.service}")
         views = [view]
@@ -214,6 +254,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     print(f"deployment {created['id']} accepted")
     if not args.watch:
         return 0
+    if sys.stdout.isatty():
+        return _watch_deployment(args, created["id"])
     last = ""
     while True:
         _, d = _request(args, "GET", f"/v1/deployments/{created['id']}")
@@ -224,6 +266,25 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         if d["status"] in _SETTLED and not d.get("baking"):
             return 0 if d["status"] == "active" else 1
         _time.sleep(0.5)  # a person watching; the API has no push channel
+
+
+def _watch_deployment(args: argparse.Namespace, deployment_id: str) -> int:
+    """On a terminal: a progress bar per step, redrawn until the deployment settles."""
+    import time as _time
+
+    from .watch import deployment_frame, redraw
+
+    changed = _live_feed(args)
+    d: dict[str, Any] = {}
+    while True:
+        if changed.is_set():
+            changed.clear()
+            _, d = _request(args, "GET", f"/v1/deployments/{deployment_id}")
+        redraw(deployment_frame(d, _time.time()), sys.stdout.write)
+        sys.stdout.flush()
+        if d["status"] in _SETTLED and not d.get("baking"):
+            return 0 if d["status"] == "active" else 1
+        changed.wait(1.0)
 
 
 def cmd_deployment_action(args: argparse.Namespace) -> int:
@@ -444,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = client("status", "show services, traffic, deployments and proxies")
     p.add_argument("service", nargs="?")
+    p.add_argument("--watch", action="store_true", help="redraw a compact live view (weights, phase, countdown, convergence) until Ctrl-C")
     p.set_defaults(func=cmd_status)
 
     p = client("traffic", "set the traffic split of a service")
@@ -468,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke-path", action="append", help="HTTP GET smoke check through the preview entry, expecting 200 (repeat)")
     p.add_argument("--max-error-rate", type=float, help="enable analysis: roll back above this 5xx share")
     p.add_argument("--max-p99-ms", type=float, help="enable analysis: roll back above this p99 latency")
-    p.add_argument("--watch", action="store_true", help="print progress until the deployment settles")
+    p.add_argument("--watch", action="store_true",
+                   help="show progress until the deployment settles (a progress bar per step on a terminal, a line per change otherwise)")
     p.set_defaults(func=cmd_deploy)
 
     for action, text in (("promote", "advance a deployment to its next step (--full: to 100%%)"), ("pause", "pause a deployment's timer"),

@@ -15,6 +15,11 @@ Example::
       allowed: ["https://hooks.internal/bluegreen/", "10.0.0.0/8"]   # default: loopback only
     migrations:
       databases_allowed: ["db.internal:5432"]                          # default: loopback only
+    analysis:
+      prometheus_allowed: ["https://prometheus.internal/"]             # default: loopback only
+    notifications:                       # deployment event webhooks (docs/notifications.md)
+      webhooks:
+        - {url: "https://hooks.internal/bluegreen", secret_file: /etc/bluegreen/hook.secret, format: json, events: []}
     fleets:
       edge:                              # Envoys with node.cluster "edge"
         listeners:
@@ -62,6 +67,7 @@ import yaml
 
 from .errors import ConfigError, ValidationError
 from .model import DEFAULT_FLEET, Fleet, ListenerSpec, validate_service_name
+from .notify.events import WebhookTarget, parse_webhook
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +101,7 @@ class Allowlists:
     smoke_commands: tuple[tuple[str, ...], ...] = ()
     webhooks: tuple[str, ...] = LOOPBACK_RULES
     databases: tuple[str, ...] = LOOPBACK_RULES
+    prometheus: tuple[str, ...] = LOOPBACK_RULES  # analysis.prometheus_allowed: Prometheus servers analysis may query
 
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
@@ -137,6 +144,7 @@ class Settings:
     # fleet name -> identity patterns allowed to join it (fleets absent here: any client the
     # transport admits). See :func:`identity_allowed`.
     fleet_identities: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    notifications: tuple[WebhookTarget, ...] = ()  # the notifications: section (docs/notifications.md)
 
     def tokens(self) -> tuple[TokenSpec, ...]:
         """Every configured token; empty means `bluegreen serve` generates one."""
@@ -404,12 +412,13 @@ def parse_settings(data: object) -> Settings:
     if data is None:
         return Settings()
     root = _mapping("config", data)
-    _check_keys("config", root, {"admin", "convergence", "fleets", "smoke", "webhooks", "migrations", "xds"})
+    _check_keys("config", root, {"admin", "convergence", "fleets", "smoke", "webhooks", "migrations", "xds", "notifications", "analysis"})
     token, admin = _admin(root["admin"]) if "admin" in root else (None, AdminSettings())
     allow = Allowlists(
         smoke_commands=_smoke_commands(root["smoke"]) if "smoke" in root else (),
         webhooks=_rules("webhooks", root["webhooks"], "allowed") if "webhooks" in root else LOOPBACK_RULES,
         databases=_rules("migrations", root["migrations"], "databases_allowed") if "migrations" in root else LOOPBACK_RULES,
+        prometheus=_rules("analysis", root["analysis"], "prometheus_allowed") if "analysis" in root else LOOPBACK_RULES,
     )
     fleets: tuple[Fleet, ...] = (DEFAULT_FLEET,)
     identities: dict[str, tuple[str, ...]] = {}
@@ -433,8 +442,26 @@ def parse_settings(data: object) -> Settings:
     if identities and xds.tls is None:
         # Without mTLS there is no verified identity to match: the list would refuse every proxy.
         raise ConfigError(f"fleets.{next(iter(identities))}.identities: needs xds.tls (client certificates)")
+    notifications = _notifications(root["notifications"], allow) if "notifications" in root else ()
     return Settings(fleets=fleets, admin_token=token, admin=admin, allow=allow, lagging_after_seconds=lagging_after,
-                    xds=xds, fleet_identities=identities)
+                    xds=xds, fleet_identities=identities, notifications=notifications)
+
+
+def _notifications(raw: object, allow: Allowlists) -> tuple[WebhookTarget, ...]:
+    """``notifications: {webhooks: [{url, secret_file, format, events, timeout_seconds}]}``; each
+    URL must pass ``webhooks.allowed`` and each secret file must be readable now."""
+    from .admin.policy import url_allowed  # late: the policy module needs this one's Allowlists
+
+    data = _mapping("notifications", raw)
+    _check_keys("notifications", data, {"webhooks"})
+    hooks = data.get("webhooks", [])
+    if not isinstance(hooks, list):
+        raise ConfigError(f"notifications.webhooks: expected a list, got {type(hooks).__name__}")
+    try:
+        return tuple(parse_webhook(f"notifications.webhooks[{i}]", hook, lambda url: url_allowed(url, allow.webhooks))
+                     for i, hook in enumerate(hooks))
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (rules: {list(allow.webhooks)})" if "webhooks.allowed" in str(exc) else str(exc)) from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .typeurls import PUSH_ORDER
+
 # From sub-millisecond (one push on loopback) to the seconds a slow fleet might take.
 CONVERGENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -36,6 +38,10 @@ class Metrics:
         self.nacks = Counter(
             "bluegreen_xds_nacks_total", "xDS responses rejected (NACKed) by a proxy", ["type_url"], registry=r
         )
+        for type_url in PUSH_ORDER:  # at 0 from the start: the first NACK is an increase alerts can see
+            self.nacks.labels(type_url)
+            self.responses.labels(type_url)
+            self.response_bytes.labels(type_url)
         self.proxy_rejecting = Gauge(
             "bluegreen_xds_proxy_rejected_config",
             "1 while a proxy's last answer for a type was a NACK not yet followed by an ACK",
@@ -97,4 +103,14 @@ class Metrics:
             "Metrics-service reports (or parts) not used for analysis, by reason: unauthenticated, node_mismatch, "
             "foreign_cluster, future_timestamp, absurd_rate, negative_value, malformed",
             ["reason"], registry=r,
+        )
+        self.notifications = Counter(
+            "bluegreen_notifications_total",
+            "Deployment event notifications (webhooks) sent, by result: delivered (2xx) or failed (an attempt; retried)",
+            ["result"], registry=r,
+        )
+        for result in ("delivered", "failed"):
+            self.notifications.labels(result)
+        self.notifications_pending = Gauge(
+            "bluegreen_notifications_pending", "Notifications in the outbox, not yet delivered", registry=r,
         )

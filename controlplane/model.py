@@ -338,6 +338,39 @@ def release_from_dict(data: Mapping[str, Any] | None) -> Release | None:
 
 
 @dataclass(frozen=True)
+class Webhook:
+    """A receiver of deployment event notifications (controlplane/notify/): ``events`` empty
+    means every event. Checked fully (allowlist, secret file) by notify.events.parse_webhook."""
+
+    url: str
+    format: str = "json"
+    secret_file: str | None = None
+    events: tuple[str, ...] = ()
+    timeout_seconds: float = 5.0
+
+    def wants(self, event: str) -> bool:
+        return not self.events or event in self.events
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "format": self.format, "secret_file": self.secret_file, "events": list(self.events),
+                "timeout_seconds": self.timeout_seconds}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Webhook":
+        """From a stored or requested object; ValidationError for a shape that is not one."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("url"), str):
+            raise ValidationError("a webhook is an object with a 'url' string")
+        events = data.get("events") or ()
+        if not isinstance(events, (list, tuple)) or not all(isinstance(e, str) for e in events):
+            raise ValidationError("a webhook's events must be a list of event names")
+        timeout = data.get("timeout_seconds", 5.0)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise ValidationError("a webhook's timeout_seconds must be a number")
+        secret = data.get("secret_file")
+        return cls(data["url"], str(data.get("format", "json")), str(secret) if secret is not None else None, tuple(events), float(timeout))
+
+
+@dataclass(frozen=True)
 class Service:
     name: str
     domains: tuple[str, ...] = ("*",)
@@ -352,6 +385,9 @@ class Service:
     deployment_seq: int = 0  # last deployment number issued for this service
     affinity: Affinity | None = None  # session affinity for this service's stepped shifts (a deployment may set its own)
     release: Release | None = None  # routing of the deployment in progress beyond weights (set by the workflow)
+    # The service's own notification webhooks (as given; checked at the API edge by
+    # controlplane.notify.events.parse_webhook), in addition to the config file's.
+    notifications: tuple[Webhook, ...] = ()
 
     def environment(self, env: Environment) -> EnvironmentState:
         return self.blue if env is Environment.BLUE else self.green
@@ -403,6 +439,9 @@ class Deployment:
     waiting_for: str | None = None  # what a due decommission waits for (proxies still routing to it)
     phase: str | None = None  # before the shift: "mirror" (ready, shadow traffic) or "targeting" (shifting, step -1)
     history: tuple[Event, ...] = ()
+    # The figures of the last analysis intervals (each with its time, "at"), oldest first; the
+    # dashboard draws them. Bounded (transitions.INTERVALS_KEPT).
+    intervals: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def in_progress(self) -> bool:
@@ -482,7 +521,7 @@ def apply_service_spec(existing: Service | None, name: str, body: object) -> Ser
     current value (or the default for a new service). Environments and traffic are untouched."""
     validate_service_name(name)
     spec = require_object("service", body)
-    reject_unknown("service", spec, {"domains", "prefix", "drain_seconds", "standby_seconds", "require_all_proxies", "affinity"})
+    reject_unknown("service", spec, {"domains", "prefix", "drain_seconds", "standby_seconds", "require_all_proxies", "affinity", "notifications"})
     base = existing or Service(name=name)
     changes: dict[str, Any] = {}
     if "domains" in spec:
@@ -507,6 +546,13 @@ def apply_service_spec(existing: Service | None, name: str, body: object) -> Ser
         changes["require_all_proxies"] = spec["require_all_proxies"]
     if "affinity" in spec:
         changes["affinity"] = None if spec["affinity"] is None else parse_affinity("affinity", spec["affinity"])
+    if "notifications" in spec:
+        notifications = require_object("notifications", spec["notifications"])
+        reject_unknown("notifications", notifications, {"webhooks"})
+        hooks = notifications.get("webhooks", [])
+        if not isinstance(hooks, list) or not all(isinstance(h, dict) for h in hooks):
+            raise ValidationError("notifications.webhooks must be a list of objects like {\"url\": \"https://...\"}")
+        changes["notifications"] = tuple(Webhook.from_dict(h) for h in hooks)
     return replace(base, **changes)
 
 
@@ -724,6 +770,7 @@ def service_to_dict(service: Service) -> dict[str, Any]:
         # Only when set, so the stored form of services that use neither stays as it was.
         **({"affinity": affinity_to_dict(service.affinity)} if service.affinity is not None else {}),
         **({"release": release_to_dict(service.release)} if service.release is not None else {}),
+        "notifications": [h.to_dict() for h in service.notifications],
     }
 
 
@@ -750,6 +797,7 @@ def service_from_dict(data: Mapping[str, Any]) -> Service:
         deployment_seq=data.get("deployment_seq", 0),
         affinity=Affinity(data["affinity"]["cookie"], data["affinity"]["ttl_seconds"]) if data.get("affinity") else None,
         release=release_from_dict(data.get("release")),
+        notifications=tuple(Webhook.from_dict(h) for h in data.get("notifications", ())),
     )
 
 
@@ -780,6 +828,7 @@ def deployment_to_dict(d: Deployment) -> dict[str, Any]:
         "waiting_for": d.waiting_for,
         "phase": d.phase,
         "history": [{"at": e.at, "status": e.status, "actor": e.actor, "reason": e.reason} for e in d.history],
+        "intervals": [dict(i) for i in d.intervals],
     }
 
 
@@ -811,4 +860,5 @@ def deployment_from_dict(data: Mapping[str, Any]) -> Deployment:
         waiting_for=data.get("waiting_for"),
         phase=data.get("phase"),
         history=tuple(Event(e["at"], e["status"], e["actor"], e["reason"]) for e in data.get("history", ())),
+        intervals=tuple(data.get("intervals", ())),  # absent from records of older releases
     )

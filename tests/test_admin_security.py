@@ -63,6 +63,8 @@ async def call(client: TestClient, method: str, path: str, body: Any = None, *, 
                headers: dict[str, str] | None = None) -> tuple[int, Any]:
     hdrs = {**(auth(role) if role else {}), **(headers or {})}
     async with client.request(method, path, json=body, headers=hdrs) as response:
+        if response.content_type == "text/event-stream":
+            return response.status, None  # the live feed never ends: its status is the answer
         text = await response.text()
         return response.status, json.loads(text) if response.content_type == "application/json" else text
 
@@ -88,7 +90,7 @@ def concrete(path: str) -> str:
 def test_every_route_has_exactly_one_rule() -> None:
     routes = {(method, path) for method, path, _ in ROUTES}
     assert routes == set(ROUTE_ROLES), f"without a rule: {routes - set(ROUTE_ROLES)}; rules for no route: {set(ROUTE_ROLES) - routes}"
-    open_probes = [("GET", "/healthz"), ("GET", "/readyz")]
+    open_probes = [("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/ui"), ("GET", "/ui/{file}")]
     assert [k for k, v in ROUTE_ROLES.items() if v is OPEN] == open_probes
     assert all(ROUTE_ROLES[k] is Role.VIEWER for k in routes if k[0] == "GET" and k not in open_probes)
 

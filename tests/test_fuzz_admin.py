@@ -70,6 +70,8 @@ def fuzz(base: str, token: str, document: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     for result in schema.get_all_operations():
         operation = result.ok()
+        if operation.path == "/v1/events":
+            continue  # an endless stream without parameters: tests/test_ui.py and test_ui_events.py cover it
 
         @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))

@@ -26,7 +26,8 @@ from ..store.repository import Committed
 from ..deploy.spec import parse_deployment_spec, parse_migrations
 from .auth import Authenticator, actor_of, content_type_middleware, security_middleware
 from .openapi import OPENAPI
-from .policy import check_deployment, check_migrations
+from . import ui
+from .policy import check_deployment, check_migrations, check_service_notifications
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ async def _service_view(cp: ControlPlane, service: Service) -> dict[str, Any]:
         "standby_seconds": service.standby_seconds,
         "require_all_proxies": service.require_all_proxies,
         "affinity": affinity_to_dict(service.affinity),
+        "notifications": {"webhooks": [h.to_dict() for h in service.notifications]},
         "environments": envs,
         "traffic": {
             "weights": traffic.weights,
@@ -311,6 +313,7 @@ async def _mutate(request: web.Request, operation: Callable[[], Awaitable[Commit
 async def put_service(request: web.Request) -> web.Response:
     _wait_params(request)
     body = await _json_body(request)
+    check_service_notifications(body, request.app[CONTROL_PLANE].settings.allow)  # 400 before anything is stored
     ops = request.app[CONTROL_PLANE].operations
     return await _mutate(request, lambda: ops.put_service(request.match_info["name"], body, actor=actor_of(request)))
 
@@ -487,6 +490,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
       for action in ("promote", "pause", "resume", "rollback", "abort", "decommission")],
     ("GET", "/v1/proxies", list_proxies),
     ("GET", "/v1/cluster", get_cluster),
+    *ui.ROUTES,  # the dashboard, its live feed and whoami (admin/ui/)
 ]
 
 
@@ -498,6 +502,7 @@ def build_admin_app(cp: ControlPlane, auth: Authenticator | None, *, hosts: tupl
     middlewares += [errors_middleware, content_type_middleware]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[CONTROL_PLANE] = cp
+    ui.install(app, cp.kv.watch, cp.convergence.listeners)
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     return app

@@ -37,12 +37,17 @@ class Role(enum.IntEnum):
         return self.name.lower()
 
 
-OPEN = None  # no token needed: the liveness and readiness probes
+OPEN = None  # no token needed: the liveness and readiness probes, the dashboard's static files
 
 # The one table: (method, route template) → the role it needs. Routes missing here are denied.
 ROUTE_ROLES: dict[tuple[str, str], Role | None] = {
     ("GET", "/healthz"): OPEN,
     ("GET", "/readyz"): OPEN,
+    # The dashboard's page and static files carry no data; the page calls the API with a token.
+    ("GET", "/ui"): OPEN,
+    ("GET", "/ui/{file}"): OPEN,
+    ("GET", "/v1/whoami"): Role.VIEWER,
+    ("GET", "/v1/events"): Role.VIEWER,
     ("GET", "/metrics"): Role.VIEWER,
     ("GET", "/v1/openapi.json"): Role.VIEWER,
     ("GET", "/v1/services"): Role.VIEWER,

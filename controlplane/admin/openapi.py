@@ -120,6 +120,8 @@ OPENAPI: dict[str, Any] = {
                     "no_data_intervals": {"type": "integer", "description": "Consecutive analysis intervals with fewer than min_requests requests."},
                     "extended": {"type": "boolean", "description": "The current step or bake went on past its deadline to be judged; the history says why."},
                     "analysis": {"type": ["object", "null"], "description": "Latest analysis figures."},
+                    "intervals": {"type": "array", "items": {"type": "object"},
+                                  "description": "Figures of the last analysis intervals (at most 30, oldest first), each with `at` (epoch seconds) and `verdict`."},
                     "reason": {"type": ["string", "null"]},
                     "counterpart": {"type": ["string", "null"], "description": "Deployment id of the other environment this one replaces or serves as standby for."},
                     "hooks_pending": {"type": "boolean"},
@@ -191,6 +193,10 @@ OPENAPI: dict[str, Any] = {
                     "standby_seconds": {"type": "integer"},
                     "require_all_proxies": {"type": "boolean"},
                     "affinity": {"oneOf": [{"$ref": "#/components/schemas/Affinity"}, {"type": "null"}]},
+                    "notifications": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {"webhooks": {"type": "array", "items": {"$ref": "#/components/schemas/Webhook"}}},
+                        "description": "The service's own deployment event webhooks, besides the config file's (docs/notifications.md)."},
                     "environments": {
                         "type": "object",
                         "required": ["blue", "green"],
@@ -230,6 +236,10 @@ OPENAPI: dict[str, Any] = {
                     "standby_seconds": {"type": "integer", "minimum": 0, "maximum": 2592000, "default": 1800},
                     "affinity": {"oneOf": [{"$ref": "#/components/schemas/Affinity"}, {"type": "null"}],
                                  "description": "Session affinity for this service's stepped shifts (a deployment may set its own); null: none."},
+                    "notifications": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {"webhooks": {"type": "array", "items": {"$ref": "#/components/schemas/Webhook"}}},
+                        "description": "The service's own deployment event webhooks, besides the config file's (docs/notifications.md)."},
                 },
             },
             "Affinity": {
@@ -239,6 +249,20 @@ OPENAPI: dict[str, Any] = {
                 "properties": {
                     "cookie": {"type": "string", "default": "bluegreen-env", "maxLength": 64},
                     "ttl_seconds": {"type": "integer", "minimum": 1, "maximum": 2592000, "default": 3600},
+                },
+            },
+            "Webhook": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["url"],
+                "properties": {
+                    "url": {"type": "string", "description": "http(s) URL; must pass the config's webhooks.allowed."},
+                    "secret_file": {"type": ["string", "null"], "description": "File on the control plane's host holding the HMAC-SHA256 key (X-Bluegreen-Signature)."},
+                    "format": {"type": "string", "enum": ["json", "slack"], "default": "json"},
+                    "events": {"type": "array", "items": {"type": "string", "enum": ["started", "smoke_passed", "smoke_failed", "step", "paused",
+                                                                                      "promoted", "rolled_back", "failed", "active", "decommissioned"]},
+                               "description": "Events to send; empty or absent: all."},
+                    "timeout_seconds": {"type": "number", "exclusiveMinimum": 0, "maximum": 60, "default": 5},
                 },
             },
             "EnvironmentSpec": {
@@ -295,6 +319,25 @@ OPENAPI: dict[str, Any] = {
                             "failure_limit": {"type": "integer", "default": 2},
                             "no_data_limit": {"type": "integer", "default": 10,
                                               "description": "With no_data wait: this many intervals in a row without min_requests requests, and each one after, count as a breach."},
+                            "prometheus": {
+                                "type": ["object", "null"],
+                                "additionalProperties": False,
+                                "required": ["url", "queries"],
+                                "description": "PromQL queries judged each interval next to Envoy's figures (docs/prometheus.md). The URL must pass the config's analysis.prometheus_allowed; errors and empty answers follow no_data.",
+                                "properties": {
+                                    "url": {"type": "string"},
+                                    "timeout_seconds": {"type": "number", "default": 5},
+                                    "queries": {"type": "array", "minItems": 1, "maxItems": 20, "items": {
+                                        "type": "object", "additionalProperties": False, "required": ["name", "query"],
+                                        "properties": {
+                                            "name": {"type": "string"},
+                                            "query": {"type": "string", "description": "PromQL giving one number; $service, $environment, $version and $interval are filled in."},
+                                            "max": {"type": ["number", "null"]},
+                                            "min": {"type": ["number", "null"]},
+                                            "for_environment": {"type": "string", "enum": ["new", "old"], "default": "new"},
+                                        }}},
+                                },
+                            },
                         },
                     },
                     "decommission": {"type": "object", "properties": {"webhooks": {"type": "array", "items": {"type": "object"}}}},
@@ -531,6 +574,34 @@ OPENAPI: dict[str, Any] = {
                 "parameters": [_ID, {"name": "force", "in": "query", "required": False, "schema": {"type": "string", "enum": ["true", "false"], "default": "false"},
                                      "description": "Decommission even while proxies still route to the environment; the history records it."}],
                 "responses": {"200": _json({"$ref": "#/components/schemas/Deployment"}, "The deployment after the command."), **_ERRORS},
+            }
+        },
+        "/v1/whoami": {
+            "get": {
+                "summary": "The calling token's name and role (the dashboard hides the buttons a viewer may not use; the server enforces roles anyway).",
+                "responses": {"200": _json({"type": "object", "required": ["name", "role"], "properties": {
+                    "name": {"type": "string"}, "role": {"type": "string", "enum": ["viewer", "operator", "admin"]}}}, "The token's identity.")},
+            }
+        },
+        "/v1/events": {
+            "get": {
+                "summary": "Live feed (text/event-stream) for the dashboard: an event `hello` at once, then `change` (data: "
+                           "`{\"store_revision\", \"proxies\"}`) at most every 200 ms after the stored state or the proxies' "
+                           "convergence changed, and a comment line every 15 s. Read it with fetch() and the Authorization header.",
+                "responses": {"200": {"description": "text/event-stream; one JSON object per `data:` line"}},
+            }
+        },
+        "/ui": {
+            "get": {
+                "summary": "The web dashboard (HTML). Carries no data: the page calls the API with the token from `#token=...` or the one it asks for.",
+                "responses": {"200": {"description": "text/html"}},
+            }
+        },
+        "/ui/{file}": {
+            "get": {
+                "summary": "The dashboard's static files (JavaScript, CSS), shipped in the package.",
+                "parameters": [{"name": "file", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "The file"}, "404": _json(_ERROR, "No such file.")},
             }
         },
         "/v1/proxies": {

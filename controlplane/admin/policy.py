@@ -147,5 +147,26 @@ def check_deployment(spec: DeploymentSpec, allow: Allowlists) -> None:
     for where, url in hooks:
         if not url_allowed(url, allow.webhooks):
             raise _refuse_url(where, url, "webhooks.allowed", allow.webhooks)
+    if spec.analysis is not None and spec.analysis.prometheus is not None:
+        url = spec.analysis.prometheus.url
+        if not url_allowed(url, allow.prometheus):
+            raise _refuse_url("analysis.prometheus.url", url, "analysis.prometheus_allowed", allow.prometheus)
     if spec.migrations is not None:
         check_migrations(spec.migrations, allow)
+
+
+def check_service_notifications(body: object, allow: Allowlists) -> None:
+    """A service's own webhooks (``notifications.webhooks`` of PUT /v1/services/{name}) must be
+    well-formed and allowed by ``webhooks.allowed``, like the config file's (400 otherwise)."""
+    from ..notify.events import parse_webhook
+
+    if not isinstance(body, dict) or not isinstance(body.get("notifications"), dict):
+        return  # absent, or malformed: the model's parser names the problem
+    hooks = body["notifications"].get("webhooks", [])
+    if not isinstance(hooks, list):
+        return
+    for i, hook in enumerate(hooks):
+        try:
+            parse_webhook(f"notifications.webhooks[{i}]", hook, lambda url: url_allowed(url, allow.webhooks))
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Protocol, TypeVar
 import aiohttp
 
 from . import transitions
+from .promql import breach_of, evaluate as evaluate_prometheus
 from .spec import Analysis, DeploymentSpec, Migrations, parse_deployment_spec, parse_migrations
 from ..errors import ConflictError, ContractBlocked, MigrationError, NotFoundError, NotLeader
 from ..migrations.files import MigrationSet, Phase
@@ -87,6 +88,23 @@ def judge(analysis: Analysis, figures: Mapping[str, Any]) -> tuple[str, str | No
     p99 = figures.get("p99_ms")
     if analysis.max_p99_ms is not None and p99 is not None and p99 > analysis.max_p99_ms:
         return "breach", f"p99 {p99:.1f} ms > max_p99_ms {analysis.max_p99_ms:g}"
+    return _judge_prometheus(analysis, figures.get("prometheus") or ())
+
+
+def _judge_prometheus(analysis: Analysis, results: Any) -> tuple[str, str | None]:
+    """The Prometheus queries' results: a breach beyond a bound; an error or an empty answer
+    follows ``no_data`` like too little traffic does."""
+    for result in results:
+        if result.get("error") is not None or result.get("value") is None:
+            reason = f"prometheus {result['name']}: {result.get('error') or 'no data'}"
+            if analysis.no_data == "fail":
+                return "breach", reason
+            if analysis.no_data == "wait":
+                return "wait", reason
+            continue
+        breach = breach_of(result)
+        if breach:
+            return "breach", breach
     return "ok", None
 
 
@@ -415,6 +433,15 @@ class Rollouts:
             phase = "paused"
         for known in ("idle", "deploying", "ready", "shifting", "baking", "paused"):
             self.metrics.deployment_phase.labels(service.name, known).set(1 if known == phase else 0)
+        self._init_counters(service.name)
+
+    def _init_counters(self, name: str) -> None:
+        """Create the service's result counters at 0, so the first deployment's end and the first
+        rollback are an increase that rate(), increase() and alert rules can see."""
+        for result in ("succeeded", "failed", "rolled_back"):
+            self.metrics.deployments.labels(name, result)
+        for reason in ("automatic", "api"):
+            self.metrics.rollbacks.labels(name, reason)
 
     # -- migrations ----------------------------------------------------------------------------
 
@@ -493,6 +520,8 @@ class Rollouts:
         figures = dict(stats.as_dict() if hasattr(stats, "as_dict") else stats)
         figures["interval_seconds"] = analysis.interval_seconds
         self._start_window(service.name, d)
+        if analysis.prometheus is not None:
+            figures["prometheus"] = await self._prometheus_figures(service, d, analysis)
         for key, gauge in (("error_rate", self.metrics.analysis_error_rate), ("p99_ms", self.metrics.analysis_p99_ms)):
             if figures.get(key) is not None:
                 gauge.labels(service.name, d.environment.value).set(figures[key])
@@ -506,6 +535,15 @@ class Rollouts:
         else:
             await self._mutate(service.name, lambda s, c, t: transitions.analysis_result(
                 s, c, d.id, t, figures, reason if verdict == "breach" else None, analysis.failure_limit))
+
+    async def _prometheus_figures(self, service: Service, d: Deployment, analysis: Analysis) -> list[dict[str, Any]]:
+        assert analysis.prometheus is not None and self._session is not None
+        old = service.environment(d.environment.other)
+        contexts = {
+            "new": {"service": service.name, "environment": d.environment.value, "version": d.version},
+            "old": {"service": service.name, "environment": d.environment.other.value, "version": old.version or ""},
+        }
+        return await evaluate_prometheus(self._session, analysis.prometheus, contexts, analysis.interval_seconds)
 
     # -- decommission hooks ----------------------------------------------------------------------
 

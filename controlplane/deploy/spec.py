@@ -65,6 +65,27 @@ class Smoke:
 
 
 @dataclass(frozen=True)
+class PrometheusQuery:
+    """One PromQL expression judged per analysis interval: a breach when its value is above
+    ``max`` or below ``min``. ``$service``, ``$environment``, ``$version`` and ``$interval`` are
+    replaced by the deployment's (``for_environment`` "new", the default) or by the environment
+    it replaces ("old"), and by the interval as a PromQL duration ("30s")."""
+
+    name: str
+    query: str
+    max: float | None = None
+    min: float | None = None
+    for_environment: str = "new"  # new | old
+
+
+@dataclass(frozen=True)
+class PrometheusSource:
+    url: str  # the Prometheus server (its /api/v1/query is called); must pass analysis.prometheus_allowed
+    queries: tuple[PrometheusQuery, ...] = ()
+    timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
 class Analysis:
     """Judge the new environment every ``interval_seconds`` while it shifts and bakes.
 
@@ -83,6 +104,9 @@ class Analysis:
     # With no_data "wait": the Nth consecutive interval without min_requests requests (N >=
     # no_data_limit) counts as a breach, so waiting for traffic cannot hold a step forever.
     no_data_limit: int = 10
+    # PromQL queries judged next to Envoy's own figures; errors reaching Prometheus (and empty
+    # answers) follow ``no_data``.
+    prometheus: PrometheusSource | None = None
 
 
 @dataclass(frozen=True)
@@ -241,7 +265,7 @@ def parse_smoke(body: object) -> Smoke:
 def parse_analysis(body: object) -> Analysis:
     spec = require_object("analysis", body)
     reject_unknown("analysis", spec, {"interval_seconds", "max_error_rate", "max_p99_ms", "min_requests", "no_data", "failure_limit",
-                                      "no_data_limit"})
+                                      "no_data_limit", "prometheus"})
     default = Analysis()
     max_p99 = spec.get("max_p99_ms", default.max_p99_ms)
     no_data = spec.get("no_data", default.no_data)
@@ -255,7 +279,43 @@ def parse_analysis(body: object) -> Analysis:
         no_data=no_data,
         failure_limit=int(_number("analysis.failure_limit", spec.get("failure_limit", default.failure_limit), minimum=1, maximum=1000, integer=True)),
         no_data_limit=int(_number("analysis.no_data_limit", spec.get("no_data_limit", default.no_data_limit), minimum=1, maximum=1000, integer=True)),
+        prometheus=parse_prometheus(spec["prometheus"]) if spec.get("prometheus") is not None else None,
     )
+
+
+MAX_PROMETHEUS_QUERIES = 20
+
+
+def parse_prometheus(body: object) -> PrometheusSource:
+    where = "analysis.prometheus"
+    spec = require_object(where, body)
+    reject_unknown(where, spec, {"url", "queries", "timeout_seconds"})
+    url = _string(f"{where}.url", spec.get("url"))
+    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+        raise ValidationError(f"{where}.url must be an http:// or https:// URL, got {url!r}")
+    raw = _list(f"{where}.queries", spec.get("queries", []))
+    if not raw or len(raw) > MAX_PROMETHEUS_QUERIES:
+        raise ValidationError(f"{where}.queries: give 1 to {MAX_PROMETHEUS_QUERIES} queries")
+    queries = tuple(_prometheus_query(f"{where}.queries[{i}]", q) for i, q in enumerate(raw))
+    names = [q.name for q in queries]
+    if len(set(names)) != len(names):
+        raise ValidationError(f"{where}.queries: names must be unique, got {names}")
+    timeout = _number(f"{where}.timeout_seconds", spec.get("timeout_seconds", 5.0), minimum=0.1, maximum=60)
+    return PrometheusSource(url=url.rstrip("/"), queries=queries, timeout_seconds=timeout)
+
+
+def _prometheus_query(where: str, body: object) -> PrometheusQuery:
+    spec = require_object(where, body)
+    reject_unknown(where, spec, {"name", "query", "max", "min", "for_environment"})
+    name = _string(f"{where}.name", spec.get("name"))
+    query = _string(f"{where}.query", spec.get("query"))
+    bounds = {k: _number(f"{where}.{k}", spec[k], minimum=-1e18, maximum=1e18) for k in ("max", "min") if spec.get(k) is not None}
+    if not bounds:
+        raise ValidationError(f"{where}: give max, min or both (the value is a breach above max or below min)")
+    which = spec.get("for_environment", "new")
+    if which not in ("new", "old"):
+        raise ValidationError(f"{where}.for_environment must be 'new' or 'old', got {which!r}")
+    return PrometheusQuery(name=name, query=query, max=bounds.get("max"), min=bounds.get("min"), for_environment=which)
 
 
 def parse_migrations(body: object) -> Migrations:
@@ -332,6 +392,15 @@ def parse_convergence(body: object) -> bool | None:
     return value
 
 
+def _analysis_dict(analysis: Analysis) -> dict[str, Any]:
+    data = asdict(analysis)
+    if analysis.prometheus is None:
+        del data["prometheus"]  # specs stored before the Prometheus source look the same as before
+    else:
+        data["prometheus"]["queries"] = [asdict(q) for q in analysis.prometheus.queries]
+    return data
+
+
 def spec_to_dict(spec: DeploymentSpec) -> dict[str, Any]:
     """A JSON-ready form; parse_deployment_spec(spec_to_dict(s)) == s."""
     smoke = asdict(spec.smoke)
@@ -345,7 +414,7 @@ def spec_to_dict(spec: DeploymentSpec) -> dict[str, Any]:
         "endpoints": [str(e) for e in spec.endpoints.endpoints],
         "strategy": strategy,
         "smoke": smoke,
-        "analysis": asdict(spec.analysis) if spec.analysis else None,
+        "analysis": _analysis_dict(spec.analysis) if spec.analysis else None,
         "decommission": {"webhooks": [asdict(w) for w in spec.decommission_webhooks]},
         "migrations": asdict(spec.migrations) if spec.migrations else None,
         "convergence": {"require_all_proxies": spec.require_all_proxies} if spec.require_all_proxies is not None else None,

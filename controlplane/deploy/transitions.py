@@ -29,7 +29,7 @@ its deadline is a minimum, never a reason to move on unjudged (:func:`analysis_h
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Mapping
+from typing import Any, Mapping
 
 from .spec import Analysis, DeploymentSpec, Strategy, parse_deployment_spec, spec_to_dict
 from ..errors import ConflictError
@@ -473,7 +473,7 @@ def _record_interval(service: Service, current: Current, d: Deployment, now: flo
         raise ConflictError(f"deployment {d.id} is not under analysis")
     judged = d.intervals_judged + 1
     if breach is None:
-        passed = replace(d, analysis=dict(figures), failures=0, intervals_judged=judged, no_data_intervals=no_data_intervals,
+        passed = replace(d, analysis=dict(figures), intervals=_kept_intervals(d, figures, now), failures=0, intervals_judged=judged, no_data_intervals=no_data_intervals,
                          updated_at=now)
         if passed.paused_remaining is not None or passed.deadline is None or passed.deadline > now:
             return Change(service, (passed,))
@@ -491,11 +491,12 @@ def _record_interval(service: Service, current: Current, d: Deployment, now: flo
         return Change(failed.service, (first,))
     if failures >= failure_limit:
         rolled = rollback(service, current, d.id, now, AUTOMATIC, f"analysis: {breach} ({failures} consecutive)")
-        first = replace(rolled.deployments[0], analysis=dict(figures), failures=failures, intervals_judged=judged,
+        first = replace(rolled.deployments[0], analysis=dict(figures), intervals=_kept_intervals(d, figures, now), failures=failures, intervals_judged=judged,
                         no_data_intervals=no_data_intervals)
         return Change(rolled.service, (first,) + rolled.deployments[1:])
     breached = _event(d, d.status, now, AUTOMATIC, f"analysis breach {failures}/{failure_limit}: {breach}",
-                      analysis=dict(figures), failures=failures, intervals_judged=judged, no_data_intervals=no_data_intervals)
+                      analysis=dict(figures), intervals=_kept_intervals(d, figures, now), failures=failures,
+                      intervals_judged=judged, no_data_intervals=no_data_intervals)
     return Change(service, (breached,))
 
 
@@ -511,7 +512,16 @@ def analysis_wait(service: Service, current: Current, deployment_id: str, now: f
     if waited >= no_data_limit:
         breach = f"{reason}, {waited} intervals in a row (no_data_limit {no_data_limit})"
         return _record_interval(service, current, d, now, figures, breach, failure_limit, no_data_intervals=waited)
-    return Change(service, (replace(d, analysis=dict(figures), no_data_intervals=waited, updated_at=now),))
+    return Change(service, (replace(d, analysis=dict(figures), intervals=_kept_intervals(d, figures, now),
+                                    no_data_intervals=waited, updated_at=now),))
+
+
+INTERVALS_KEPT = 30  # enough for the dashboard's charts; a record stays small
+
+
+def _kept_intervals(d: Deployment, figures: Mapping[str, object], now: float) -> tuple[Mapping[str, Any], ...]:
+    """``d``'s interval figures with this one (stamped ``at``) appended, the oldest dropped."""
+    return (d.intervals + ({**figures, "at": now},))[-INTERVALS_KEPT:]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,6 +118,9 @@ class Convergence:
         self._response_bytes = _Children(metrics.response_bytes)
         self._converged_gauge = _Children(metrics.converged_proxies)
         self._lagging_gauge = _Children(metrics.lagging_proxies)
+        # Called (no arguments, on the loop) whenever what this tracker reports may have
+        # changed: the admin API's live feed debounces these into one event (admin/ui/).
+        self.listeners: list[Callable[[], None]] = []
 
     def fleet(self, name: str) -> FleetProgress:
         progress = self.fleets.get(name)
@@ -181,6 +184,7 @@ class Convergence:
     def nack_received(self, stream: StreamState, type_url: str, nack: Nack) -> None:
         self.metrics.nacks.labels(type_url).inc()
         self.metrics.proxy_rejecting.labels(stream.node_id, stream.fleet, type_url).set(1)
+        self._notify()
         log.warning("proxy %s (fleet %s) rejected %s version %s: %s", stream.node_id, stream.fleet,
                     typeurls.SHORT_NAMES.get(type_url, type_url), nack.version, nack.message)
 
@@ -344,7 +348,12 @@ class Convergence:
             return True
         return False
 
+    def _notify(self) -> None:
+        for listener in self.listeners:
+            listener()
+
     def _update(self, fleet: str) -> None:
+        self._notify()
         progress = self.fleet(fleet)
         converged = len(progress.converged)
         if converged != progress.reported_converged:
