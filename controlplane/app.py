@@ -84,16 +84,16 @@ class ControlPlane:
                                       lambda fleet, require_all: self.convergence.status(fleet, require_all=require_all),
                                       self.telemetry)
         self._cluster_tasks: list[asyncio.Task[None]] = []
+        # Deployment event notifications (the config file's and each service's webhooks): a task
+        # of its own, so that with replicas only the leader runs it (start_notifier / stop_notifier).
+        self.notifier: Notifier | None = Notifier(kv, self.repo, settings.notifications, self.metrics)
+        self._notifier_task: asyncio.Task[None] | None = None
 
     def replica_info(self) -> dict[str, object]:
         """This replica's row of GET /v1/cluster (the coordinator adds id and last_seen)."""
         return {"xds": self.xds_address, "admin": self.admin_address,
                 "connected_proxies": sum(len(p.streams) for p in self.convergence.fleets.values()),
                 "store_revision": self.publisher.generation}
-        # Deployment event notifications (the config file's and each service's webhooks): a task
-        # of its own, so that with replicas only the leader runs it (start_notifier / stop_notifier).
-        self.notifier: Notifier | None = Notifier(kv, self.repo, settings.notifications, self.metrics)
-        self._notifier_task: asyncio.Task[None] | None = None
 
     async def start(self, xds_address: str) -> None:
         await self.publisher.publish_once()  # before the port opens: never serve an empty config

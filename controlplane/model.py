@@ -24,6 +24,7 @@ from typing import Any, Mapping
 from .errors import ConflictError, ValidationError
 
 MAX_ENDPOINTS = 1000
+MAX_ENDPOINT_WEIGHT = 10_000  # EDS load_balancing_weight is a uint32; keep sums far from overflow
 MAX_DOMAINS = 100
 MAX_DRAIN_SECONDS = 86_400
 MAX_STANDBY_SECONDS = 30 * 86_400
@@ -140,15 +141,22 @@ def _validate_seconds(field_name: str, value: object, maximum: int) -> int:
 
 @dataclass(frozen=True, order=True)
 class Endpoint:
-    """An upstream address. Only IP literals: EDS does not resolve DNS names."""
+    """An upstream address. Only IP literals: EDS does not resolve DNS names.
+
+    ``weight`` is the endpoint's share of its environment's capacity (docs/capacity.md) and its
+    EDS load-balancing weight. It takes no part in equality: an address is listed once."""
 
     host: str
     port: int
+    weight: int = field(default=1, compare=False)
 
     @classmethod
     def parse(cls, text: object) -> Endpoint:
+        """``"IP:PORT"`` or ``{"address": "IP:PORT", "weight": N}`` (weight 1-10000, default 1)."""
+        if isinstance(text, Mapping):
+            return cls._parse_weighted(text)
         if not isinstance(text, str):
-            raise ValidationError(f"invalid endpoint {text!r}: expected a string 'IP:PORT'")
+            raise ValidationError(f"invalid endpoint {text!r}: expected a string 'IP:PORT' or an object {{\"address\": \"IP:PORT\", \"weight\": N}}")
         if text.startswith("["):
             host, sep, port = text[1:].partition("]:")
         else:
@@ -170,6 +178,24 @@ class Endpoint:
             raise ValidationError(f"invalid endpoint {text!r}: write IPv6 addresses as '[ADDR]:PORT'")
         return cls(str(address), int(port))
 
+    @classmethod
+    def _parse_weighted(cls, spec: Mapping[str, Any]) -> Endpoint:
+        reject_unknown("endpoint", spec, {"address", "weight"})
+        if "address" not in spec:
+            raise ValidationError(f"invalid endpoint {dict(spec)!r}: 'address' ('IP:PORT') is required")
+        if not isinstance(spec["address"], str):
+            raise ValidationError(f"invalid endpoint address {spec['address']!r}: expected a string 'IP:PORT'")
+        endpoint = cls.parse(spec["address"])
+        weight = spec.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_ENDPOINT_WEIGHT:
+            raise ValidationError(f"invalid endpoint {spec['address']}: weight must be an integer between 1 and {MAX_ENDPOINT_WEIGHT}, got {weight!r}")
+        return replace(endpoint, weight=weight)
+
+    def to_json(self) -> str | dict[str, Any]:
+        """The API and stored form: the plain string unless the weight is not 1 (so the stored
+        state of services that use no weights is what it was before weights existed)."""
+        return str(self) if self.weight == 1 else {"address": str(self), "weight": self.weight}
+
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
@@ -184,6 +210,11 @@ class EnvironmentState:
     @property
     def registered(self) -> bool:
         return bool(self.endpoints)
+
+    @property
+    def capacity(self) -> int:
+        """The sum of the endpoints' weights (docs/capacity.md)."""
+        return sum(e.weight for e in self.endpoints)
 
 
 @dataclass(frozen=True)
@@ -437,7 +468,11 @@ class Deployment:
     counterpart: str | None = None  # the other environment's deployment this one replaces or serves
     hooks_pending: bool = False  # decommission webhooks still to be called
     waiting_for: str | None = None  # what a due decommission waits for (proxies still routing to it)
-    phase: str | None = None  # before the shift: "mirror" (ready, shadow traffic) or "targeting" (shifting, step -1)
+    phase: str | None = None  # before the shift: "mirror" (ready, shadow traffic) or "targeting" (shifting, step -1); "scaling" (waiting for capacity)
+    # Capacity of the environment that served 100 % when the deployment started (the capacity
+    # guard's reference, docs/capacity.md); None: nothing served before (first version).
+    baseline_capacity: int | None = None
+    scaling_step: int | None = None  # the step a "scaling" phase waits to shift to
     history: tuple[Event, ...] = ()
     # The figures of the last analysis intervals (each with its time, "at"), oldest first; the
     # dashboard draws them. Bounded (transitions.INTERVALS_KEPT).
@@ -562,11 +597,11 @@ def parse_environment_spec(body: object) -> EnvironmentState:
     if "version" not in spec:
         raise ValidationError("environment: 'version' is required")
     if "endpoints" not in spec:
-        raise ValidationError("environment: 'endpoints' is required (a list of 'IP:PORT')")
+        raise ValidationError("environment: 'endpoints' is required (a list of 'IP:PORT' or {\"address\", \"weight\"} objects)")
     version = validate_version(spec["version"])
     raw = spec["endpoints"]
     if not isinstance(raw, list):
-        raise ValidationError("endpoints must be a list of 'IP:PORT' strings")
+        raise ValidationError("endpoints must be a list of 'IP:PORT' strings or {\"address\": \"IP:PORT\", \"weight\": N} objects")
     if len(raw) > MAX_ENDPOINTS:
         raise ValidationError(f"endpoints: at most {MAX_ENDPOINTS} entries")
     endpoints = [Endpoint.parse(e) for e in raw]
@@ -750,7 +785,7 @@ def full_weights(target: Environment) -> dict[Environment, int]:
 
 def service_to_dict(service: Service) -> dict[str, Any]:
     def env(e: EnvironmentState) -> dict[str, Any]:
-        return {"version": e.version, "endpoints": [str(x) for x in e.endpoints]}
+        return {"version": e.version, "endpoints": [x.to_json() for x in e.endpoints]}
 
     t = service.traffic
     return {
@@ -827,6 +862,8 @@ def deployment_to_dict(d: Deployment) -> dict[str, Any]:
         "hooks_pending": d.hooks_pending,
         "waiting_for": d.waiting_for,
         "phase": d.phase,
+        "baseline_capacity": d.baseline_capacity,
+        "scaling_step": d.scaling_step,
         "history": [{"at": e.at, "status": e.status, "actor": e.actor, "reason": e.reason} for e in d.history],
         "intervals": [dict(i) for i in d.intervals],
     }
@@ -859,6 +896,8 @@ def deployment_from_dict(data: Mapping[str, Any]) -> Deployment:
         hooks_pending=data.get("hooks_pending", False),
         waiting_for=data.get("waiting_for"),
         phase=data.get("phase"),
+        baseline_capacity=data.get("baseline_capacity"),
+        scaling_step=data.get("scaling_step"),
         history=tuple(Event(e["at"], e["status"], e["actor"], e["reason"]) for e in data.get("history", ())),
         intervals=tuple(data.get("intervals", ())),  # absent from records of older releases
     )

@@ -99,7 +99,9 @@ def build_load_assignment(service: Service, env: Environment) -> endpoint_pb2.Cl
     state = service.environment(env)
     lb_endpoints = [
         endpoint_components_pb2.LbEndpoint(
-            endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(e.host, e.port))
+            endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(e.host, e.port)),
+            # Only when not 1 (Envoy's default), so resources of unweighted endpoints keep their bytes and versions.
+            load_balancing_weight=wrappers_pb2.UInt32Value(value=e.weight) if e.weight != 1 else None,
         )
         for e in state.endpoints
     ]

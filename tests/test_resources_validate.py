@@ -353,6 +353,9 @@ def check_structure(fleet: Fleet, services: Sequence[Service], generated: Sequen
         service, env = next((s, e) for s in served for e in Environment if resources.cluster_name(s.name, e) == name)
         addresses = sorted(_socket_address(lb.endpoint.address) for loc in assignment.endpoints for lb in loc.lb_endpoints)  # type: ignore[attr-defined]
         assert addresses == sorted((e.host, e.port) for e in service.environment(env).endpoints), name
+        weights = sorted((_socket_address(lb.endpoint.address), lb.load_balancing_weight.value or 1)  # type: ignore[attr-defined]
+                         for loc in assignment.endpoints for lb in loc.lb_endpoints)  # type: ignore[attr-defined]
+        assert weights == sorted(((e.host, e.port), e.weight) for e in service.environment(env).endpoints), name
 
     for name, resource in snapshot.of_type(typeurls.CLUSTER).items():
         cluster = unpack(resource)
@@ -577,7 +580,10 @@ def environment_states(draw: st.DrawFn) -> model.EnvironmentState:
     if draw(st.integers(0, 4)) == 0:
         return model.EnvironmentState()  # never registered
     count = draw(st.integers(0, 5))
-    endpoints = draw(st.lists(ENDPOINT_TEXTS, min_size=count, max_size=count, unique_by=model.Endpoint.parse))
+    endpoints: list[Any] = draw(st.lists(ENDPOINT_TEXTS, min_size=count, max_size=count, unique_by=model.Endpoint.parse))
+    # Some endpoints carry a capacity weight (docs/capacity.md), which becomes their EDS weight.
+    weights = draw(st.lists(st.sampled_from([1, 1, 2, 3, model.MAX_ENDPOINT_WEIGHT]), min_size=count, max_size=count))
+    endpoints = [e if w == 1 else {"address": e, "weight": w} for e, w in zip(endpoints, weights)]
     return model.parse_environment_spec({"version": draw(VERSIONS), "endpoints": endpoints})
 
 

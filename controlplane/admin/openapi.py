@@ -126,8 +126,10 @@ OPENAPI: dict[str, Any] = {
                     "counterpart": {"type": ["string", "null"], "description": "Deployment id of the other environment this one replaces or serves as standby for."},
                     "hooks_pending": {"type": "boolean"},
                     "waiting_for": {"type": ["string", "null"], "description": "What a due decommission waits for, e.g. 'proxies still routing to blue: edge-2'."},
-                    "phase": {"type": ["string", "null"], "enum": ["mirror", "targeting", None],
-                              "description": "Before the steps: mirror (ready; shadow traffic only) or targeting (shifting at step -1; matching requests only)."},
+                    "phase": {"type": ["string", "null"], "enum": ["mirror", "targeting", "scaling", None],
+                              "description": "Before the steps: mirror (ready; shadow traffic only) or targeting (shifting at step -1; matching requests only); scaling: waiting for capacity (docs/capacity.md)."},
+                    "baseline_capacity": {"type": ["integer", "null"], "description": "Capacity that served 100 % when the deployment started (the capacity guard's reference)."},
+                    "scaling_step": {"type": ["integer", "null"], "description": "The step a scaling phase waits to shift to."},
                     "history": {
                         "type": "array",
                         "items": {
@@ -148,7 +150,7 @@ OPENAPI: dict[str, Any] = {
                 "required": ["version", "endpoints", "weight", "deployment"],
                 "properties": {
                     "version": {"type": ["string", "null"]},
-                    "endpoints": {"type": "array", "items": {"type": "string"}},
+                    "endpoints": {"type": "array", "items": {"oneOf": [{"type": "string", "description": "IP:PORT or [IPv6]:PORT"}, {"type": "object", "additionalProperties": False, "required": ["address"], "properties": {"address": {"type": "string"}, "weight": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1}}}]}},
                     "weight": {"type": "integer", "minimum": 0, "maximum": 100},
                     "deployment": {"$ref": "#/components/schemas/Deployment"},
                 },
@@ -271,7 +273,7 @@ OPENAPI: dict[str, Any] = {
                 "required": ["version", "endpoints"],
                 "properties": {
                     "version": {"type": "string"},
-                    "endpoints": {"type": "array", "items": {"type": "string", "description": "IP:PORT or [IPv6]:PORT"}, "maxItems": 1000},
+                    "endpoints": {"type": "array", "items": {"oneOf": [{"type": "string", "description": "IP:PORT or [IPv6]:PORT"}, {"type": "object", "additionalProperties": False, "required": ["address"], "properties": {"address": {"type": "string"}, "weight": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1}}}]}, "maxItems": 1000},
                 },
             },
             "DeploymentRequest": {
@@ -280,7 +282,22 @@ OPENAPI: dict[str, Any] = {
                 "additionalProperties": False,
                 "properties": {
                     "version": {"type": "string"},
-                    "endpoints": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                    "endpoints": {"type": "array", "items": {"oneOf": [{"type": "string", "description": "IP:PORT or [IPv6]:PORT"}, {"type": "object", "additionalProperties": False, "required": ["address"], "properties": {"address": {"type": "string"}, "weight": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1}}}]}, "minItems": 1},
+                    "scale": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "description": "Capacity guard and scale hooks (docs/capacity.md).",
+                        "properties": {
+                            "webhooks": {"type": "array", "items": {"type": "object", "required": ["url"], "properties": {
+                                "url": {"type": "string"}, "timeout_seconds": {"type": "number", "default": 5}}}},
+                            "commands": {"type": "array", "items": {"type": "array", "items": {"type": "string"}, "minItems": 1}},
+                            "timeout_seconds": {"type": "number", "default": 300},
+                            "on_timeout": {"type": "string", "enum": ["fail", "rollback"], "default": "fail"},
+                            "headroom_percent": {"type": "number", "default": 0},
+                            "standby_capacity_percent": {"type": "number", "minimum": 0, "maximum": 100, "default": 0},
+                            "command_timeout_seconds": {"type": "number", "default": 60},
+                        },
+                    },
                     "strategy": {
                         "type": "object",
                         "additionalProperties": False,

@@ -142,7 +142,16 @@ def check_deployment(spec: DeploymentSpec, allow: Allowlists) -> None:
                 f"smoke.commands[{i}] {list(argv)!r} is not allowed by the server config's smoke.commands_allowed "
                 f"({configured}); a command must start with one of its argv prefixes"
             )
+    scale_commands = spec.scale.commands if spec.scale is not None else ()
+    for i, argv in enumerate(scale_commands):
+        if not command_allowed(argv, allow.smoke_commands):
+            configured = "; ".join(" ".join(p) for p in allow.smoke_commands) or "empty: no command may run"
+            raise ValidationError(
+                f"scale.commands[{i}] {list(argv)!r} is not allowed by the server config's smoke.commands_allowed "
+                f"({configured}); a command must start with one of its argv prefixes"
+            )
     hooks = [(f"smoke.webhooks[{i}].url", w.url) for i, w in enumerate(spec.smoke.webhooks)]
+    hooks += [(f"scale.webhooks[{i}].url", w.url) for i, w in enumerate(spec.scale.webhooks if spec.scale is not None else ())]
     hooks += [(f"decommission.webhooks[{i}].url", w.url) for i, w in enumerate(spec.decommission_webhooks)]
     for where, url in hooks:
         if not url_allowed(url, allow.webhooks):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any, Callable, Mapping, Protocol, TypeVar
 
@@ -22,7 +23,7 @@ import aiohttp
 
 from . import transitions
 from .promql import breach_of, evaluate as evaluate_prometheus
-from .spec import Analysis, DeploymentSpec, Migrations, parse_deployment_spec, parse_migrations
+from .spec import Analysis, DeploymentSpec, Migrations, Scale, parse_deployment_spec, parse_migrations
 from ..errors import ConflictError, ContractBlocked, MigrationError, NotFoundError, NotLeader
 from ..migrations.files import MigrationSet, Phase
 from ..migrations.gate import contract_blockers, refusal
@@ -30,7 +31,7 @@ from ..metrics import Metrics
 from ..model import Change, Deployment, DeploymentStatus as S, Environment, Fleet, Service
 from ..resources import cluster_name
 from .operations import with_actor
-from .smoke import call_webhook, preview_target, run_smoke
+from .smoke import call_webhook, preview_target, run_command, run_smoke
 from ..store.repository import Committed, Repository
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ CONVERGE_BEFORE_SMOKE_SECONDS = 30.0
 # While a due decommission waits for proxies that still route to the environment, look again
 # this often (proxy state is in memory; looking is cheap, and nothing is written unless it changed).
 DECOMMISSION_RECHECK_SECONDS = 1.0
+# While a deployment waits for capacity (the scaling phase), look at its endpoints this often.
+SCALING_RECHECK_SECONDS = 1.0
 
 
 class Telemetry(Protocol):
@@ -126,6 +129,7 @@ class Rollouts:
         self._windows: dict[str, tuple[tuple[str, int, bool, str | None], object, float]] = {}
         self._specs: dict[str, tuple[tuple[str, float], DeploymentSpec]] = {}  # service -> ((id, deployed_at), parsed spec)
         self._session: aiohttp.ClientSession | None = None
+        self._scale_called: set[tuple[str, int]] = set()  # (deployment, step) whose scale hooks this process called
         self._stopping = False
         # None: one process, always in charge. With replicas only the leader's driver runs
         # loops, and each of its writes is fenced by its election (see controlplane.cluster).
@@ -301,6 +305,8 @@ class Rollouts:
                 await self._mutate(name, lambda s, c, t: transitions.proceed(s, c, d.id, t))
                 return True, None
             paused = d.paused_remaining is not None
+            if d.phase == transitions.SCALING and not paused and await self._scaling(service, d, now):
+                return True, None
             analysis = self._spec(d).analysis
             if analysis is not None and not paused:
                 window = self._windows.get(name)
@@ -309,7 +315,7 @@ class Rollouts:
                 elif now >= window[2] + analysis.interval_seconds:
                     await self._analyse(service, d, analysis, window[1])
                     return True, None
-            if transitions.timer_due(d, analysis, now):
+            if d.phase != transitions.SCALING and transitions.timer_due(d, analysis, now):
                 if d.phase is not None:  # mirror or targeting, before the steps
                     await self._mutate(name, lambda s, c, t: transitions.phase_due(s, c, d.id, t))
                 elif d.status is S.SHIFTING:
@@ -379,6 +385,9 @@ class Rollouts:
         window = self._windows.get(name)
         if analysis is not None and window is not None and window[0] == _phase(d):
             wakes.append(window[2] + analysis.interval_seconds)
+        if d.phase == transitions.SCALING:
+            # Endpoints may arrive by any path (API, endpoint sources, another replica): look again soon.
+            wakes.append(now + SCALING_RECHECK_SECONDS)
         return wakes
 
     def _spec(self, d: Deployment) -> DeploymentSpec:
@@ -545,6 +554,64 @@ class Rollouts:
         }
         return await evaluate_prometheus(self._session, analysis.prometheus, contexts, analysis.interval_seconds)
 
+    # -- capacity guard and scale hooks -------------------------------------------------------------
+
+    async def _scaling(self, service: Service, d: Deployment, now: float) -> bool:
+        """The scaling phase of ``d``: shift once the capacity is there, call the scale hooks
+        once per step (again after a restart: at least once), fail or roll back at the timeout.
+        True if something was done."""
+        assert d.scaling_step is not None
+        weight = transitions.scaling_weight(service, d)
+        if transitions.capacity_shortfall(service, d, weight) is None:
+            await self._mutate(service.name, lambda s, c, t: transitions.capacity_ready(s, c, d.id, t))
+            return True
+        scale = self._spec(d).scale
+        assert scale is not None
+        if (d.id, d.scaling_step) not in self._scale_called:
+            self._scale_called.add((d.id, d.scaling_step))
+            needed = transitions.required_capacity(d, weight) or 0
+            summary = await self._call_scale_hooks(scale, service.name, d.environment, d.id, needed,
+                                                   service.environment(d.environment).capacity, f"{d.id}/scale/{d.scaling_step}")
+            await self.repo.update_record(d.service, d.id, lambda r, t: _noted(r, t, summary), fence=self._fence())
+            return True
+        if d.deadline is not None and d.deadline <= now:
+            await self._mutate(service.name, lambda s, c, t: transitions.scale_timeout(s, c, d.id, t))
+            return True
+        return False
+
+    async def _call_scale_hooks(self, scale: Scale, service: str, env: Environment, deployment: str, desired: int,
+                                current: int, delivery: str) -> str:
+        """Ask the infrastructure for ``desired`` capacity in ``env``: POST to every webhook, run
+        every command (the same fields as BLUEGREEN_* variables). Returns what happened, for the history."""
+        assert self._session is not None
+        payload = {"service": service, "environment": env.value, "deployment": deployment,
+                   "desired_capacity": desired, "current_capacity": current}
+        problems = []
+        for hook in scale.webhooks:
+            problem = await call_webhook(self._session, hook, payload, delivery=delivery)
+            if problem:
+                problems.append(problem)
+        variables = {f"BLUEGREEN_{key.upper()}": str(value) for key, value in payload.items()}
+        for argv in scale.commands:
+            problem = await run_command(argv, variables, scale.command_timeout_seconds)
+            if problem:
+                problems.append(problem)
+        count = len(scale.webhooks) + len(scale.commands)
+        outcome = "; ".join(problems) if problems else f"{count} called"
+        return f"scale hooks for {env.value}: desired capacity {desired}, current {current}: {outcome}"
+
+    async def _standby_scale(self, record: Deployment, owner: Deployment) -> str | None:
+        """After ``record``'s environment is decommissioned: tell the scale hooks of the
+        deployment that replaced it (``owner``) to shrink it to the warm pool."""
+        if owner is record or not owner.spec:
+            return None
+        scale = parse_deployment_spec(owner.spec).scale
+        if scale is None or (not scale.webhooks and not scale.commands):
+            return None
+        desired = math.ceil((owner.baseline_capacity or 0) * scale.standby_capacity_percent / 100)
+        return await self._call_scale_hooks(scale, record.service, record.environment, record.id, desired, 0,
+                                            f"{record.id}/scale/standby")
+
     # -- decommission hooks ----------------------------------------------------------------------
 
     async def _decommission_hooks(self, record: Deployment) -> None:
@@ -569,6 +636,9 @@ class Rollouts:
             if problem:
                 problems.append(problem)
         reason = "decommission hooks: " + ("; ".join(problems) if problems else f"{len(hooks)} called") if hooks else "no decommission hooks"
+        scaled = await self._standby_scale(record, owner)
+        if scaled is not None:
+            reason = f"{reason}; {scaled}"
         await self.repo.update_record(record.service, record.id, lambda r, now: _hooks_done(r, now, reason), fence=self._fence())
 
 

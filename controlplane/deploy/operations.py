@@ -17,6 +17,7 @@ from ..model import (
     Deployment,
     DeploymentStatus,
     Environment,
+    EnvironmentState,
     Fleet,
     Service,
     apply_service_spec,
@@ -42,6 +43,19 @@ def _not_during_deployment(service: Service, current: Current) -> None:
                 f"deployment {record.id} of {service.name} is in progress ({record.status.value}); "
                 f"steer it with /v1/deployments/{record.id}/{{promote,pause,resume,rollback,abort}}"
             )
+
+
+def _scales_deployment(service: Service, current: Current, env: Environment, state: EnvironmentState) -> Deployment | None:
+    """The deployment under way whose new environment ``env`` this registration scales (same
+    version, at least one endpoint) once its smoke tests passed; None for anything else, which a
+    deployment in progress refuses. Scaling the environment a deployment moves traffic to is how
+    its capacity guard is satisfied (docs/capacity.md)."""
+    d = transitions.in_progress(current)
+    if d is None or d.environment is not env or d.status not in (DeploymentStatus.READY, DeploymentStatus.SHIFTING):
+        return None
+    if state.version != service.environment(env).version or not state.endpoints:
+        return None
+    return d
 
 
 def with_actor(change: Change, actor: str, now: float) -> Change:
@@ -83,8 +97,15 @@ class Operations:
 
         def mutation(service: Service | None, current: Current, now: float) -> Change:
             assert service is not None
-            _not_during_deployment(service, current)
-            return set_environment(service, env, state, current, now)
+            deploying = _scales_deployment(service, current, env, state)
+            if deploying is None:
+                _not_during_deployment(service, current)
+            change = set_environment(service, env, state, current, now)
+            if deploying is not None and deploying.phase == transitions.SCALING and transitions.capacity_shortfall(
+                    change.service, deploying, transitions.scaling_weight(change.service, deploying)) is None:
+                # The capacity the waiting step needs has arrived: shift in the same transaction.
+                return transitions.capacity_ready(change.service, current, deploying.id, now, actor=transitions.API)
+            return change
 
         return await self.repo.mutate(name, lambda s, c, now: with_actor(mutation(s, c, now), actor, now))
 

@@ -123,6 +123,12 @@ async def _command(argv: tuple[str, ...], env: Mapping[str, str], timeout: float
     return None
 
 
+async def run_command(argv: tuple[str, ...], env: Mapping[str, str], timeout: float) -> str | None:
+    """Run an allowlisted command (no shell) with SMOKE_BASE_ENV plus ``env``; None if it exits
+    0, else the problem. Its whole process group is stopped on timeout."""
+    return await _command(argv, env, timeout)
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)

@@ -136,6 +136,29 @@ class Targeting:
     seconds: float = 300.0
 
 
+SCALE_TIMEOUT_POLICIES = ("fail", "rollback")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The capacity guard and the hooks that scale an environment (docs/capacity.md).
+
+    Before a step gives the new environment ``p`` % of traffic its capacity (the sum of its
+    endpoints' weights) must be at least ``p`` % of the capacity that served 100 % when the
+    deployment started, plus ``headroom_percent``; until it is, the deployment waits in the
+    ``scaling`` phase, having called ``webhooks`` and ``commands`` with the capacity it needs,
+    for at most ``timeout_seconds``, then does ``on_timeout``. After the replaced environment is
+    decommissioned the hooks are called again with ``standby_capacity_percent`` of that capacity."""
+
+    webhooks: tuple[Webhook, ...] = ()
+    commands: tuple[tuple[str, ...], ...] = ()
+    timeout_seconds: float = 300.0
+    on_timeout: str = "fail"  # fail | rollback
+    headroom_percent: float = 0.0
+    standby_capacity_percent: float = 0.0
+    command_timeout_seconds: float = 60.0
+
+
 @dataclass(frozen=True)
 class DeploymentSpec:
     version: str
@@ -150,6 +173,7 @@ class DeploymentSpec:
     affinity: Affinity | None = None  # session affinity during the shift; None: the service's setting
     mirror: Mirror | None = None
     target: Targeting | None = None
+    scale: Scale | None = None  # None: no capacity guard
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +286,36 @@ def parse_smoke(body: object) -> Smoke:
     return Smoke(checks=checks, commands=tuple(commands), webhooks=webhooks, command_timeout_seconds=timeout)
 
 
+def _parse_commands(path: str, value: object) -> tuple[tuple[str, ...], ...]:
+    commands = []
+    for i, command in enumerate(_list(path, value)):
+        if not isinstance(command, list) or not command or not all(isinstance(a, str) and a for a in command):
+            raise ValidationError(f"{path}[{i}] must be a non-empty list of strings (program and arguments; no shell)")
+        commands.append(tuple(command))
+    return tuple(commands)
+
+
+def parse_scale(body: object) -> Scale:
+    spec = require_object("scale", body)
+    reject_unknown("scale", spec, {"webhooks", "commands", "timeout_seconds", "on_timeout", "headroom_percent",
+                                   "standby_capacity_percent", "command_timeout_seconds"})
+    default = Scale()
+    on_timeout = spec.get("on_timeout", default.on_timeout)
+    if on_timeout not in SCALE_TIMEOUT_POLICIES:
+        raise ValidationError(f"scale.on_timeout must be one of {', '.join(SCALE_TIMEOUT_POLICIES)}, got {on_timeout!r}")
+    return Scale(
+        webhooks=tuple(_parse_webhook(f"scale.webhooks[{i}]", w) for i, w in enumerate(_list("scale.webhooks", spec.get("webhooks", [])))),
+        commands=_parse_commands("scale.commands", spec.get("commands", [])),
+        timeout_seconds=_number("scale.timeout_seconds", spec.get("timeout_seconds", default.timeout_seconds), minimum=1, maximum=86_400),
+        on_timeout=on_timeout,
+        headroom_percent=_number("scale.headroom_percent", spec.get("headroom_percent", default.headroom_percent), minimum=0, maximum=1000),
+        standby_capacity_percent=_number("scale.standby_capacity_percent",
+                                         spec.get("standby_capacity_percent", default.standby_capacity_percent), minimum=0, maximum=100),
+        command_timeout_seconds=_number("scale.command_timeout_seconds",
+                                        spec.get("command_timeout_seconds", default.command_timeout_seconds), minimum=0.1, maximum=3600),
+    )
+
+
 def parse_analysis(body: object) -> Analysis:
     spec = require_object("analysis", body)
     reject_unknown("analysis", spec, {"interval_seconds", "max_error_rate", "max_p99_ms", "min_requests", "no_data", "failure_limit",
@@ -356,7 +410,7 @@ def parse_targeting(body: object) -> Targeting:
 def parse_deployment_spec(body: object) -> DeploymentSpec:
     spec = require_object("deployment", body)
     reject_unknown("deployment", spec, {"version", "endpoints", "strategy", "smoke", "analysis", "decommission", "migrations",
-                                        "convergence", "affinity", "mirror", "target"})
+                                        "convergence", "affinity", "mirror", "target", "scale"})
     state = parse_environment_spec({k: spec[k] for k in ("version", "endpoints") if k in spec})
     if not state.endpoints:
         raise ValidationError("endpoints must list at least one 'IP:PORT': a deployment needs something to send traffic to")
@@ -376,6 +430,7 @@ def parse_deployment_spec(body: object) -> DeploymentSpec:
         affinity=parse_affinity("affinity", spec["affinity"]) if spec.get("affinity") is not None else None,
         mirror=parse_mirror(spec["mirror"]) if spec.get("mirror") is not None else None,
         target=parse_targeting(spec["target"]) if spec.get("target") is not None else None,
+        scale=parse_scale(spec["scale"]) if spec.get("scale") is not None else None,
     )
     if parsed.mirror is not None and parsed.analysis is None:
         raise ValidationError("mirror needs analysis: nothing else judges the mirrored requests")
@@ -411,7 +466,7 @@ def spec_to_dict(spec: DeploymentSpec) -> dict[str, Any]:
     strategy["steps"] = list(spec.strategy.steps)
     return {
         "version": spec.version,
-        "endpoints": [str(e) for e in spec.endpoints.endpoints],
+        "endpoints": [e.to_json() for e in spec.endpoints.endpoints],
         "strategy": strategy,
         "smoke": smoke,
         "analysis": _analysis_dict(spec.analysis) if spec.analysis else None,
@@ -421,7 +476,16 @@ def spec_to_dict(spec: DeploymentSpec) -> dict[str, Any]:
         "affinity": affinity_to_dict(spec.affinity),
         "mirror": asdict(spec.mirror) if spec.mirror else None,
         "target": _targeting_to_dict(spec.target),
+        # Only when set, so specs stored before the capacity guard read the same.
+        **({"scale": _scale_to_dict(spec.scale)} if spec.scale is not None else {}),
     }
+
+
+def _scale_to_dict(scale: Scale) -> dict[str, Any]:
+    data = asdict(scale)
+    data["webhooks"] = [asdict(w) for w in scale.webhooks]
+    data["commands"] = [list(c) for c in scale.commands]
+    return data
 
 
 def _targeting_to_dict(target: Targeting | None) -> dict[str, Any] | None:

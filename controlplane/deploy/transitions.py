@@ -28,6 +28,7 @@ its deadline is a minimum, never a reason to move on unjudged (:func:`analysis_h
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any, Mapping
 
@@ -113,6 +114,7 @@ def start(service: Service, current: Current, spec: DeploymentSpec, now: float, 
         updated_at=now,
         spec=spec_to_dict(spec),
         counterpart=stable.id if stable is not None and service.environment(target.other).registered else None,
+        baseline_capacity=service.environment(target.other).capacity or None,
         history=(Event(now, S.DEPLOYING.value, actor, f"deploy {spec.version} to {target.value}"),),
     )
     records.append(new)
@@ -265,21 +267,105 @@ def shift(service: Service, current: Current, deployment_id: str, step: int, now
     if not 0 <= step < len(steps) or step <= d.step:
         raise ConflictError(f"deployment {d.id}: step {step} is not ahead of step {d.step} of {list(steps)}")
     weight = steps[step]
+    short = capacity_shortfall(service, d, weight)
+    if short is not None:
+        return _start_scaling(service, d, step, weight, short, now, actor, reason)
     strategy: Strategy = spec_of(d).strategy
     updated = replace(service, traffic=_traffic(service, d.environment, weight), release=_release_for(service, d, weight))
     records: list[Deployment] = []
     if weight < 100:
         records.append(_event(d, S.SHIFTING, now, actor, reason, step=step, deadline=now + strategy.step_seconds,
-                              paused_remaining=None, awaiting_promote=False, intervals_judged=0, extended=False, phase=None))
+                              paused_remaining=None, awaiting_promote=False, intervals_judged=0, extended=False, phase=None,
+                              scaling_step=None))
     else:
         records.append(_event(d, S.ACTIVE, now, actor, reason, step=step, deadline=now + strategy.bake_seconds,
                               baking=True, activated_at=now, paused_remaining=None, awaiting_promote=False,
-                              intervals_judged=0, extended=False, phase=None))
+                              intervals_judged=0, extended=False, phase=None, scaling_step=None))
         old = current.get(d.environment.other)
         if old is not None and old.status not in (S.DECOMMISSIONED, S.FAILED):
             records.append(_event(old, S.DRAINING, now, AUTOMATIC, f"replaced by {d.id}; in-flight requests finish",
                                   deadline=now + service.drain_seconds, counterpart=d.id))
     return Change(updated, tuple(records))
+
+
+# ---------------------------------------------------------------------------------------------
+# The capacity guard (docs/capacity.md)
+
+SCALING = "scaling"
+
+
+def required_capacity(d: Deployment, weight: int) -> int | None:
+    """The capacity the new environment of ``d`` needs to take ``weight`` %: that share of the
+    capacity that served 100 % when ``d`` started, plus the headroom, rounded up. None: no guard
+    (no ``scale`` in the spec, or nothing served before)."""
+    scale = spec_of(d).scale
+    if scale is None or not d.baseline_capacity:
+        return None
+    # Integer percent arithmetic first, so 50 % of 4 is exactly 2 and not 2.0000000000000004 -> 3.
+    exact = d.baseline_capacity * weight * (100 + scale.headroom_percent)
+    return math.ceil(round(exact, 6) / 10_000)
+
+
+def capacity_shortfall(service: Service, d: Deployment, weight: int) -> tuple[int, int] | None:
+    """(needed, have) when the new environment is too small for ``weight`` %, else None."""
+    needed = required_capacity(d, weight)
+    have = service.environment(d.environment).capacity
+    if needed is None or have >= needed:
+        return None
+    return needed, have
+
+
+def _start_scaling(service: Service, d: Deployment, step: int, weight: int, short: tuple[int, int], now: float,
+                   actor: str, after: str) -> Change:
+    """Hold the current weights: the ``scaling`` phase waits for capacity to take ``weight`` %."""
+    scale = spec_of(d).scale
+    assert scale is not None
+    needed, have = short
+    why = (f"{after}; scaling: {weight}% needs capacity {needed} in {d.environment.value}, it has {have}; "
+           f"waiting up to {scale.timeout_seconds:g}s (then {scale.on_timeout})")
+    return Change(service, (_event(d, d.status, now, actor, why, phase=SCALING, scaling_step=step,
+                                   deadline=now + scale.timeout_seconds, paused_remaining=None, awaiting_promote=False),))
+
+
+def scaling_weight(service: Service, d: Deployment) -> int:
+    """The weight the scaling phase of ``d`` waits to give its environment."""
+    assert d.scaling_step is not None, f"{d.id} is not scaling"
+    return _steps(service, d)[d.scaling_step]
+
+
+def capacity_ready(service: Service, current: Current, deployment_id: str, now: float, actor: str = AUTOMATIC) -> Change:
+    """The new environment now has the capacity the waiting step needs: shift to it."""
+    d = _find(current, deployment_id)
+    if d.phase != SCALING or d.scaling_step is None:
+        raise ConflictError(f"deployment {d.id} is not waiting for capacity")
+    weight = _steps(service, d)[d.scaling_step]
+    if capacity_shortfall(service, d, weight) is not None:
+        raise ConflictError(f"deployment {d.id}: {d.environment.value} still lacks the capacity for {weight}%")
+    have = service.environment(d.environment).capacity
+    return shift(service, current, d.id, d.scaling_step, now, actor,
+                 f"capacity {have} in {d.environment.value} is enough; step {d.scaling_step}: {weight}%")
+
+
+def scale_timeout(service: Service, current: Current, deployment_id: str, now: float) -> Change:
+    """The scaling phase outlived ``scale.timeout_seconds``. Before any production traffic the
+    deployment fails. Holding a share, ``rollback`` moves all traffic back; ``fail`` stops at
+    the share it has, paused, for an operator to resume (which asks for capacity again) or roll back."""
+    d = _find(current, deployment_id)
+    if d.phase != SCALING or d.deadline is None or d.deadline > now:
+        raise ConflictError(f"deployment {d.id} is not at the end of a scaling phase")
+    scale = spec_of(d).scale
+    assert scale is not None
+    why = f"scale timeout: {d.environment.value} did not reach the capacity needed within {scale.timeout_seconds:g}s"
+    if d.status is S.READY:
+        cleared = replace(service, release=None) if service.release is not None and service.release.deployment == d.id else service
+        return Change(cleared, (_event(d, S.FAILED, now, AUTOMATIC, why, reason=why, deadline=None, phase=None, scaling_step=None),))
+    if scale.on_timeout == "rollback":
+        rolled = rollback(service, current, d.id, now, AUTOMATIC, why)
+        first = replace(rolled.deployments[0], scaling_step=None)
+        return Change(rolled.service, (first,) + rolled.deployments[1:])
+    held = f"{why}; paused at {service.traffic.weight(d.environment)}%: add capacity and resume, or roll back"
+    return Change(service, (_event(d, S.SHIFTING, now, AUTOMATIC, held, phase=None, scaling_step=None, deadline=None,
+                                   paused_remaining=0.0),))
 
 
 def step_due(service: Service, current: Current, deployment_id: str, now: float) -> Change:
@@ -435,7 +521,7 @@ def rollback(service: Service, current: Current, deployment_id: str, now: float,
     # No release routing outlives the rollback: no pin, target or mirror keeps sending anyone there.
     updated = replace(service, traffic=_traffic(service, back, 100), release=None)
     records = [_event(d, S.ROLLED_BACK, now, actor, reason, reason=reason, deadline=None, paused_remaining=None,
-                      awaiting_promote=False, baking=False, phase=None)]
+                      awaiting_promote=False, baking=False, phase=None, scaling_step=None)]
     if old is not None:
         records.append(_event(old, S.ACTIVE, now, actor, f"rollback of {d.id}: {reason}", deadline=None, waiting_for=None))
     return Change(updated, tuple(records))
@@ -448,7 +534,7 @@ def abort(service: Service, current: Current, deployment_id: str, now: float) ->
     if d.status in (S.DEPLOYING, S.READY):
         cleared = replace(service, release=None) if service.release is not None and service.release.deployment == d.id else service
         return Change(cleared, (_event(d, S.FAILED, now, API, "aborted before taking production traffic", reason="aborted",
-                                       deadline=None, phase=None),))
+                                       deadline=None, phase=None, scaling_step=None),))
     return rollback(service, current, deployment_id, now, API, "aborted")
 
 
@@ -475,7 +561,7 @@ def _record_interval(service: Service, current: Current, d: Deployment, now: flo
     if breach is None:
         passed = replace(d, analysis=dict(figures), intervals=_kept_intervals(d, figures, now), failures=0, intervals_judged=judged, no_data_intervals=no_data_intervals,
                          updated_at=now)
-        if passed.paused_remaining is not None or passed.deadline is None or passed.deadline > now:
+        if passed.paused_remaining is not None or passed.deadline is None or passed.deadline > now or passed.phase == SCALING:
             return Change(service, (passed,))
         if passed.baking:
             return _bake_finished(service, passed, now, f"bake finished; deployment complete ({_judged(passed)})")
