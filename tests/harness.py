@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import signal
+import random
 import socket
 import sys
 import tempfile
@@ -51,15 +52,44 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read, close).
+def _listening_ports() -> range:
+    """Ports below the kernel's ephemeral range: an outgoing connection's automatically chosen
+    local port is always inside that range, so it can never take a port picked here between
+    the pick and the caller's bind (with port 0 it could, and did: an Envoy listener once failed
+    with "Address already in use")."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(20000, low) if low > 21000 else range(1024, low)
 
-    Racy by nature (another process may take it before the caller binds); prefer letting the
-    child bind port 0 and report its port where the child supports it (see :func:`run_upstream`).
+
+_HANDED_OUT: set[int] = set()  # never hand out one port twice in a test session
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago, below the ephemeral range.
+
+    Still racy against another process picking the same port (prefer letting the child bind
+    port 0 and report its port where the child supports it, see :func:`run_upstream`), but not
+    against this machine's outgoing connections, and never the same port twice in one session.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    candidates = _listening_ports()
+    for _ in range(500):
+        port = random.choice(candidates)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((LOCALHOST, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # crowded: any free port
         sock.bind((LOCALHOST, 0))
-        port: int = sock.getsockname()[1]
+        port = sock.getsockname()[1]
+        _HANDED_OUT.add(port)
         return port
 
 

@@ -346,6 +346,8 @@ async def test_watcher_never_goes_backwards(store: SQLiteStore | EtcdStore) -> N
             seen.append(revision)
 
     task = asyncio.ensure_future(consume())
+    # The watcher first reports where it starts (the empty store); only then do the writes race.
+    await asyncio.wait_for(wait_for_seen(seen, 0), WAIT)
     revisions = await asyncio.gather(*(store.commit(Txn().put(f"k{i}", {"i": i})) for i in range(20)))
     last = max(revisions)
     await asyncio.wait_for(wait_for_seen(seen, last), WAIT)
