@@ -59,11 +59,18 @@ async def measure(services: int, switches: int) -> float:
             out += stream.on_request(Request(type_url=response.type_url, version_info=response.version,
                                              response_nonce=response.nonce, resource_names=names), 0.0)
 
+    def named_by(holder_type: str, type_url: str) -> list[str]:
+        """The names Envoy subscribes to: those its wildcard resources of ``holder_type`` name
+        (the endpoints of its clusters, the route tables of its listeners). Not the whole pool:
+        it also holds named-only resources, e.g. the route tables of proxyless gRPC clients."""
+        return sorted({name for r in snapshots[0].wildcard_pool(holder_type).values()
+                       for t, name in r.warms_with if t == type_url})
+
     # Envoy's order: CDS, EDS for the clusters, then LDS and RDS.
     ack_all(stream.on_request(Request(type_url=typeurls.CLUSTER), 0.0))
-    ack_all(stream.on_request(Request(type_url=typeurls.ENDPOINT, resource_names=sorted(snapshots[0].of_type(typeurls.ENDPOINT))), 0.0))
+    ack_all(stream.on_request(Request(type_url=typeurls.ENDPOINT, resource_names=named_by(typeurls.CLUSTER, typeurls.ENDPOINT)), 0.0))
     ack_all(stream.on_request(Request(type_url=typeurls.LISTENER), 0.0))
-    ack_all(stream.on_request(Request(type_url=typeurls.ROUTE, resource_names=sorted(snapshots[0].of_type(typeurls.ROUTE))), 0.0))
+    ack_all(stream.on_request(Request(type_url=typeurls.ROUTE, resource_names=named_by(typeurls.LISTENER, typeurls.ROUTE)), 0.0))
     if not stream.converged():
         raise SystemExit("the stream did not converge on the initial snapshot")
 
