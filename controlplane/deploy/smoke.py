@@ -76,7 +76,9 @@ async def _check(session: aiohttp.ClientSession, target: PreviewTarget, check: H
             await asyncio.sleep(min(0.2 * 2 ** (attempt - 1), 2.0))  # back off between retries of a real request
         try:
             timeout = aiohttp.ClientTimeout(total=check.timeout_seconds)
-            async with session.request(check.method, url, headers=headers, timeout=timeout) as response:
+            # No redirects: a 3xx is the preview's answer (expect_status may be one); following
+            # it could leave the preview entry, or reach an address no allowlist admits.
+            async with session.request(check.method, url, headers=headers, timeout=timeout, allow_redirects=False) as response:
                 body = await response.text(errors="replace")
                 if response.status != check.expect_status:
                     problem = f"{check.method} {check.path}: status {response.status}, expected {check.expect_status}"
@@ -160,7 +162,9 @@ async def call_webhook(session: aiohttp.ClientSession, hook: Webhook, payload: M
         headers["X-Bluegreen-Delivery"] = delivery
     try:
         timeout = aiohttp.ClientTimeout(total=hook.timeout_seconds)
-        async with session.post(hook.url, data=json.dumps(payload), headers=headers, timeout=timeout) as response:
+        # No redirects: the allowlist admitted this URL, not wherever it might redirect to.
+        async with session.post(hook.url, data=json.dumps(payload), headers=headers, timeout=timeout,
+                                allow_redirects=False) as response:
             if 200 <= response.status < 300:
                 return None
             return f"webhook {hook.url}: status {response.status}"
