@@ -430,3 +430,38 @@ async def test_admin_api_over_tls(tmp_path: Path) -> None:
         assert bluegreen("status", "--admin", url, cwd=tmp_path, env={"BLUEGREEN_CACERT": str(cert)}).returncode == 0
         unverified = bluegreen("status", "--admin", url, cwd=tmp_path)
         assert unverified.returncode == 4 and "CERTIFICATE_VERIFY_FAILED" in unverified.stderr
+
+
+# The allowlist checks what the client will actually reach (found by a security review):
+# query parameters that redirect a PostgreSQL connection, percent-encoded hosts, several hosts,
+# and path tricks a client normalises away.
+URL_BYPASSES = [
+    ("postgres://db.internal/app?host=evil.com", ("postgres://db.internal/app",)),
+    ("postgres://db.internal/app?hostaddr=6.6.6.6", ("postgres://db.internal/app",)),
+    ("postgres://db.internal:5432,evil.com/app", ("postgres://db.internal/app",)),
+    ("postgres://%2Ftmp%2Fx.internal/app", ("*.internal",)),
+    ("postgres://db.internal/app?host=db.internal&port=6666", ("db.internal:5432",)),
+    ("http://hooks.internal/bluegreen/../admin", ("http://hooks.internal/bluegreen/",)),
+    ("http://hooks.internal/bluegreen/%2e%2e/admin", ("http://hooks.internal/bluegreen/",)),
+    ("http://hooks.internal/bluegreen%2f..%2fadmin", ("http://hooks.internal/bluegreen",)),
+]
+
+
+@pytest.mark.parametrize("url, rules", URL_BYPASSES)
+def test_allowlist_bypasses_are_refused(url: str, rules: tuple[str, ...]) -> None:
+    from controlplane.admin.policy import url_allowed
+
+    assert not url_allowed(url, rules)
+
+
+@pytest.mark.parametrize("url, rules", [
+    ("postgres://db.internal/app", ("postgres://db.internal/app",)),
+    ("postgres://u:secret@db.internal:5432/app", ("postgres://db.internal/",)),
+    ("postgres://db.internal/app", ("db.internal:5432",)),
+    ("postgresql:///app", ("localhost",)),
+    ("http://hooks.internal/bluegreen/deploys", ("http://hooks.internal/bluegreen/",)),
+])
+def test_allowlist_still_admits_what_its_rules_name(url: str, rules: tuple[str, ...]) -> None:
+    from controlplane.admin.policy import url_allowed
+
+    assert url_allowed(url, rules)

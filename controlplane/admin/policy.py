@@ -73,35 +73,65 @@ def _host_matches(rule: str, scheme: str, host: str, port: int | None) -> bool:
     return _ip(host) is None and fnmatch.fnmatchcase(host.lower(), name.lower())
 
 
+_POSTGRES = ("postgres", "postgresql")
+# Path tricks a client normalises away before sending (yarl: "/a/../b" -> "/b", "%2e%2e" -> ".."):
+# a path prefix rule could otherwise be escaped. Such URLs never match a prefix rule.
+_ENCODED_PATH_TRICKS = ("%2e", "%2f", "%5c")
+
+
+def _plain_path(path: str) -> bool:
+    lowered = path.lower()
+    return not any(t in lowered for t in _ENCODED_PATH_TRICKS) and not any(seg in (".", "..") for seg in path.split("/"))
+
+
 def _url_prefix_matches(rule: str, url: str) -> bool:
     r, u = urlsplit(rule), urlsplit(url)
-    if (r.scheme.lower(), (r.hostname or "").lower()) != (u.scheme.lower(), (u.hostname or "").lower()):
+    scheme = u.scheme.lower()
+    if r.scheme.lower() != scheme:
         return False
-    if (r.port or _DEFAULT_PORTS.get(r.scheme)) != (u.port or _DEFAULT_PORTS.get(u.scheme)):
+    try:
+        rule_target = ((r.hostname or "").lower(), r.port or _DEFAULT_PORTS.get(scheme))
+        if scheme in _POSTGRES:
+            # Every host the driver would reach (netloc, ?host=, ?hostaddr=, ?port=) must be the rule's.
+            targets = [(host, port or _DEFAULT_PORTS.get(scheme)) for _, host, port in _hosts(url)]
+        else:
+            targets = [((u.hostname or "").lower(), u.port or _DEFAULT_PORTS.get(scheme))]
+    except (ValueError, ValidationError):
+        return False  # an unparsable host or port matches no rule
+    if any(target != rule_target for target in targets):
         return False
-    return (u.path or "/").startswith(r.path or "/")
+    return _plain_path(u.path or "/") and (u.path or "/").startswith(r.path or "/")
 
 
 def _hosts(url: str) -> list[tuple[str, str, int | None]]:
-    """(scheme, host, port) of every host a URL reaches. PostgreSQL URLs may list several hosts
-    (``h1:5432,h2``), name them in ``?host=`` (which wins), or none (the local Unix socket)."""
+    """(scheme, host, port) of every host a URL reaches. For PostgreSQL URLs this is what the
+    driver itself will use (psycopg's own parsing: several hosts in the netloc, ``?host=``,
+    ``?hostaddr=`` and ``?port=`` override it, percent-decoding); a host that is a directory
+    (a Unix socket) or absent is this machine. ``?service=`` (a pg_service.conf entry, which
+    could name any host) is refused."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme in ("postgres", "postgresql"):
-        query_hosts = parse_qs(parts.query).get("host", []) + parse_qs(parts.query).get("hostaddr", [])
-        netloc = parts.netloc.rpartition("@")[2]
-        listed = [h for q in query_hosts for h in q.split(",")] or netloc.split(",")
+    if scheme in _POSTGRES:
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            info = conninfo_to_dict(url)
+        except Exception:
+            raise ValidationError(f"cannot parse the database URL {redact(url)}") from None
+        if "service" in info:
+            raise ValidationError(f"the database URL {redact(url)} names a service file entry; give its host instead")
+        hosts = str(info.get("hostaddr") or info.get("host") or "").split(",")
+        ports = str(info.get("port") or "").split(",")
         result: list[tuple[str, str, int | None]] = []
-        for item in listed:
-            if not item or item.startswith("/"):
-                result.append((scheme, "localhost", None))  # a Unix socket: this machine
-                continue
-            probe = urlsplit(f"//{item}")
-            try:
-                port = probe.port
-            except ValueError:
-                raise ValidationError(f"cannot parse the host {item!r} of the database URL {redact(url)}") from None
-            result.append((scheme, (probe.hostname or "localhost").lower(), port))
+        for i, host in enumerate(hosts):
+            raw_port = ports[i] if i < len(ports) else (ports[0] if len(ports) == 1 else "")
+            if raw_port and not raw_port.isdigit():
+                raise ValidationError(f"cannot parse the port {raw_port!r} of the database URL {redact(url)}")
+            port = int(raw_port) if raw_port else None
+            if not host or host.startswith(("/", "@")):
+                result.append((scheme, "localhost", port))  # a Unix socket: this machine
+            else:
+                result.append((scheme, host.strip("[]").lower(), port))
         return result
     try:
         return [(scheme, (parts.hostname or "").lower(), parts.port)]
