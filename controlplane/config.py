@@ -29,7 +29,7 @@ Example::
             preview_port: 10001          # optional: everything here goes to the idle environment
         services: ["shop", "search"]     # optional; default: every service
         identities:                      # optional (needs xds.tls): client certificate URI/DNS
-          - "spiffe://example.org/edge/*"  # SANs allowed to join; '*' matches within one path segment
+          - "spiffe://example.org/edge/*"  # SANs allowed to join; '*' = one path segment or DNS label
     convergence:
       lagging_after_seconds: 10          # a proxy behind that ACKs nothing this long is lagging: gates stop waiting for it
     xds:                                 # optional (defaults shown)
@@ -196,11 +196,17 @@ def _listener(where: str, raw: object) -> ListenerSpec:
 
 
 def identity_allowed(patterns: tuple[str, ...], names: tuple[str, ...]) -> bool:
-    """Whether any certificate name (URI or DNS SAN) matches any pattern. A pattern is matched
-    whole and case-sensitively; ``*`` stands for one or more characters other than ``/``, so
-    ``spiffe://example.org/edge/*`` admits ``spiffe://example.org/edge/envoy-1`` but neither
-    ``.../edge`` nor ``.../edge/a/b``."""
-    return any(_identity_regex(p).fullmatch(n) for p in patterns for n in names)
+    """Whether any certificate name matches any pattern. A pattern is matched whole and
+    case-sensitively. A URI pattern (with ``://``) matches URI SANs only, and its ``*`` stands
+    for one or more characters other than ``/``: ``spiffe://example.org/edge/*`` admits
+    ``spiffe://example.org/edge/envoy-1`` but neither ``.../edge`` nor ``.../edge/a/b``. A DNS
+    pattern matches DNS SANs only, and its ``*`` stays within one label: ``*.edge.example.com``
+    admits ``a.edge.example.com``, not ``a.b.edge.example.com``."""
+    return any(_is_uri(p) == _is_uri(n) and _identity_regex(p).fullmatch(n) for p in patterns for n in names)
+
+
+def _is_uri(name: str) -> bool:
+    return "://" in name
 
 
 _IDENTITY_REGEXES: dict[str, re.Pattern[str]] = {}
@@ -209,7 +215,8 @@ _IDENTITY_REGEXES: dict[str, re.Pattern[str]] = {}
 def _identity_regex(pattern: str) -> re.Pattern[str]:
     regex = _IDENTITY_REGEXES.get(pattern)
     if regex is None:
-        regex = _IDENTITY_REGEXES[pattern] = re.compile("[^/]+".join(re.escape(part) for part in pattern.split("*")))
+        wildcard = "[^/]+" if _is_uri(pattern) else "[^./]+"
+        regex = _IDENTITY_REGEXES[pattern] = re.compile(wildcard.join(re.escape(part) for part in pattern.split("*")))
     return regex
 
 

@@ -131,6 +131,11 @@ def test_identity_patterns_match_one_path_segment() -> None:
     assert not identity_allowed(patterns, ("spiffe://example.org/edge/a/b",))
     assert not identity_allowed(patterns, (INTERNAL_ID,))
     assert not identity_allowed(patterns, ())
+    # A DNS pattern's * stays within one label, and URI and DNS patterns match only their kind.
+    assert not identity_allowed(("*.edge.example.com",), ("a.b.edge.example.com",))
+    assert identity_allowed(("*.edge.example.com",), ("a.edge.example.com",))
+    assert not identity_allowed(("envoy-*",), ("envoy-x.evil.com",))
+    assert not identity_allowed(("spiffe://example.org/*",), ("example.org",))
 
 
 def test_config_refuses_identities_without_tls_and_missing_files(tmp_path: Path) -> None:
