@@ -68,7 +68,9 @@ def ensure_token_file(path: Path) -> str:
     except FileNotFoundError:
         token = None
     if token is None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # A random name: one from the pid alone could be left over by a killed start and, in a
+        # container where the pid is always 1, make every later start fail.
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "w") as out:

@@ -333,6 +333,12 @@ def test_generated_token_is_private_and_reused(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["bluegreen.db.token"]  # no temporary file left
 
 
+def test_a_temporary_file_left_by_a_killed_start_does_not_stop_the_next(tmp_path: Path) -> None:
+    path = tmp_path / "bluegreen.db.token"
+    (tmp_path / f".bluegreen.db.token.{os.getpid()}.tmp").write_text("half")  # as a SIGKILLed start leaves it
+    assert len(ensure_token_file(path)) >= 40
+
+
 def test_binding_beyond_loopback_needs_configured_tokens(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="only a generated token"):
         check_options(ServeOptions(Settings(), tmp_path / "s.db", admin="0.0.0.0:0"))
