@@ -191,3 +191,42 @@ fleets:
                 assert judge(analysis, forged)[0] == "breach"  # what believing the forgery would have decided
     finally:
         await cp.stop()
+
+
+async def test_a_node_id_belongs_to_the_certificate_whose_stream_holds_it(tmp_path: Path) -> None:
+    """Telemetry is believed by node id for the certificate of that node's ADS stream, so under
+    mTLS a second certificate of the same fleet may not open a stream claiming a node id that
+    another certificate's stream holds."""
+    from tests.test_xds_tls import tls_config
+
+    pki = make_pki(tmp_path / "pki")
+    other_edge = pki.ca.client("edge-2", "spiffe://example.org/edge/envoy-2")
+    cp = ControlPlane(load_settings(tls_config(tmp_path / "config.yaml", pki)), await open_sqlite_store(tmp_path / "state.db"))
+    await cp.start("127.0.0.1:0")
+    try:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{cp.xds_port}", credentials(pki, pki.edge)) as owner_channel, \
+                grpc.aio.secure_channel(f"127.0.0.1:{cp.xds_port}", credentials(pki, other_edge)) as other_channel:
+            held = asyncio.Event()
+
+            async def owner_requests() -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
+                yield discovery_pb2.DiscoveryRequest(type_url=CLUSTER, node=base_pb2.Node(id="edge-1", cluster="edge"))
+                await held.wait()
+
+            owner = ads_pb2_grpc.AggregatedDiscoveryServiceStub(owner_channel).StreamAggregatedResources(owner_requests())
+            await asyncio.wait_for(owner.read(), 30)
+            impostor = ads_pb2_grpc.AggregatedDiscoveryServiceStub(other_channel).StreamAggregatedResources(
+                iter([discovery_pb2.DiscoveryRequest(type_url=CLUSTER, node=base_pb2.Node(id="edge-1", cluster="edge"))]))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await asyncio.wait_for(impostor.read(), 30)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "node id 'edge-1' is in use by a stream with another certificate" in (refused.value.details() or "")
+            assert cp.metrics.registry.get_sample_value("bluegreen_xds_streams_refused_total", {"reason": "node_id_in_use"}) == 1
+            # The same certificate may reconnect under its node id (a second stream of one proxy).
+            again = ads_pb2_grpc.AggregatedDiscoveryServiceStub(owner_channel).StreamAggregatedResources(
+                iter([discovery_pb2.DiscoveryRequest(type_url=CLUSTER, node=base_pb2.Node(id="edge-1", cluster="edge"))]))
+            assert (await asyncio.wait_for(again.read(), 30)).type_url == CLUSTER
+            again.cancel()
+            held.set()
+            owner.cancel()
+    finally:
+        await cp.stop()

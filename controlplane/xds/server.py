@@ -292,6 +292,16 @@ class AdsServer:
             log.warning("refused xDS stream of node %r from %s: %s", node.id, peer.describe(), exc)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
             return
+        holders = {self._peers[i].names for i in self._by_node.get(node.id, ()) if i in self._peers}
+        if peer.authenticated and holders and peer.names not in holders:
+            # Under mTLS a node id belongs to the certificate whose stream holds it: another
+            # certificate could otherwise pose as that node (its telemetry is believed by node).
+            self._notify(self._on_refused or _ignore, "node_id_in_use")
+            message = (f"node id {node.id!r} is in use by a stream with another certificate; "
+                       f"{peer.describe()} may not take it over while that stream is open")
+            log.warning("refused xDS stream from %s: %s", peer.describe(), message)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+            return
         stream_id = next(self._ids)
         stream = kind(stream_id, node.id, group, self.cache.get(group), self._clock())
         slot = _StreamSlot(stream_id)
