@@ -649,7 +649,7 @@ def run_case(services: int, proxies: int, args: argparse.Namespace, workdir: Pat
                 "admin_ports": {e.node_id: e.admin_port for e in envoys},
             }
 
-        if args.profile_for(services, proxies):
+        if args.profile_switches > 0 and args.profile_for(services, proxies):
             result["profile"] = profile(cp.pid, admin, args, services, proxies, stamp)
 
         # Stop the clients first (they write their counters), then the Envoys, then the control plane.
@@ -897,13 +897,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.peer:
-        import peer_compare
-
-        return peer_compare.main(args)
-    results = Path(args.results_dir)
+def start_run(results_dir: str) -> tuple[Path, str]:
+    """The results folder (created) and the run's UTC stamp; SIGTERM and SIGINT then raise
+    KeyboardInterrupt, so every process a run started is stopped on the way out."""
+    results = Path(results_dir)
     results.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
@@ -913,6 +910,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     # Also when started from a non-interactive shell with `&`, which leaves SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    return results, stamp
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.peer:
+        import peer_compare
+
+        return peer_compare.main(args)
+    results, stamp = start_run(args.results_dir)
     report: dict[str, Any] = {"command": [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
                               "machine": machine(), "cases": []}
     started = time.monotonic()

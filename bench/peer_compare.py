@@ -575,9 +575,7 @@ def default_pinning(nproc: int) -> tuple[str | None, str | None]:
 
 
 def main(args: argparse.Namespace) -> int:
-    import datetime as dt
     import shutil
-    import signal
     import tempfile
 
     missing = [b for b in ("gcp", "simgo") if not (BIN / b).exists()]
@@ -586,15 +584,7 @@ def main(args: argparse.Namespace) -> int:
     auto_server, auto_client = default_pinning(os.cpu_count() or 1)
     args.server_cpus = auto_server if args.server_cpus == "auto" else (None if args.server_cpus == "none" else args.server_cpus)
     args.client_cpus = auto_client if args.client_cpus == "auto" else (None if args.client_cpus == "none" else args.client_cpus)
-    results = Path(args.results_dir)
-    results.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    results, stamp = conv.start_run(args.results_dir)
     report: dict[str, Any] = {"command": [Path(sys.argv[0]).name, *sys.argv[1:]], "machine": conv.machine(),
                               "load_average_at_start": os.getloadavg(), "client": args.client,
                               "pinning": {"server_cpus": args.server_cpus, "client_cpus": args.client_cpus},
