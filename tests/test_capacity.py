@@ -43,6 +43,33 @@ def test_scale_spec_errors_name_the_field() -> None:
         deploy_spec.parse_deployment_spec({**base, "scale": {"timeout": 3}})
 
 
+def test_standby_capacity_takes_a_number_or_a_percent_string_and_keeps_its_old_alias() -> None:
+    base = {"version": "v2", "endpoints": ["10.0.0.1:80"]}
+
+    def standby(scale: dict[str, Any]) -> float:
+        parsed = deploy_spec.parse_deployment_spec({**base, "scale": scale}).scale
+        assert parsed is not None
+        return parsed.standby_capacity_percent
+
+    assert standby({"standby_capacity": 50}) == 50
+    assert standby({"standby_capacity": "50%"}) == 50
+    assert standby({"standby_capacity": " 12.5 % "}) == 12.5
+    assert standby({"standby_capacity_percent": 30}) == 30  # deprecated alias
+    assert standby({}) == 0
+    with pytest.raises(ValidationError, match="give standby_capacity or its deprecated alias standby_capacity_percent, not both"):
+        standby({"standby_capacity": 50, "standby_capacity_percent": 50})
+    for bad in ["50", "half%", "%", True, [50]]:
+        with pytest.raises(ValidationError, match="scale.standby_capacity must be"):
+            standby({"standby_capacity": bad})
+    with pytest.raises(ValidationError, match="scale.standby_capacity must be between 0 and 100"):
+        standby({"standby_capacity": "150%"})
+    # Stored under the documented name, and a stored spec parses back to the same value.
+    spec = deploy_spec.parse_deployment_spec({**base, "scale": {"standby_capacity_percent": 40}})
+    stored = deploy_spec.spec_to_dict(spec)
+    assert stored["scale"]["standby_capacity"] == 40 and "standby_capacity_percent" not in stored["scale"]
+    assert deploy_spec.parse_deployment_spec(stored) == spec
+
+
 @pytest.mark.envoy
 @pytest.mark.timeout(180)
 async def test_a_step_waits_for_capacity_and_goes_on_when_endpoints_arrive(tmp_path: Path) -> None:
@@ -66,7 +93,7 @@ async def test_a_step_waits_for_capacity_and_goes_on_when_endpoints_arrive(tmp_p
 
         sampler = asyncio.create_task(sample())
         body = s.body([25, 50, 100], step_seconds=1, bake_seconds=0,
-                      scale={"webhooks": [{"url": f"{hooks.url}/scale"}], "timeout_seconds": 600, "standby_capacity_percent": 50})
+                      scale={"webhooks": [{"url": f"{hooks.url}/scale"}], "timeout_seconds": 600, "standby_capacity": "50%"})
         did = await s.deploy(body)
         waiting = await s.wait_deployment(did, "waits for capacity at 50%", timeout=60, status="shifting", phase="scaling",
                                           step=0, scaling_step=1)

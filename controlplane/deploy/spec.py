@@ -148,7 +148,8 @@ class Scale:
     deployment started, plus ``headroom_percent``; until it is, the deployment waits in the
     ``scaling`` phase, having called ``webhooks`` and ``commands`` with the capacity it needs,
     for at most ``timeout_seconds``, then does ``on_timeout``. After the replaced environment is
-    decommissioned the hooks are called again with ``standby_capacity_percent`` of that capacity."""
+    decommissioned the hooks are called again with ``standby_capacity_percent`` of that capacity
+    (the spec's ``standby_capacity``; ``standby_capacity_percent`` is its deprecated alias)."""
 
     webhooks: tuple[Webhook, ...] = ()
     commands: tuple[tuple[str, ...], ...] = ()
@@ -298,7 +299,7 @@ def _parse_commands(path: str, value: object) -> tuple[tuple[str, ...], ...]:
 def parse_scale(body: object) -> Scale:
     spec = require_object("scale", body)
     reject_unknown("scale", spec, {"webhooks", "commands", "timeout_seconds", "on_timeout", "headroom_percent",
-                                   "standby_capacity_percent", "command_timeout_seconds"})
+                                   "standby_capacity", "standby_capacity_percent", "command_timeout_seconds"})
     default = Scale()
     on_timeout = spec.get("on_timeout", default.on_timeout)
     if on_timeout not in SCALE_TIMEOUT_POLICIES:
@@ -309,11 +310,32 @@ def parse_scale(body: object) -> Scale:
         timeout_seconds=_number("scale.timeout_seconds", spec.get("timeout_seconds", default.timeout_seconds), minimum=1, maximum=86_400),
         on_timeout=on_timeout,
         headroom_percent=_number("scale.headroom_percent", spec.get("headroom_percent", default.headroom_percent), minimum=0, maximum=1000),
-        standby_capacity_percent=_number("scale.standby_capacity_percent",
-                                         spec.get("standby_capacity_percent", default.standby_capacity_percent), minimum=0, maximum=100),
+        standby_capacity_percent=_standby_capacity(spec, default.standby_capacity_percent),
         command_timeout_seconds=_number("scale.command_timeout_seconds",
                                         spec.get("command_timeout_seconds", default.command_timeout_seconds), minimum=0.1, maximum=3600),
     )
+
+
+def _standby_capacity(spec: Mapping[str, Any], default: float) -> float:
+    """``scale.standby_capacity``: the warm pool after decommission, in percent of the capacity
+    that served 100 % before the release, as a number (``50``) or a string (``"50%"``).
+    ``standby_capacity_percent`` is its deprecated older name (a number only); giving both is
+    refused, since they could disagree."""
+    if "standby_capacity" in spec and "standby_capacity_percent" in spec:
+        raise ValidationError("scale: give standby_capacity or its deprecated alias standby_capacity_percent, not both")
+    if "standby_capacity_percent" in spec:
+        return _number("scale.standby_capacity_percent", spec["standby_capacity_percent"], minimum=0, maximum=100)
+    value = spec.get("standby_capacity", default)
+    if isinstance(value, str):
+        text = value.strip()
+        number = text[:-1].strip() if text.endswith("%") else None
+        try:
+            value = float(number) if number else value
+        except ValueError:
+            pass
+        if isinstance(value, str):
+            raise ValidationError(f"scale.standby_capacity must be a percentage, a number (50) or a string like \"50%\", got {value!r}")
+    return _number("scale.standby_capacity", value, minimum=0, maximum=100)
 
 
 def parse_analysis(body: object) -> Analysis:
@@ -485,6 +507,8 @@ def _scale_to_dict(scale: Scale) -> dict[str, Any]:
     data = asdict(scale)
     data["webhooks"] = [asdict(w) for w in scale.webhooks]
     data["commands"] = [list(c) for c in scale.commands]
+    # Written under the documented name; records stored with the older alias still parse.
+    data["standby_capacity"] = data.pop("standby_capacity_percent")
     return data
 
 
