@@ -33,6 +33,9 @@ from .fleet import Convergence, Publisher, SnapshotBuilder, fleet_resolver, serv
 from .fleet.telemetry_auth import telemetry_authorizer
 from .metrics import Metrics
 from .notify import Notifier
+from .model import Environment
+from .sources import EndpointSources, Endpoints, build_sources
+from .sources.base import endpoints_json
 from .store.base import KVStore
 from .store.etcd import EtcdStore
 from .store.repository import Repository
@@ -67,6 +70,7 @@ class ControlPlane:
             authorize=telemetry_authorizer(self.ads, self.cache, mtls=settings.xds.tls is not None),
             on_dropped=lambda reason, n: self.metrics.telemetry_dropped.labels(reason=reason).inc(n),
         )
+        self.sources = self._endpoint_sources()
         self.rollouts = Rollouts(self.repo, settings.fleets, self.metrics, self.wait_converged, self.convergence.routing_to)
         self.grpc_server: grpc.aio.Server | None = None
         self.xds_port: int | None = None
@@ -88,6 +92,26 @@ class ControlPlane:
         # of its own, so that with replicas only the leader runs it (start_notifier / stop_notifier).
         self.notifier: Notifier | None = Notifier(kv, self.repo, settings.notifications, self.metrics)
         self._notifier_task: asyncio.Task[None] | None = None
+
+    def _endpoint_sources(self) -> EndpointSources:
+        """The config's endpoint sources; their writes take the put_environment path, leader only."""
+        sources = EndpointSources(
+            build_sources(self.settings.endpoint_sources), apply=self._apply_source, stored=self.repo.service,
+            is_leader=lambda: self.cluster.is_leader, changes=self.kv.watch,
+            count_error=lambda source: self.metrics.endpoint_source_errors.labels(source).inc())
+        for spec in self.settings.endpoint_sources:
+            self.metrics.endpoint_source_errors.labels(spec.name)
+            self.metrics.endpoint_source_updates.labels(spec.name)
+        self.operations.check_not_owned = sources.check_not_owned
+        return sources
+
+    async def _apply_source(self, service: str, env: Environment, endpoints: Endpoints, version: str, source: str) -> None:
+        committed = await self.operations.put_environment(
+            service, env.value, {"version": version, "endpoints": endpoints_json(endpoints)},
+            actor=f"source:{source}", source=source)
+        self.rollouts.committed(committed)
+        self.publisher.accepted(committed.revision, time.monotonic())
+        self.metrics.endpoint_source_updates.labels(source).inc()
 
     def replica_info(self) -> dict[str, object]:
         """This replica's row of GET /v1/cluster (the coordinator adds id and last_seen)."""
@@ -133,6 +157,7 @@ class ControlPlane:
         if self.shared is not None:
             await self.shared.start()
         await self.rollouts.start()  # standalone: resumes deployments that were under way
+        await self.sources.start()  # every replica reads; only the leader writes
         await self.cluster.start(self._elected, self._deposed)
         if isinstance(self.cluster, EtcdCoordinator):
             self._cluster_tasks = [asyncio.create_task(self._follow_deployments(), name="leader-follows-store"),
@@ -144,6 +169,7 @@ class ControlPlane:
 
     async def _elected(self) -> None:
         self.metrics.leader.set(1)
+        self.sources.wake()  # apply what the sources reported while another replica led
         if isinstance(self.cluster, EtcdCoordinator):
             await self.rollouts.activate()  # resume every deployment from its stored deadlines
             self.start_notifier()  # only the leader delivers notifications
@@ -264,6 +290,7 @@ class ControlPlane:
             await self.cluster.stop()  # steps down first: no election can restart the driver after this
         except Exception as exc:
             errors.append(exc)
+        await self.sources.stop()
         await self.rollouts.stop()
         self.convergence.close()
         if self.grpc_server is not None:

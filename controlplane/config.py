@@ -45,6 +45,17 @@ Example::
       max_request_bytes: 16777216        # largest gRPC message accepted (ADS and metrics)
       max_streams: 100000                # open streams in total (ADS and metrics)
       max_streams_per_identity: 64       # optional: per certificate identity (or per IP without TLS)
+    endpoint_sources:                    # optional: endpoints from where they already are (docs/endpoint-sources.md)
+      - name: cm-file                    # unique; labels metrics, GET /v1/endpoint-sources and 409s
+        owns:                            # or `service: shop` + `environment: green` for one pair
+          - {service: shop, environment: green}
+        file: {path: /etc/bluegreen/endpoints.yaml, format: yaml, poll_seconds: 1}  # format: yaml | json (default: by extension)
+      - name: search-green-dns
+        service: search
+        environment: green
+        allow_empty: false               # an empty answer/list means "no instances" only when true
+        dns: {name: _http._tcp.search-green.internal, type: SRV, interval_seconds: 30,
+              timeout_seconds: 5, nameservers: ["10.0.0.2", "10.0.0.3:5353"]}    # A/AAAA also need port
 
 The older single-token form ``admin: {token: ...}`` or ``admin: {token_file: ...}`` still works:
 one token named ``admin`` with role ``admin``. With no token configured at all, ``bluegreen
@@ -66,8 +77,10 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, ValidationError
-from .model import DEFAULT_FLEET, Fleet, ListenerSpec, validate_service_name
+from .model import DEFAULT_FLEET, Environment, Fleet, ListenerSpec, validate_service_name
 from .notify.events import WebhookTarget, parse_webhook
+from .sources.base import Owned
+from .sources.spec import DNS_TYPES, DnsSourceSpec, FileSourceSpec, SourceSpec
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +158,7 @@ class Settings:
     # transport admits). See :func:`identity_allowed`.
     fleet_identities: dict[str, tuple[str, ...]] = field(default_factory=dict)
     notifications: tuple[WebhookTarget, ...] = ()  # the notifications: section (docs/notifications.md)
+    endpoint_sources: tuple[SourceSpec, ...] = ()  # the endpoint_sources: section (docs/endpoint-sources.md)
 
     def tokens(self) -> tuple[TokenSpec, ...]:
         """Every configured token; empty means `bluegreen serve` generates one."""
@@ -419,7 +433,8 @@ def parse_settings(data: object) -> Settings:
     if data is None:
         return Settings()
     root = _mapping("config", data)
-    _check_keys("config", root, {"admin", "convergence", "fleets", "smoke", "webhooks", "migrations", "xds", "notifications", "analysis"})
+    _check_keys("config", root, {"admin", "convergence", "fleets", "smoke", "webhooks", "migrations", "xds", "notifications", "analysis",
+                                  "endpoint_sources"})
     token, admin = _admin(root["admin"]) if "admin" in root else (None, AdminSettings())
     allow = Allowlists(
         smoke_commands=_smoke_commands(root["smoke"]) if "smoke" in root else (),
@@ -450,8 +465,137 @@ def parse_settings(data: object) -> Settings:
         # Without mTLS there is no verified identity to match: the list would refuse every proxy.
         raise ConfigError(f"fleets.{next(iter(identities))}.identities: needs xds.tls (client certificates)")
     notifications = _notifications(root["notifications"], allow) if "notifications" in root else ()
+    sources = _endpoint_sources(root["endpoint_sources"]) if "endpoint_sources" in root else ()
     return Settings(fleets=fleets, admin_token=token, admin=admin, allow=allow, lagging_after_seconds=lagging_after,
-                    xds=xds, fleet_identities=identities, notifications=notifications)
+                    xds=xds, fleet_identities=identities, notifications=notifications, endpoint_sources=sources)
+
+
+def _endpoint_sources(raw: object) -> tuple[SourceSpec, ...]:
+    """``endpoint_sources: [{name, owns | service+environment, allow_empty?, file | dns}]``.
+    Names are unique and no (service, environment) has two owners."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"endpoint_sources: expected a list of sources, got {type(raw).__name__}")
+    specs = tuple(_endpoint_source(f"endpoint_sources[{i}]", item) for i, item in enumerate(raw))
+    names: set[str] = set()
+    owners: dict[Owned, str] = {}
+    for i, spec in enumerate(specs):
+        if spec.name in names:
+            raise ConfigError(f"endpoint_sources[{i}].name: {spec.name!r} is used twice; names must be unique")
+        names.add(spec.name)
+        for pair in spec.owns:
+            if pair in owners:
+                raise ConfigError(f"endpoint_sources[{i}]: {pair} is already owned by source {owners[pair]!r}; "
+                                  "an environment has one source")
+            owners[pair] = spec.name
+    return specs
+
+
+def _endpoint_source(where: str, raw: object) -> SourceSpec:
+    data = _mapping(where, raw)
+    _check_keys(where, data, {"name", "owns", "service", "environment", "allow_empty", "file", "dns"})
+    name = data.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"{where}.name: expected a name of letters, digits, '_' or '-', got {name!r}")
+    owns = _owns(where, data)
+    allow_empty = data.get("allow_empty", False)
+    if not isinstance(allow_empty, bool):
+        raise ConfigError(f"{where}.allow_empty: expected true or false, got {allow_empty!r}")
+    kinds = [k for k in ("file", "dns") if k in data]
+    if len(kinds) != 1:
+        raise ConfigError(f"{where}: give exactly one of file or dns")
+    if kinds == ["file"]:
+        return SourceSpec(name, owns, allow_empty, file=_file_source(f"{where}.file", data["file"]))
+    if len(owns) != 1:
+        raise ConfigError(f"{where}.owns: a dns source gives one set of endpoints: own exactly one service/environment")
+    return SourceSpec(name, owns, allow_empty, dns=_dns_source(f"{where}.dns", data["dns"]))
+
+
+def _owns(where: str, data: dict[str, Any]) -> tuple[Owned, ...]:
+    if "owns" in data and ("service" in data or "environment" in data):
+        raise ConfigError(f"{where}: give owns or service + environment, not both")
+    if "owns" in data:
+        items = data["owns"]
+        if not isinstance(items, list) or not items:
+            raise ConfigError(f"{where}.owns: expected a non-empty list of {{service, environment}}")
+        pairs = []
+        for i, item in enumerate(items):
+            entry = _mapping(f"{where}.owns[{i}]", item)
+            _check_keys(f"{where}.owns[{i}]", entry, {"service", "environment"})
+            pairs.append(_owned(f"{where}.owns[{i}]", entry))
+        if len(set(pairs)) != len(pairs):
+            raise ConfigError(f"{where}.owns: a service/environment is listed twice")
+        return tuple(pairs)
+    return (_owned(where, data),)
+
+
+def _owned(where: str, data: dict[str, Any]) -> Owned:
+    try:
+        service = validate_service_name(data.get("service"))
+    except ValidationError as exc:
+        raise ConfigError(f"{where}.service: {exc}") from None
+    env = data.get("environment")
+    if env not in ("blue", "green"):
+        raise ConfigError(f"{where}.environment: expected blue or green, got {env!r}")
+    return Owned(service, Environment(env))
+
+
+def _file_source(where: str, raw: object) -> FileSourceSpec:
+    data = _mapping(where, raw)
+    _check_keys(where, data, {"path", "format", "poll_seconds"})
+    path = data.get("path")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{where}.path: expected a file path, got {path!r}")
+    fmt = data.get("format", "json" if path.endswith(".json") else "yaml")
+    if fmt not in ("yaml", "json"):
+        raise ConfigError(f"{where}.format: expected yaml or json, got {fmt!r}")
+    poll = _seconds(f"{where}.poll_seconds", data.get("poll_seconds", 1.0), nullable=False)
+    assert poll is not None
+    # The file need not exist yet: config management may write it after we start (reported
+    # in GET /v1/endpoint-sources until it does).
+    return FileSourceSpec(path=path, format=fmt, poll_seconds=poll)
+
+
+def _dns_source(where: str, raw: object) -> DnsSourceSpec:
+    data = _mapping(where, raw)
+    _check_keys(where, data, {"name", "type", "port", "interval_seconds", "timeout_seconds", "nameservers"})
+    name = data.get("name")
+    if not isinstance(name, str) or not name or len(name) > 253 or any(c.isspace() for c in name):
+        raise ConfigError(f"{where}.name: expected a DNS name, got {name!r}")
+    rdtype = data.get("type", "A")
+    if rdtype not in DNS_TYPES:
+        raise ConfigError(f"{where}.type: expected one of {', '.join(DNS_TYPES)}, got {rdtype!r}")
+    port = data.get("port")
+    if rdtype == "SRV" and port is not None:
+        raise ConfigError(f"{where}.port: SRV records give the port; leave port out")
+    if rdtype != "SRV":
+        port = _port(f"{where}.port", port)
+    interval = _seconds(f"{where}.interval_seconds", data.get("interval_seconds", 30.0), nullable=False)
+    timeout = _seconds(f"{where}.timeout_seconds", data.get("timeout_seconds", 5.0), nullable=False)
+    assert interval is not None and timeout is not None
+    nameservers = tuple(_nameserver(f"{where}.nameservers[{i}]", v)
+                        for i, v in enumerate(_string_list(f"{where}.nameservers", data.get("nameservers", []))))
+    return DnsSourceSpec(name=name, type=rdtype, port=port, interval_seconds=interval, timeout_seconds=timeout,
+                         nameservers=nameservers)
+
+
+def _nameserver(where: str, text: str) -> tuple[str, int]:
+    """``IP``, ``IP:PORT`` or ``[IPv6]:PORT``; port 53 by default."""
+    host, port = text, 53
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"{where}: expected IP, IP:PORT or [IPv6]:PORT, got {text!r}")
+        port = _port(where, int(rest[1:])) if rest[1:].isdigit() else (53 if not rest else -1)
+    elif text.count(":") == 1:
+        host, _, raw_port = text.partition(":")
+        port = _port(where, int(raw_port)) if raw_port.isdigit() else -1
+    if port == -1:
+        raise ConfigError(f"{where}: bad port in {text!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{where}: expected an IP address (nameservers are not resolved), got {text!r}") from None
+    return host, port
 
 
 def _notifications(raw: object, allow: Allowlists) -> tuple[WebhookTarget, ...]:

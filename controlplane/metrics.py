@@ -111,6 +111,22 @@ class Metrics:
         )
         for result in ("delivered", "failed"):
             self.notifications.labels(result)
+        self.endpoint_source_errors = Counter(
+            "bluegreen_endpoint_source_errors_total",
+            "Endpoint source rounds that failed (unreadable or invalid file, DNS lookup failed); the last good endpoints stay",
+            ["source"], registry=r,
+        )
+        self.endpoint_source_updates = Counter(
+            "bluegreen_endpoint_source_updates_total",
+            "Endpoint sets an endpoint source wrote to the store (a changed set of endpoints)", ["source"], registry=r,
+        )
+        self.scale_hook_calls = Counter(
+            "bluegreen_scale_hook_calls_total",
+            "Scale hook calls (webhooks and commands) of deployments' capacity guard, by result: ok or failed",
+            ["result"], registry=r,
+        )
+        for result in ("ok", "failed"):
+            self.scale_hook_calls.labels(result)
         self.notifications_pending = Gauge(
             "bluegreen_notifications_pending", "Notifications in the outbox, not yet delivered", registry=r,
         )

@@ -368,6 +368,9 @@ async def list_deployments(request: web.Request) -> web.Response:
 async def create_deployment(request: web.Request) -> web.Response:
     cp = request.app[CONTROL_PLANE]
     body = await _json_body(request)
+    service = await cp.repo.service(request.match_info["name"])  # 404 first
+    # An environment owned by an endpoint source takes its endpoints from it (409 if the body gives some).
+    body = cp.sources.deployment_body(service.name, service.traffic.idle, body)
     check_deployment(parse_deployment_spec(body), cp.settings.allow)  # 400 before anything runs or is stored
     committed = await cp.rollouts.deploy(request.match_info["name"], body, actor=actor_of(request))
     request.app[CONTROL_PLANE].publisher.accepted(committed.revision, time.monotonic())
@@ -464,6 +467,20 @@ async def list_proxies(request: web.Request) -> web.Response:
     return web.json_response({"proxies": proxies})
 
 
+async def list_endpoint_sources(request: web.Request) -> web.Response:
+    """The config's endpoint sources: what each owns, its last good endpoints, when it last
+    succeeded, its last error, and why a set is not applied yet (docs/endpoint-sources.md)."""
+    cp = request.app[CONTROL_PLANE]
+    views = cp.sources.view()
+    for view in views:
+        for key in ("last_update", "last_error_at"):
+            view[key] = _iso(view[key])
+        for pair in view["owns"]:
+            for key in ("reported_at", "applied_at"):
+                pair[key] = _iso(pair[key])
+    return web.json_response({"sources": views})
+
+
 async def get_cluster(request: web.Request) -> web.Response:
     """The replicas sharing this store and which of them leads the workflow."""
     cp = request.app[CONTROL_PLANE]
@@ -490,6 +507,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
       for action in ("promote", "pause", "resume", "rollback", "abort", "decommission")],
     ("GET", "/v1/proxies", list_proxies),
     ("GET", "/v1/cluster", get_cluster),
+    ("GET", "/v1/endpoint-sources", list_endpoint_sources),
     *ui.ROUTES,  # the dashboard, its live feed and whoami (admin/ui/)
 ]
 

@@ -56,6 +56,7 @@ ROUTE_ROLES: dict[tuple[str, str], Role | None] = {
     ("GET", "/v1/deployments/{id}"): Role.VIEWER,
     ("GET", "/v1/proxies"): Role.VIEWER,
     ("GET", "/v1/cluster"): Role.VIEWER,
+    ("GET", "/v1/endpoint-sources"): Role.VIEWER,
     ("PUT", "/v1/services/{name}/traffic"): Role.OPERATOR,
     ("POST", "/v1/services/{name}/switch"): Role.OPERATOR,
     ("POST", "/v1/services/{name}/rollback"): Role.OPERATOR,

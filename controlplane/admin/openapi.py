@@ -278,7 +278,9 @@ OPENAPI: dict[str, Any] = {
             },
             "DeploymentRequest": {
                 "type": "object",
-                "required": ["version", "endpoints"],
+                "required": ["version"],
+                "description": "endpoints is required unless the idle environment's endpoints come from an endpoint source; "
+                               "then it must be left out (409 otherwise) and the source's last good endpoints are used.",
                 "additionalProperties": False,
                 "properties": {
                     "version": {"type": "string"},
@@ -485,7 +487,8 @@ OPENAPI: dict[str, Any] = {
         },
         "/v1/services/{name}/environments/{env}": {
             "put": _mutation(
-                "Register a version and its endpoints in one environment. A new version is refused (409) in an environment taking traffic.",
+                "Register a version and its endpoints in one environment. A new version is refused (409) in an environment taking traffic; "
+                "so is any write to an environment whose endpoints come from an endpoint source (the message names it).",
                 {"$ref": "#/components/schemas/EnvironmentSpec"},
                 [_NAME, _ENV],
             )
@@ -655,6 +658,44 @@ OPENAPI: dict[str, Any] = {
                         },
                     }, "Leader and replicas."),
                     "503": _json(_ERROR, "The state store is unreachable; the message names it."),
+                },
+            }
+        },
+        "/v1/endpoint-sources": {
+            "get": {
+                "summary": "The configured endpoint sources (file, DNS), what each owns, and how it fares.",
+                "description": "A source owns the endpoints of its service/environment pairs: API writes to them answer 409 "
+                               "naming it. A failed round keeps the last good endpoints (docs/endpoint-sources.md).",
+                "responses": {
+                    "200": _json({
+                        "type": "object", "required": ["sources"],
+                        "properties": {"sources": {"type": "array", "items": {
+                            "type": "object",
+                            "required": ["name", "kind", "allow_empty", "last_update", "last_error", "last_error_at", "errors", "owns"],
+                            "properties": {
+                                "name": {"type": "string"},
+                                "kind": {"type": "string", "enum": ["file", "dns"]},
+                                "allow_empty": {"type": "boolean"},
+                                "last_update": {"type": ["string", "null"], "description": "Last successful round (ISO 8601)"},
+                                "last_error": {"type": ["string", "null"], "description": "Error of the last round; null once a round succeeds"},
+                                "last_error_at": {"type": ["string", "null"]},
+                                "errors": {"type": "integer", "minimum": 0, "description": "Failed rounds since start"},
+                                "owns": {"type": "array", "items": {
+                                    "type": "object",
+                                    "required": ["service", "environment", "endpoints", "reported_at", "applied_at", "pending"],
+                                    "properties": {
+                                        "service": {"type": "string"},
+                                        "environment": {"type": "string", "enum": ["blue", "green"]},
+                                        "endpoints": {"type": ["array", "null"], "description": "Last good endpoints; null: none yet"},
+                                        "reported_at": {"type": ["string", "null"]},
+                                        "applied_at": {"type": ["string", "null"], "description": "Last write to the store"},
+                                        "pending": {"type": ["string", "null"], "description": "Why the last good set is not in the store yet"},
+                                    },
+                                }},
+                            },
+                            "additionalProperties": True,
+                        }}},
+                    }, "Every configured source (kind-specific fields: path, format, poll_seconds; name, type, port, interval_seconds, nameservers)."),
                 },
             }
         },

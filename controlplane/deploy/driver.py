@@ -589,11 +589,13 @@ class Rollouts:
         problems = []
         for hook in scale.webhooks:
             problem = await call_webhook(self._session, hook, payload, delivery=delivery)
+            self.metrics.scale_hook_calls.labels("failed" if problem else "ok").inc()
             if problem:
                 problems.append(problem)
         variables = {f"BLUEGREEN_{key.upper()}": str(value) for key, value in payload.items()}
         for argv in scale.commands:
             problem = await run_command(argv, variables, scale.command_timeout_seconds)
+            self.metrics.scale_hook_calls.labels("failed" if problem else "ok").inc()
             if problem:
                 problems.append(problem)
         count = len(scale.webhooks) + len(scale.commands)

@@ -8,7 +8,7 @@ from the store's change notification (see ``fleet.Publisher``), never from here.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Mapping
+from typing import Callable, Mapping
 
 from ..errors import ConflictError
 from . import transitions
@@ -49,9 +49,11 @@ def _scales_deployment(service: Service, current: Current, env: Environment, sta
     """The deployment under way whose new environment ``env`` this registration scales (same
     version, at least one endpoint) once its smoke tests passed; None for anything else, which a
     deployment in progress refuses. Scaling the environment a deployment moves traffic to is how
-    its capacity guard is satisfied (docs/capacity.md)."""
+    its capacity guard is satisfied (docs/capacity.md); while it bakes at 100 % (active), scaling
+    it is what an autoscaler or an endpoint source does."""
     d = transitions.in_progress(current)
-    if d is None or d.environment is not env or d.status not in (DeploymentStatus.READY, DeploymentStatus.SHIFTING):
+    if d is None or d.environment is not env or d.status not in (DeploymentStatus.READY, DeploymentStatus.SHIFTING,
+                                                                 DeploymentStatus.ACTIVE):
         return None
     if state.version != service.environment(env).version or not state.endpoints:
         return None
@@ -70,10 +72,17 @@ def with_actor(change: Change, actor: str, now: float) -> Change:
     return replace(change, deployments=records)
 
 
+def _no_owner(service: str, env: Environment) -> None:
+    return None
+
+
 class Operations:
     def __init__(self, repo: Repository, fleets: tuple[Fleet, ...]) -> None:
         self.repo = repo
         self.fleets = fleets
+        # Raises ConflictError when an endpoint source owns the environment (set by the app
+        # when endpoint sources are configured; see controlplane.sources).
+        self.check_not_owned: Callable[[str, Environment], None] = _no_owner
 
     async def put_service(self, name: str, body: object, *, actor: str = transitions.API) -> Committed:
         validate_service_name(name)
@@ -91,9 +100,14 @@ class Operations:
         # people or pipelines, and a clash is visible in the route table (first one wins).
         return await self.repo.mutate(name, lambda s, c, now: with_actor(mutation(s, c, now), actor, now), create=True)
 
-    async def put_environment(self, name: str, env_name: str, body: object, *, actor: str = transitions.API) -> Committed:
+    async def put_environment(self, name: str, env_name: str, body: object, *, actor: str = transitions.API,
+                              source: str | None = None) -> Committed:
+        """Register an environment's version and endpoints. An environment owned by an endpoint
+        source is refused (409 naming it) unless ``source`` is that source's own write."""
         env = Environment.parse(env_name)
         state = parse_environment_spec(body)
+        if source is None:
+            self.check_not_owned(name, env)
 
         def mutation(service: Service | None, current: Current, now: float) -> Change:
             assert service is not None
