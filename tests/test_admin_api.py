@@ -940,7 +940,7 @@ def _two_listeners(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 CONFIG_ERRORS = [
-    pytest.param({"bogus": 1}, ["config: unknown key(s) bogus", "allowed: admin, analysis, convergence, fleets"], id="unknown-top-key"),
+    pytest.param({"bogus": 1}, ["config: unknown key(s) bogus", "allowed: admin, analysis, convergence, endpoint_sources, fleets"], id="unknown-top-key"),
     pytest.param({"convergence": {"lagging_after_seconds": 0}}, ["convergence.lagging_after_seconds", "got 0"], id="lagging-zero"),
     pytest.param({"convergence": {"lagging_after": 5}}, ["convergence: unknown key(s) lagging_after"], id="convergence-unknown-key"),
     pytest.param({"admin": {"token": TOKEN, "user": "x"}}, ["admin: unknown key(s) user"], id="unknown-admin-key"),
