@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import logging
 import os
 import ssl
@@ -214,6 +215,18 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return _mutation(args, "POST", f"/v1/services/{args.service}/rollback")
 
 
+def _scaling_text(d: dict[str, Any], steps: list[int]) -> str:
+    """`` SCALING: needs capacity N for step K/L (P%)``: what the capacity guard waits for
+    (docs/capacity.md), computed as the control plane does from the record."""
+    step = d.get("scaling_step")
+    if step is None or not 0 <= step < len(steps):
+        return " SCALING"
+    headroom = ((d.get("spec") or {}).get("scale") or {}).get("headroom_percent", 0)
+    baseline = d.get("baseline_capacity") or 0
+    needed = math.ceil(round(baseline * steps[step] * (100 + headroom), 6) / 10_000)
+    return f" SCALING: needs capacity {needed} for step {step + 1}/{len(steps)} ({steps[step]}%)"
+
+
 def _deployment_line(d: dict[str, Any]) -> str:
     steps = (d.get("spec") or {}).get("strategy", {}).get("steps", [])
     text = f"{d['id']} {d['version']} -> {d['environment']}: {d['status']}"
@@ -225,6 +238,8 @@ def _deployment_line(d: dict[str, Any]) -> str:
         text += f" PAUSED ({d['paused_remaining']:.0f}s left)"
     if d.get("awaiting_promote"):
         text += " waiting for promote"
+    if d.get("phase") == "scaling":
+        text += _scaling_text(d, steps)
     if d.get("deadline"):
         text += f" until {d['deadline'][11:19]}Z"
     analysis = d.get("analysis") or {}

@@ -133,3 +133,104 @@ async def test_a_step_waits_for_capacity_and_goes_on_when_endpoints_arrive(tmp_p
     too_much = [x for x in seen if x[1] * BLUE_CAPACITY > 100 * x[2]]
     assert not too_much, too_much
     assert any(where == "envoy" and w == 25 for where, w, _ in seen)
+
+
+# ---------------------------------------------------------------------------------------------
+# The scaling phase's timeout, on the pure state machine with the clock passed in
+
+
+def _scaling_at(steps: list[int], on_timeout: str) -> tuple[Any, Any, str, float]:
+    """blue has capacity 4, green v2 one endpoint; the deployment is waiting in `scaling` for
+    the first step that needs more than 1. Returns (service, current, id, deadline)."""
+    from controlplane.deploy import transitions
+    from tests.test_rollout import T0, apply, blue_record, blue_service, spec
+
+    blue = model.EnvironmentState("v1", (model.Endpoint("127.0.0.1", 9001, BLUE_CAPACITY),))
+    service, current = blue_service(blue=blue), {model.Environment.BLUE: blue_record(), model.Environment.GREEN: None}
+    body = spec(steps, step_seconds=60, scale={"timeout_seconds": 300, "on_timeout": on_timeout})
+    service, current = apply(service, current, transitions.start(service, current, body, T0))
+    did = current[model.Environment.GREEN].id
+    service, current = apply(service, current, transitions.smoke_passed(service, current, did, T0 + 1, "ok"))
+    service, current = apply(service, current, transitions.proceed(service, current, did, T0 + 2))
+    d = current[model.Environment.GREEN]
+    if d.phase != transitions.SCALING:  # the first step fitted: its time runs out, the next needs more
+        service, current = apply(service, current, transitions.step_due(service, current, did, d.deadline))
+    d = current[model.Environment.GREEN]
+    assert d.phase == transitions.SCALING and d.deadline is not None
+    return service, current, did, d.deadline
+
+
+@pytest.mark.parametrize("on_timeout", ["fail", "rollback"])
+def test_scaling_timeout_before_any_traffic_fails(on_timeout: str) -> None:
+    from controlplane.deploy import transitions
+    from controlplane.errors import ConflictError
+
+    service, current, did, deadline = _scaling_at([50, 100], on_timeout)
+    assert current[model.Environment.GREEN].status is model.DeploymentStatus.READY and service.traffic.weight(model.Environment.GREEN) == 0
+    with pytest.raises(ConflictError, match="not at the end of a scaling phase"):
+        transitions.scale_timeout(service, current, did, deadline - 1)
+    change = transitions.scale_timeout(service, current, did, deadline)
+    (failed,) = change.deployments
+    assert failed.status is model.DeploymentStatus.FAILED and failed.phase is None
+    assert "did not reach the capacity needed within 300s" in failed.history[-1].reason
+    assert change.service.traffic.weight(model.Environment.BLUE) == 100
+
+
+def test_scaling_timeout_holding_a_share_with_fail_pauses_at_that_share() -> None:
+    from controlplane.deploy import transitions
+
+    service, current, did, deadline = _scaling_at([25, 50, 100], "fail")
+    assert service.traffic.weight(model.Environment.GREEN) == 25
+    change = transitions.scale_timeout(service, current, did, deadline)
+    (held,) = change.deployments
+    assert held.status is model.DeploymentStatus.SHIFTING and held.phase is None and held.paused_remaining == 0.0
+    assert "paused at 25%: add capacity and resume, or roll back" in held.history[-1].reason
+    assert change.service.traffic.weight(model.Environment.GREEN) == 25
+
+
+def test_scaling_timeout_holding_a_share_with_rollback_moves_everything_back() -> None:
+    from controlplane.deploy import transitions
+
+    service, current, did, deadline = _scaling_at([25, 50, 100], "rollback")
+    change = transitions.scale_timeout(service, current, did, deadline)
+    rolled = next(d for d in change.deployments if d.id == did)
+    assert rolled.status is model.DeploymentStatus.ROLLED_BACK and rolled.scaling_step is None
+    assert change.service.traffic.weight(model.Environment.BLUE) == 100
+
+
+# ---------------------------------------------------------------------------------------------
+# After decommission: the scale hooks get the warm pool (0 by default)
+
+
+@pytest.mark.parametrize("standby, desired", [({}, 0), ({"standby_capacity": "50%"}, 2), ({"standby_capacity_percent": 25}, 1)])
+async def test_after_decommission_the_scale_hook_gets_the_standby_capacity(standby: dict[str, Any], desired: int) -> None:
+    import aiohttp
+
+    from controlplane.deploy import driver
+    from controlplane.metrics import Metrics
+    from tests.test_rollout import blue_record
+
+    async with webhook_server() as hooks, aiohttp.ClientSession() as session:
+        metrics = Metrics()
+        rollouts = driver.Rollouts(None, (), metrics, None)  # type: ignore[arg-type]
+        rollouts._session = session
+        body = {"version": "v2", "endpoints": ["127.0.0.1:9002"],
+                "scale": {"webhooks": [{"url": f"{hooks.url}/scale"}, {"url": "http://127.0.0.1:9/refused"}], **standby}}
+        owner = model.Deployment(id="shop-2", service="shop", version="v2", environment=model.Environment.GREEN,
+                                 status=model.DeploymentStatus.ACTIVE, deployed_at=0, updated_at=0, baseline_capacity=BLUE_CAPACITY,
+                                 spec=deploy_spec.spec_to_dict(deploy_spec.parse_deployment_spec(body)))
+        summary = await rollouts._standby_scale(blue_record(status=model.DeploymentStatus.DECOMMISSIONED), owner)
+    assert [c["body"] for c in hooks.calls] == [{"service": "shop", "environment": "blue", "deployment": "shop-1",
+                                                 "desired_capacity": desired, "current_capacity": 0}]
+    assert summary is not None and f"desired capacity {desired}, current 0" in summary
+    assert metrics.scale_hook_calls.labels("ok")._value.get() == 1
+    assert metrics.scale_hook_calls.labels("failed")._value.get() == 1
+
+
+def test_status_shows_what_a_scaling_deployment_waits_for() -> None:
+    from controlplane import cli
+
+    line = cli._deployment_line({"id": "shop-2", "version": "v2", "environment": "green", "status": "shifting", "step": 0,
+                                 "phase": "scaling", "scaling_step": 1, "baseline_capacity": 4,
+                                 "spec": {"strategy": {"steps": [25, 50, 100]}, "scale": {"headroom_percent": 50}}})
+    assert "SCALING: needs capacity 3 for step 2/3 (50%)" in line
