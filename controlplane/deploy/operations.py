@@ -12,6 +12,7 @@ from typing import Mapping
 
 from ..errors import ConflictError
 from . import transitions
+from .releases import refuse_if_held
 from ..model import (
     Change,
     Deployment,
@@ -97,6 +98,7 @@ class Operations:
 
         def mutation(service: Service | None, current: Current, now: float) -> Change:
             assert service is not None
+            refuse_if_held(service, f"changing {env.value}'s endpoints")
             deploying = _scales_deployment(service, current, env, state)
             if deploying is None:
                 _not_during_deployment(service, current)
@@ -114,6 +116,7 @@ class Operations:
 
         def mutation(service: Service | None, current: Current, now: float) -> Change:
             assert service is not None
+            refuse_if_held(service, "a manual traffic change")
             _not_during_deployment(service, current)
             return set_weights(service, weights, current, now)
 
@@ -124,6 +127,7 @@ class Operations:
 
         def mutation(service: Service | None, current: Current, now: float) -> Change:
             assert service is not None
+            refuse_if_held(service, "a switch")
             _not_during_deployment(service, current)
             target = switch_target(service, target_env)
             return set_weights(service, full_weights(target), current, now)
@@ -133,6 +137,7 @@ class Operations:
     async def rollback(self, name: str, *, actor: str = transitions.API) -> Committed:
         def mutation(service: Service | None, current: Current, now: float) -> Change:
             assert service is not None
+            refuse_if_held(service, "rolling back one member")
             # A deployment made by the workflow is rolled back by the workflow, so its records
             # and the replaced environment's go where the history expects them.
             live = current.get(service.traffic.active if service.traffic.weight(service.traffic.active) == 100 else service.traffic.idle)
