@@ -249,3 +249,18 @@ async def test_a_restart_resumes_the_release_from_its_stored_deadlines(tmp_path:
         times = [[e["at"] for e in (await _call(client, "GET", f"/v1/deployments/{m}"))["history"] if e["status"] in ("shifting", "active")]
                  for m in ("api-2", "web-2")]
         assert times[0] == times[1]
+
+
+async def test_release_responses_match_openapi(tmp_path: Path) -> None:
+    from tests.test_admin_api import assert_documented_response
+
+    async with in_process(tmp_path) as (cp, client):
+        await _two_services(client)
+        replies = [("POST", "/v1/releases", 202, await _call(client, "POST", "/v1/releases", release_body(), expect=202))]
+        await _release_at(client, "release-1", phase="shifting")
+        for method, path in [("GET", "/v1/releases/release-1"), ("GET", "/v1/releases"), ("POST", "/v1/releases/release-1/pause"),
+                             ("POST", "/v1/releases/release-1/resume"), ("POST", "/v1/releases/release-1/promote"),
+                             ("POST", "/v1/releases/release-1/abort")]:
+            replies.append((method, path, 200, await _call(client, method, path)))
+        for method, path, status, body in replies:
+            assert_documented_response(method, path, status, body)
