@@ -264,3 +264,29 @@ async def test_release_responses_match_openapi(tmp_path: Path) -> None:
             replies.append((method, path, 200, await _call(client, method, path)))
         for method, path, status, body in replies:
             assert_documented_response(method, path, status, body)
+
+
+async def test_cli_release_create_watch_status_and_rollback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import asyncio
+
+    from controlplane.cli import main
+
+    async with in_process(tmp_path) as (cp, client):
+        await _two_services(client)
+        admin = str(client.make_url("")).rstrip("/")
+        common = ["--admin", admin]
+        code = await asyncio.to_thread(main, ["release", "create", *common, "--member", "web=v2@127.0.0.1:9102",
+                                              "--member", "api=v2@127.0.0.1:9202", "--steps", "10,50,100",
+                                              "--step-seconds", "600"])
+        assert code == 0
+        assert "release release-1 accepted (api, web)" in capsys.readouterr().out
+        await _release_at(client, "release-1", phase="shifting")
+        assert await asyncio.to_thread(main, ["release", "status", "release-1", *common]) == 0
+        out = capsys.readouterr().out
+        assert "release-1: in_progress (shifting)" in out and "blue 90% / green 10%" in out
+        assert await asyncio.to_thread(main, ["release", "rollback", "release-1", *common]) == 0
+        assert "release-1: rolled_back" in capsys.readouterr().out
+        assert await asyncio.to_thread(main, ["release", "list", *common]) == 0
+        assert "release-1: rolled_back" in capsys.readouterr().out
+        assert await asyncio.to_thread(main, ["release", "create", *common, "--member", "web=v2"]) == 2
+        assert "expected NAME=VERSION@IP:PORT" in capsys.readouterr().err
