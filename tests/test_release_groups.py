@@ -175,6 +175,7 @@ async def test_release_moves_members_together_and_refuses_steering_one_alone(tmp
         view = await _release_at(client, rid, phase="shifting")
         assert _weights(view) == {"api": 10, "web": 10}
         assert [m["deployment"] for m in view["members"]] == ["api-2", "web-2"]
+        assert (await _call(client, "GET", "/v1/services/web"))["release_group"] == rid
 
         # Nothing that would split the release is accepted on a member alone; each 409 names the release.
         refusals = [
@@ -290,3 +291,18 @@ async def test_cli_release_create_watch_status_and_rollback(tmp_path: Path, caps
         assert "release-1: rolled_back" in capsys.readouterr().out
         assert await asyncio.to_thread(main, ["release", "create", *common, "--member", "web=v2"]) == 2
         assert "expected NAME=VERSION@IP:PORT" in capsys.readouterr().err
+
+
+async def test_a_complete_release_frees_its_services_and_can_still_be_rolled_back_together(tmp_path: Path) -> None:
+    async with in_process(tmp_path) as (cp, client):
+        await _two_services(client)
+        rid = (await _call(client, "POST", "/v1/releases", release_body(), expect=202))["id"]
+        await _release_at(client, rid, phase="shifting")
+        await _call(client, "POST", f"/v1/releases/{rid}/promote", full="true")
+        done = await _release_at(client, rid, status="complete")
+        assert _weights(done) == {"api": 100, "web": 100}
+        assert (await _call(client, "GET", "/v1/services/web"))["release_group"] is None
+        await _call(client, "POST", f"/v1/releases/{rid}/abort", expect=409)
+        rolled = await _call(client, "POST", f"/v1/releases/{rid}/rollback")
+        assert rolled["status"] == "rolled_back" and _weights(rolled) == {"api": 0, "web": 0}
+        await _call(client, "POST", f"/v1/releases/{rid}/rollback")  # idempotent

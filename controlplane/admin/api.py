@@ -180,6 +180,7 @@ async def _service_view(cp: ControlPlane, service: Service) -> dict[str, Any]:
         "drain_seconds": service.drain_seconds,
         "standby_seconds": service.standby_seconds,
         "require_all_proxies": service.require_all_proxies,
+        "release_group": service.release_group,
         "affinity": affinity_to_dict(service.affinity),
         "notifications": {"webhooks": [h.to_dict() for h in service.notifications]},
         "environments": envs,

@@ -194,6 +194,8 @@ OPENAPI: dict[str, Any] = {
                     "drain_seconds": {"type": "integer"},
                     "standby_seconds": {"type": "integer"},
                     "require_all_proxies": {"type": "boolean"},
+                    "release_group": {"type": ["string", "null"], "description": "The release (docs/releases.md) holding this service; "
+                                      "while set, deploying or steering it alone answers 409."},
                     "affinity": {"oneOf": [{"$ref": "#/components/schemas/Affinity"}, {"type": "null"}]},
                     "notifications": {
                         "type": "object", "additionalProperties": False,
