@@ -306,3 +306,18 @@ async def test_a_complete_release_frees_its_services_and_can_still_be_rolled_bac
         rolled = await _call(client, "POST", f"/v1/releases/{rid}/rollback")
         assert rolled["status"] == "rolled_back" and _weights(rolled) == {"api": 0, "web": 0}
         await _call(client, "POST", f"/v1/releases/{rid}/rollback")  # idempotent
+
+
+async def test_a_member_failing_its_smoke_tests_fails_the_release_before_any_traffic(tmp_path: Path) -> None:
+    async with in_process(tmp_path) as (cp, client):
+        await _two_services(client)
+        # No proxy serves the preview entry here, so web's check cannot pass; api has no check of its own.
+        body = release_body(smoke={"checks": [{"path": "/web/healthz", "service": "web", "retries": 0, "timeout_seconds": 1}]})
+        rid = (await _call(client, "POST", "/v1/releases", body, expect=202))["id"]
+        view = await _release_at(client, rid, status="failed")
+        assert view["reason"].startswith("web failed: smoke tests failed"), view["reason"]
+        assert {m["service"]: m["status"] for m in view["members"]} == {"api": "failed", "web": "failed"}
+        assert _weights(view) == {"api": 0, "web": 0}
+        api = await _call(client, "GET", "/v1/deployments/api-2")
+        assert [e["status"] for e in api["history"]].count("shifting") == 0 and "release-1: web failed" in api["history"][-1]["reason"]
+        assert (await _call(client, "GET", "/v1/services/api"))["release_group"] is None

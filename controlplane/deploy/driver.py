@@ -269,8 +269,7 @@ class Rollouts:
         """Start a release group: one deployment per member, all in one transaction."""
         names = tuple(request.members)
         for name in names:
-            await self.repo.service(name)  # NotFoundError names an unknown service before anything else
-            idle = (await self.repo.service(name)).traffic.idle
+            idle = (await self.repo.service(name)).traffic.idle  # NotFoundError names an unknown service
             still = self._still_routing(name, idle)
             if still:
                 raise ConflictError(f"{name}: proxies still routing production traffic to {idle.value}: {', '.join(still)}; "
@@ -324,7 +323,7 @@ class Rollouts:
         stopped = [d for d in mine.values() if d.status in (S.FAILED, S.ROLLED_BACK)]
         if stopped:
             first = stopped[0]
-            reason = f"{first.service} {first.status.value}: {first.reason}"
+            reason = f"{first.service} {first.status.value}: {first.history[-1].reason if first.history else first.reason}"
             if first.status is S.ROLLED_BACK:
                 await self._group_mutate(group, lambda g, m, t: releases.rollback_all(g, m, t, transitions.AUTOMATIC, reason))
             else:

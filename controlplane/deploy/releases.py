@@ -279,7 +279,7 @@ def rollback_all(group: ReleaseGroup, members: Members, now: float, actor: str, 
 
     changes = _each(group, members, back)
     changes, ended = settle(group, members, changes, now, actor, reason)
-    if not changes or not ended.status.terminal or ended.status is G.COMPLETE:
+    if not ended.status.terminal or ended.status is G.COMPLETE:
         raise ConflictError(f"release {group.id}: nothing to roll back")
     return changes, ended
 
