@@ -183,7 +183,7 @@ async def test_release_moves_members_together_and_refuses_steering_one_alone(tmp
             ("PUT", "/v1/services/web/traffic", {"weights": {"blue": 50, "green": 50}}),
             ("POST", "/v1/services/web/switch", None),
             ("POST", "/v1/services/api/rollback", None),
-            ("PUT", "/v1/services/web/environments/green", {"version": "v2", "endpoints": ["127.0.0.1:9104"]}),
+            ("PUT", "/v1/services/web/environments/blue", {"version": "v1", "endpoints": ["127.0.0.1:9104"]}),
             ("POST", "/v1/deployments/web-2/promote", None),
             ("POST", "/v1/deployments/api-2/rollback", None),
             ("POST", "/v1/deployments/api-2/abort", None),
@@ -193,6 +193,8 @@ async def test_release_moves_members_together_and_refuses_steering_one_alone(tmp
             answer = await _call(client, method, path, body, expect=409)
             assert "release-1" in answer["error"], (path, answer)
         assert _weights(await _call(client, "GET", f"/v1/releases/{rid}")) == {"api": 10, "web": 10}
+        # More endpoints of the new version move no traffic: allowed, as during a deployment.
+        await _call(client, "PUT", "/v1/services/web/environments/green", {"version": "v2", "endpoints": ["127.0.0.1:9102", "127.0.0.1:9104"]})
 
         promoted = await _call(client, "POST", f"/v1/releases/{rid}/promote")
         assert _weights(promoted) == {"api": 50, "web": 50}

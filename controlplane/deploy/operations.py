@@ -98,9 +98,11 @@ class Operations:
 
         def mutation(service: Service | None, current: Current, now: float) -> Change:
             assert service is not None
-            refuse_if_held(service, f"changing {env.value}'s endpoints")
             deploying = _scales_deployment(service, current, env, state)
             if deploying is None:
+                # More endpoints of the new version stay allowed in a release (they move no
+                # traffic); anything else on a held member is refused naming the release.
+                refuse_if_held(service, f"changing {env.value}'s endpoints")
                 _not_during_deployment(service, current)
             change = set_environment(service, env, state, current, now)
             if deploying is not None and deploying.phase == transitions.SCALING and transitions.capacity_shortfall(
