@@ -309,6 +309,78 @@ def cmd_deployment_action(args: argparse.Namespace) -> int:
     return 0
 
 
+def _release_lines(r: dict[str, Any]) -> list[str]:
+    text = f"{r['id']}: {r['status']}" + (f" ({r['phase']})" if r["phase"] != r["status"] else "")
+    lines = [text + (f"  reason: {r['reason']}" if r.get("reason") else "")]
+    steps = (r.get("spec") or {}).get("strategy", {}).get("steps", [])
+    for m in r["members"]:
+        where = f" step {m['step'] + 1}/{len(steps)}" if m["step"] >= 0 and steps else ""
+        lines.append(f"  {m['service']:<16} {m['deployment']:<20} {m['version']} -> {m['environment']}: {m['status']}{where}"
+                     f"  blue {m['weights']['blue']}% / green {m['weights']['green']}%")
+    return lines
+
+
+def _release_members(specs: list[str]) -> dict[str, Any]:
+    """``NAME=VERSION@IP:PORT[,IP:PORT...]`` per member."""
+    members: dict[str, Any] = {}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        version, at, endpoints = rest.partition("@")
+        if not sep or not at or not name or not version or not endpoints:
+            raise ConfigError(f"--member {spec!r}: expected NAME=VERSION@IP:PORT[,IP:PORT...]")
+        members[name] = {"version": version, "endpoints": endpoints.split(",")}
+    return members
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    """bluegreen release create|status|list|promote|pause|resume|rollback|abort."""
+    import time as _time
+
+    if args.release_command == "list":
+        _, listing = _request(args, "GET", "/v1/releases")
+        if args.json:
+            print(json.dumps(listing, indent=2))
+        for r in listing["releases"] if not args.json else []:
+            print(_release_lines(r)[0])
+        return 0
+    if args.release_command == "create":
+        if args.file:
+            from pathlib import Path
+
+            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+            body = json.loads(text)
+        else:
+            if not args.member:
+                raise ConfigError("release create needs --member NAME=VERSION@IP:PORT (repeat) or --file")
+            body = {"services": _release_members(args.member),
+                    "strategy": {"steps": [int(x) for x in args.steps.split(",")], "step_seconds": args.step_seconds,
+                                 "bake_seconds": args.bake_seconds, "auto_promote": not args.manual_promote}}
+            if args.max_error_rate is not None or args.max_p99_ms is not None:
+                body["analysis"] = {k: v for k, v in (("max_error_rate", args.max_error_rate), ("max_p99_ms", args.max_p99_ms)) if v is not None}
+        _, created = _request(args, "POST", "/v1/releases", body)
+        print(f"release {created['id']} accepted ({', '.join(created['release']['services'])})")
+        release_id, watch = created["id"], args.watch
+    elif args.release_command == "status":
+        release_id, watch = args.id, args.watch
+    else:
+        query = "full=true" if getattr(args, "full", False) else ""
+        _, r = _request(args, "POST", f"/v1/releases/{args.id}/{args.release_command}", None, query)
+        print(json.dumps(r, indent=2) if args.json else "\n".join(_release_lines(r)))
+        return 0
+    last: list[str] = []
+    while True:
+        _, r = _request(args, "GET", f"/v1/releases/{release_id}")
+        lines = _release_lines(r)
+        if args.json and not watch:
+            print(json.dumps(r, indent=2))
+        elif lines != last:
+            print("\n".join(lines), flush=True)
+            last = lines
+        if not watch or r["status"] != "in_progress":
+            return 0 if r["status"] in ("in_progress", "complete") else 1
+        _time.sleep(0.5)  # a person watching; the API has no push channel
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     """lint: 0 clean, 1 errors found. expand/contract: 0 applied (or nothing to do), 1 refused
     (contract while an old version can still take traffic) or failed; 2 malformed set."""
@@ -557,6 +629,40 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "promote":
             p.add_argument("--full", action="store_true")
         p.set_defaults(func=cmd_deployment_action, action=action)
+
+    p = sub.add_parser("release", help="release several services together, in lockstep (docs/releases.md)")
+    rsub = p.add_subparsers(dest="release_command", required=True)
+
+    def release_client(name: str, help_text: str) -> argparse.ArgumentParser:
+        c = rsub.add_parser(name, help=help_text)
+        c.add_argument("--admin", default=os.environ.get("BLUEGREEN_ADMIN", DEFAULT_ADMIN_URL), help="admin API URL")
+        _auth_arguments(c)
+        c.add_argument("--json", action="store_true", help="print the API's JSON")
+        c.add_argument("--timeout", type=float, default=10.0)
+        c.set_defaults(func=cmd_release)
+        return c
+
+    r = release_client("create", "start a release: one deployment per member, shifted, judged and rolled back together")
+    r.add_argument("--member", action="append", help="NAME=VERSION@IP:PORT[,IP:PORT...] (repeat, at least two)")
+    r.add_argument("--file", help="the POST /v1/releases body as JSON ('-': stdin) instead of --member and the options below")
+    r.add_argument("--steps", default="100", help="comma-separated weights ending at 100, e.g. 10,50,100 (default 100: atomic)")
+    r.add_argument("--step-seconds", type=float, default=30.0)
+    r.add_argument("--bake-seconds", type=float, default=60.0)
+    r.add_argument("--manual-promote", action="store_true", help="hold before 100%% until `bluegreen release promote ID`")
+    r.add_argument("--max-error-rate", type=float, help="enable analysis: roll every member back when one is above this 5xx share")
+    r.add_argument("--max-p99-ms", type=float, help="enable analysis: roll every member back when one is above this p99 latency")
+    r.add_argument("--watch", action="store_true", help="print the release's state on every change until it settles")
+    r = release_client("status", "show a release and its members")
+    r.add_argument("id", help="release id, e.g. release-3")
+    r.add_argument("--watch", action="store_true", help="print the release's state on every change until it settles")
+    release_client("list", "list releases, newest first")
+    for action, text in (("promote", "advance every member to its next step (--full: to 100%%)"), ("pause", "pause the release's timers"),
+                         ("resume", "resume a paused release"), ("rollback", "roll every member back, in one change"),
+                         ("abort", "abort the release (rolls every member back if it took traffic)")):
+        r = release_client(action, text)
+        r.add_argument("id", help="release id, e.g. release-3")
+        if action == "promote":
+            r.add_argument("--full", action="store_true")
 
     p = sub.add_parser("migrate", help="expand/contract database migrations: lint, expand, contract")
     msub = p.add_subparsers(dest="migrate_command", required=True)

@@ -419,6 +419,10 @@ class Service:
     # The service's own notification webhooks (as given; checked at the API edge by
     # controlplane.notify.events.parse_webhook), in addition to the config file's.
     notifications: tuple[Webhook, ...] = ()
+    # The release group (docs/releases.md) that holds this service while it moves in lockstep with
+    # others: set and cleared in the same store transactions as its members' deployments, so a
+    # request on the service alone sees it atomically and is refused (409) while it is set.
+    release_group: str | None = None
 
     def environment(self, env: Environment) -> EnvironmentState:
         return self.blue if env is Environment.BLUE else self.green
@@ -806,6 +810,7 @@ def service_to_dict(service: Service) -> dict[str, Any]:
         **({"affinity": affinity_to_dict(service.affinity)} if service.affinity is not None else {}),
         **({"release": release_to_dict(service.release)} if service.release is not None else {}),
         "notifications": [h.to_dict() for h in service.notifications],
+        **({"release_group": service.release_group} if service.release_group is not None else {}),
     }
 
 
@@ -833,6 +838,7 @@ def service_from_dict(data: Mapping[str, Any]) -> Service:
         affinity=Affinity(data["affinity"]["cookie"], data["affinity"]["ttl_seconds"]) if data.get("affinity") else None,
         release=release_from_dict(data.get("release")),
         notifications=tuple(Webhook.from_dict(h) for h in data.get("notifications", ())),
+        release_group=data.get("release_group"),
     )
 
 
@@ -900,4 +906,67 @@ def deployment_from_dict(data: Mapping[str, Any]) -> Deployment:
         scaling_step=data.get("scaling_step"),
         history=tuple(Event(e["at"], e["status"], e["actor"], e["reason"]) for e in data.get("history", ())),
         intervals=tuple(data.get("intervals", ())),  # absent from records of older releases
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Release groups (docs/releases.md)
+
+
+class ReleaseGroupStatus(enum.Enum):
+    IN_PROGRESS = "in_progress"  # members are being verified, shifted or baked in lockstep
+    COMPLETE = "complete"  # every member is active and baked; the services are free again
+    FAILED = "failed"  # stopped before any production traffic (smoke tests failed, aborted)
+    ROLLED_BACK = "rolled_back"  # every member went back to the version it replaced
+
+    @property
+    def terminal(self) -> bool:
+        return self is not ReleaseGroupStatus.IN_PROGRESS
+
+
+@dataclass(frozen=True)
+class ReleaseGroup:
+    """Several services released together: one deployment per member, moved in lockstep.
+
+    ``members`` maps each service to its deployment id; ``spec`` is the request as validated (the
+    per-member deployment specs are derived from it). The members' own records carry the state
+    of each; this record carries the group's status and its history."""
+
+    id: str
+    status: ReleaseGroupStatus
+    members: tuple[tuple[str, str], ...]  # (service, deployment id), sorted by service
+    spec: Mapping[str, Any]
+    created_at: float
+    updated_at: float
+    reason: str | None = None
+    history: tuple[Event, ...] = ()
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.members)
+
+
+def release_group_to_dict(group: ReleaseGroup) -> dict[str, Any]:
+    return {
+        "id": group.id,
+        "status": group.status.value,
+        "members": {name: deployment for name, deployment in group.members},
+        "spec": dict(group.spec),
+        "created_at": group.created_at,
+        "updated_at": group.updated_at,
+        "reason": group.reason,
+        "history": [{"at": e.at, "status": e.status, "actor": e.actor, "reason": e.reason} for e in group.history],
+    }
+
+
+def release_group_from_dict(data: Mapping[str, Any]) -> ReleaseGroup:
+    return ReleaseGroup(
+        id=data["id"],
+        status=ReleaseGroupStatus(data["status"]),
+        members=tuple(sorted(data["members"].items())),
+        spec=data["spec"],
+        created_at=data["created_at"],
+        updated_at=data["updated_at"],
+        reason=data.get("reason"),
+        history=tuple(Event(e["at"], e["status"], e["actor"], e["reason"]) for e in data.get("history", ())),
     )

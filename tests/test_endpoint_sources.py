@@ -252,6 +252,14 @@ async def test_a_deployment_takes_its_endpoints_from_the_file_and_api_writes_are
         assert status == 409 and "endpoint source 'cm-file'" in body["error"]
         status, body = await call("POST", "/v1/services/shop/deployments", {"version": "v2", "endpoints": ["127.0.0.1:9999"]})
         assert status == 409 and "leave endpoints out" in body["error"]
+        # So is a release naming endpoints for the owned member, and it stores nothing.
+        assert (await call("PUT", "/v1/services/cart", {"domains": ["cart.example"]}))[0] == 200
+        assert (await call("PUT", "/v1/services/cart/environments/blue", {"version": "v1", "endpoints": ["127.0.0.1:9002"]}))[0] == 200
+        status, body = await call("POST", "/v1/releases", {"services": {
+            "shop": {"version": "v2", "endpoints": ["127.0.0.1:9999"]},
+            "cart": {"version": "v2", "endpoints": ["127.0.0.1:9003"]}}})
+        assert status == 409 and "leave endpoints out" in body["error"], body
+        assert (await call("GET", "/v1/releases"))[1]["releases"] == []
         # The deployment takes the file's endpoints.
         status, body = await call("POST", "/v1/services/shop/deployments", {"version": "v2", "strategy": {"steps": [100]}})
         assert status == 202, body

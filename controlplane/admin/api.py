@@ -21,8 +21,9 @@ from .. import typeurls
 from ..app import ControlPlane, service_version
 from ..errors import ConflictError, MigrationError, NotFoundError, StoreError, ValidationError
 from ..migrations.apply import redact
-from ..model import Deployment, Environment, Service, affinity_to_dict, deployment_to_dict
+from ..model import Deployment, Environment, ReleaseGroup, Service, affinity_to_dict, deployment_to_dict
 from ..store.repository import Committed
+from ..deploy import releases
 from ..deploy.spec import parse_deployment_spec, parse_migrations
 from .auth import Authenticator, actor_of, content_type_middleware, security_middleware
 from .openapi import OPENAPI
@@ -179,6 +180,7 @@ async def _service_view(cp: ControlPlane, service: Service) -> dict[str, Any]:
         "drain_seconds": service.drain_seconds,
         "standby_seconds": service.standby_seconds,
         "require_all_proxies": service.require_all_proxies,
+        "release_group": service.release_group,
         "affinity": affinity_to_dict(service.affinity),
         "notifications": {"webhooks": [h.to_dict() for h in service.notifications]},
         "environments": envs,
@@ -425,6 +427,116 @@ def _deployment_action(action: str) -> Handler:
     return handler
 
 
+# ---------------------------------------------------------------------------------------------
+# Release groups (docs/releases.md)
+
+
+async def _release_view(cp: ControlPlane, group: ReleaseGroup) -> dict[str, Any]:
+    """The group, and per member its deployment's state, weights and last analysis."""
+    members = []
+    mine: dict[str, Deployment] = {}
+    for name, deployment_id in group.members:
+        d = await cp.repo.deployment(deployment_id)
+        mine[name] = d
+        service = await cp.repo.service(name)
+        members.append({
+            "service": name,
+            "deployment": d.id,
+            "version": d.version,
+            "environment": d.environment.value,
+            "status": d.status.value,
+            "step": d.step,
+            "baking": d.baking,
+            "paused": d.paused_remaining is not None,
+            "awaiting_promote": d.awaiting_promote,
+            "deadline": _iso(d.deadline),
+            "weights": service.traffic.weights,
+            "analysis": d.analysis,
+            "reason": d.reason,
+        })
+    return {
+        "id": group.id,
+        "status": group.status.value,
+        "phase": releases.phase_of(group, mine),
+        "services": list(group.services),
+        "members": members,
+        "spec": dict(group.spec),
+        "created_at": _iso(group.created_at),
+        "updated_at": _iso(group.updated_at),
+        "reason": group.reason,
+        "history": [{"at": _iso(e.at), "status": e.status, "actor": e.actor, "reason": e.reason} for e in group.history],
+    }
+
+
+async def create_release(request: web.Request) -> web.Response:
+    cp = request.app[CONTROL_PLANE]
+    body = await _sourced_members(cp, await _json_body(request))
+    release = releases.parse_release_request(body)
+    for spec in release.members.values():
+        check_deployment(spec, cp.settings.allow)  # 400 before anything runs or is stored
+    try:
+        committed = await cp.rollouts.release(release, actor=actor_of(request))
+    except NotFoundError as exc:
+        raise ValidationError(f"services: {exc}") from None  # a name in the body, not the URL: bad input
+    cp.publisher.accepted(committed.revision, time.monotonic())
+    return web.json_response({"id": committed.group.id, "release": await _release_view(cp, committed.group)}, status=202)
+
+
+async def _sourced_members(cp: ControlPlane, body: object) -> object:
+    """A member whose idle environment is owned by an endpoint source takes its endpoints from
+    it, as a deployment does (409 if the body gives some)."""
+    if not isinstance(body, dict) or not isinstance(body.get("services"), dict):
+        return body  # parse_release_request names the problem
+    members = {}
+    for name, member in body["services"].items():
+        try:
+            service = await cp.repo.service(name)
+        except NotFoundError:
+            members[name] = member  # named as an unknown service when the release is created
+            continue
+        members[name] = cp.sources.deployment_body(name, service.traffic.idle, member)
+    return {**body, "services": members}
+
+
+async def list_releases(request: web.Request) -> web.Response:
+    cp = request.app[CONTROL_PLANE]
+    groups = await cp.repo.release_groups()
+    return web.json_response({"releases": [await _release_view(cp, g) for g in reversed(groups)]})
+
+
+async def get_release(request: web.Request) -> web.Response:
+    cp = request.app[CONTROL_PLANE]
+    return web.json_response(await _release_view(cp, await cp.repo.release_group(request.match_info["id"])))
+
+
+def _release_action(action: str) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        cp = request.app[CONTROL_PLANE]
+        body = await _json_body(request, optional=True)
+        if body != {}:
+            raise ValidationError(f"{action} takes no body")
+        full = request.query.get("full", "false")
+        if full not in ("true", "false"):
+            raise ValidationError(f"full must be true or false, got {full!r}")
+        if full == "true" and action != "promote":
+            raise ValidationError("full=true is only for promote (skip the remaining steps)")
+        raw_step = request.query.get("step")
+        to_step = None
+        if raw_step is not None:
+            if action != "promote" or not raw_step.isascii() or not raw_step.isdigit():
+                raise ValidationError(f"step must be a step index (0, 1, ...) and is only for promote, got {raw_step!r}")
+            to_step = int(raw_step)
+        committed = await cp.rollouts.release_command(request.match_info["id"], action, full=full == "true",
+                                                      to_step=to_step, actor=actor_of(request))
+        cp.publisher.accepted(committed.revision, time.monotonic())
+        if not await _published_in_time(cp, committed.revision):
+            return _not_pushed(cp, committed.revision)
+        return web.json_response(await _release_view(cp, await cp.repo.release_group(request.match_info["id"])))
+
+    handler.__name__ = f"release_{action}"
+    return handler
+
+
 def _proxy_view(cp: ControlPlane, stream: Any) -> dict[str, Any]:
     types = {}
     for type_url, state in sorted(stream.types.items(), key=lambda kv: typeurls.PUSH_ORDER.index(kv[0]) if kv[0] in typeurls.PUSH_ORDER else 99):
@@ -505,6 +617,11 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/v1/services/{name}/migrations/contract", contract),
     *[("POST", f"/v1/deployments/{{id}}/{action}", _deployment_action(action))
       for action in ("promote", "pause", "resume", "rollback", "abort", "decommission")],
+    ("GET", "/v1/releases", list_releases),
+    ("POST", "/v1/releases", create_release),
+    ("GET", "/v1/releases/{id}", get_release),
+    *[("POST", f"/v1/releases/{{id}}/{action}", _release_action(action))
+      for action in ("promote", "pause", "resume", "rollback", "abort")],
     ("GET", "/v1/proxies", list_proxies),
     ("GET", "/v1/cluster", get_cluster),
     ("GET", "/v1/endpoint-sources", list_endpoint_sources),

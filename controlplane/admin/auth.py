@@ -54,6 +54,8 @@ ROUTE_ROLES: dict[tuple[str, str], Role | None] = {
     ("GET", "/v1/services/{name}"): Role.VIEWER,
     ("GET", "/v1/services/{name}/deployments"): Role.VIEWER,
     ("GET", "/v1/deployments/{id}"): Role.VIEWER,
+    ("GET", "/v1/releases"): Role.VIEWER,
+    ("GET", "/v1/releases/{id}"): Role.VIEWER,
     ("GET", "/v1/proxies"): Role.VIEWER,
     ("GET", "/v1/cluster"): Role.VIEWER,
     ("GET", "/v1/endpoint-sources"): Role.VIEWER,
@@ -61,6 +63,8 @@ ROUTE_ROLES: dict[tuple[str, str], Role | None] = {
     ("POST", "/v1/services/{name}/switch"): Role.OPERATOR,
     ("POST", "/v1/services/{name}/rollback"): Role.OPERATOR,
     ("POST", "/v1/services/{name}/deployments"): Role.OPERATOR,
+    ("POST", "/v1/releases"): Role.OPERATOR,
+    **{("POST", f"/v1/releases/{{id}}/{action}"): Role.OPERATOR for action in ("promote", "pause", "resume", "rollback", "abort")},
     **{("POST", f"/v1/deployments/{{id}}/{action}"): Role.OPERATOR
        for action in ("promote", "pause", "resume", "rollback", "abort", "decommission")},
     ("PUT", "/v1/services/{name}"): Role.ADMIN,

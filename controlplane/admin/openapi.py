@@ -194,6 +194,8 @@ OPENAPI: dict[str, Any] = {
                     "drain_seconds": {"type": "integer"},
                     "standby_seconds": {"type": "integer"},
                     "require_all_proxies": {"type": "boolean"},
+                    "release_group": {"type": ["string", "null"], "description": "The release (docs/releases.md) holding this service; "
+                                      "while set, deploying or steering it alone answers 409."},
                     "affinity": {"oneOf": [{"$ref": "#/components/schemas/Affinity"}, {"type": "null"}]},
                     "notifications": {
                         "type": "object", "additionalProperties": False,
@@ -721,5 +723,89 @@ def _secure(document: dict[str, Any]) -> None:
             if method in ("post", "put"):
                 responses.setdefault("415", _json(_ERROR, "A body (or a Content-Type) other than application/json."))
 
+
+_RELEASE = {"$ref": "#/components/schemas/Release"}
+_RELEASE_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^release-[0-9]+$"},
+               "description": "Release id, 'release-<n>'."}
+_RELEASE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "A release group (docs/releases.md): one deployment per member service, moved in lockstep.",
+    "required": ["id", "status", "phase", "services", "members", "spec", "created_at", "updated_at", "history"],
+    "properties": {
+        "id": {"type": "string"},
+        "status": {"type": "string", "enum": ["in_progress", "complete", "failed", "rolled_back"]},
+        "phase": {"type": "string", "description": "deploying, ready, shifting, awaiting_promote, paused, baking while in progress; the status once over."},
+        "services": {"type": "array", "items": {"type": "string"}},
+        "members": {"type": "array", "items": {
+            "type": "object",
+            "required": ["service", "deployment", "version", "environment", "status", "step", "weights"],
+            "properties": {
+                "service": {"type": "string"}, "deployment": {"type": "string"}, "version": {"type": "string"},
+                "environment": {"type": "string", "enum": ["blue", "green"]}, "status": {"type": "string"},
+                "step": {"type": "integer"}, "baking": {"type": "boolean"}, "paused": {"type": "boolean"},
+                "awaiting_promote": {"type": "boolean"}, "deadline": {"type": ["string", "null"]},
+                "weights": {"type": "object", "properties": {"blue": {"type": "integer"}, "green": {"type": "integer"}}},
+                "analysis": {"type": ["object", "null"]}, "reason": {"type": ["string", "null"]},
+            },
+        }},
+        "spec": {"type": "object"},
+        "created_at": {"type": "string"},
+        "updated_at": {"type": "string"},
+        "reason": {"type": ["string", "null"]},
+        "history": {"type": "array", "items": {"type": "object", "required": ["at", "status", "actor", "reason"]}},
+    },
+}
+_RELEASE_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "required": ["services"],
+    "properties": {
+        "services": {"type": "object", "minProperties": 2, "description": "service name -> {version, endpoints} of its new version",
+                     "additionalProperties": {"type": "object", "required": ["version", "endpoints"],
+                                              "properties": {"version": {"type": "string"}, "endpoints": {"type": "array"}}}},
+        "strategy": {"type": "object"}, "smoke": {"type": "object", "description": "As a deployment's; a check or webhook may name "
+                                                                                     "the member it tests with 'service' (none: every member)."},
+        "analysis": {"type": "object"}, "decommission": {"type": "object"}, "convergence": {"type": "object"},
+        "affinity": {"type": "object"},
+    },
+}
+OPENAPI["components"]["schemas"]["Release"] = _RELEASE_SCHEMA
+_RELEASE_ACTIONS = {
+    "promote": "Every member to its next step (full=true: to 100 %; step=N: to that step), in one transaction.",
+    "pause": "Stop the step or bake timer of every member; idempotent.",
+    "resume": "Restart every member's timer with the time that was left; idempotent.",
+    "rollback": "Every member 100 % back to the version it replaced, in one transaction (members still verifying fail).",
+    "abort": "Before production traffic: every member failed. After: roll every member back.",
+}
+OPENAPI["paths"].update({
+    "/v1/releases": {
+        "get": {
+            "summary": "Release groups, newest first.",
+            "responses": {"200": _json({"type": "object", "required": ["releases"], "properties": {
+                "releases": {"type": "array", "items": _RELEASE}}}, "Releases."), **_ERRORS},
+        },
+        "post": {
+            "summary": "Release several services together: one deployment per member, smoke-tested, then shifted, judged and "
+                       "rolled back in lockstep (every step is one store transaction, so one route-table version). "
+                       "409 (naming it) if a member is deploying, held by another release or split by hand.",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _RELEASE_REQUEST}}},
+            "responses": {"202": _json({"type": "object", "required": ["id", "release"], "properties": {
+                "id": {"type": "string"}, "release": _RELEASE}}, "Accepted; the members are being verified."), **_ERRORS},
+        },
+    },
+    "/v1/releases/{id}": {
+        "get": {
+            "summary": "One release group: status, per-member state, weights and analysis, and its history.",
+            "parameters": [_RELEASE_ID],
+            "responses": {"200": _json(_RELEASE, "The release."), **_ERRORS},
+        }
+    },
+    **{f"/v1/releases/{{id}}/{action}": {"post": {
+        "summary": summary,
+        "parameters": [_RELEASE_ID] + ([
+            {"name": "full", "in": "query", "required": False, "schema": {"type": "string", "enum": ["true", "false"]}},
+            {"name": "step", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}}] if action == "promote" else []),
+        "responses": {"200": _json(_RELEASE, "The release after the command."), **_ERRORS},
+    }} for action, summary in _RELEASE_ACTIONS.items()},
+})
 
 _secure(OPENAPI)

@@ -21,18 +21,18 @@ from typing import Any, Callable, Mapping, Protocol, TypeVar
 
 import aiohttp
 
-from . import transitions
+from . import releases, transitions
 from .promql import breach_of, evaluate as evaluate_prometheus
 from .spec import Analysis, DeploymentSpec, Migrations, Scale, parse_deployment_spec, parse_migrations
 from ..errors import ConflictError, ContractBlocked, MigrationError, NotFoundError, NotLeader
 from ..migrations.files import MigrationSet, Phase
 from ..migrations.gate import contract_blockers, refusal
 from ..metrics import Metrics
-from ..model import Change, Deployment, DeploymentStatus as S, Environment, Fleet, Service
+from ..model import Change, Deployment, DeploymentStatus as S, Environment, Fleet, ReleaseGroup, ReleaseGroupStatus, Service
 from ..resources import cluster_name
 from .operations import with_actor
 from .smoke import call_webhook, preview_target, run_command, run_smoke
-from ..store.repository import Committed, Repository
+from ..store.repository import Committed, GroupCommitted, Repository
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ CONVERGE_BEFORE_SMOKE_SECONDS = 30.0
 DECOMMISSION_RECHECK_SECONDS = 1.0
 # While a deployment waits for capacity (the scaling phase), look at its endpoints this often.
 SCALING_RECHECK_SECONDS = 1.0
+RELEASE_LOOP = "release:"  # task keys of release groups' loops (service names cannot contain ':')
 
 
 class Telemetry(Protocol):
@@ -163,6 +164,9 @@ class Rollouts:
             records = await self.repo.deployments(service.name)
             if any(r.deadline is not None or r.in_progress or r.hooks_pending for r in records):
                 self.poke(service.name)
+        for group in await self.repo.release_groups():
+            if group.status is ReleaseGroupStatus.IN_PROGRESS:
+                self.poke_release(group.id)
 
     async def deactivate(self) -> None:
         """Stop every loop (deposed): the new leader resumes them from the store."""
@@ -189,7 +193,17 @@ class Rollouts:
         self._events.setdefault(service, asyncio.Event()).set()
         task = self._tasks.get(service)
         if task is None or task.done():
-            self._tasks[service] = asyncio.create_task(self._loop(service), name=f"rollout-{service}")
+            self._tasks[service] = asyncio.create_task(self._loop(service, self._step), name=f"rollout-{service}")
+
+    def poke_release(self, release_id: str) -> None:
+        """Look at release group ``release_id`` now (its own loop, beside its members' loops)."""
+        if self._stopping or not self.leading:
+            return
+        key = f"{RELEASE_LOOP}{release_id}"
+        self._events.setdefault(key, asyncio.Event()).set()
+        task = self._tasks.get(key)
+        if task is None or task.done():
+            self._tasks[key] = asyncio.create_task(self._loop(key, lambda _: self._release_step(release_id)), name=f"release-{release_id}")
 
     # -- commands (called by the admin API) -----------------------------------------------------
 
@@ -206,7 +220,11 @@ class Rollouts:
                                 f"deploy once they have converged, or decommission {idle.value} with force=true first")
         if spec.migrations is not None:
             await asyncio.to_thread(check_migrations, spec.migrations)  # bad set or lint errors: 400, nothing stored
-        committed = await self.repo.mutate(name, lambda s, c, now: transitions.start(_require(s), c, spec, now, actor))
+        def start(service: Service | None, current: Any, now: float) -> Change:
+            releases.refuse_if_held(_require(service), "a deployment of it alone")
+            return transitions.start(_require(service), current, spec, now, actor)
+
+        committed = await self.repo.mutate(name, start)
         self.poke(name)
         return committed
 
@@ -232,9 +250,132 @@ class Rollouts:
                 still_routing=still, force=force),
         }
         transition = actions[action]
-        committed = await self.repo.mutate(name, lambda s, c, now: with_actor(transition(_require(s), c, now), actor, now))
+
+        def steer(service: Service | None, current: Any, now: float) -> Change:
+            held = _require(service)
+            if action != "decommission" and held.release_group is not None:
+                # Decommission stays per member (it moves no member's traffic); the rest would split the release.
+                raise ConflictError(f"deployment {deployment_id} is part of release {held.release_group}: {action} it with "
+                                    f"POST /v1/releases/{held.release_group}/{action} (the members move together)")
+            return with_actor(transition(held, current, now), actor, now)
+
+        committed = await self.repo.mutate(name, steer)
         self.committed(committed)
         return committed
+
+    # -- release groups (docs/releases.md) --------------------------------------------------------
+
+    async def release(self, request: releases.ReleaseRequest, *, actor: str = transitions.API) -> GroupCommitted:
+        """Start a release group: one deployment per member, all in one transaction."""
+        names = tuple(request.members)
+        for name in names:
+            idle = (await self.repo.service(name)).traffic.idle  # NotFoundError names an unknown service
+            still = self._still_routing(name, idle)
+            if still:
+                raise ConflictError(f"{name}: proxies still routing production traffic to {idle.value}: {', '.join(still)}; "
+                                    f"release once they have converged, or decommission {idle.value} with force=true first")
+        committed = await self.repo.mutate_group(
+            names, lambda members, _, group_id, now: releases.create(members, group_id, request, now, actor))
+        self._group_committed(committed)
+        return committed
+
+    async def release_command(self, release_id: str, action: str, *, full: bool = False, to_step: int | None = None,
+                              actor: str = transitions.API) -> GroupCommitted:
+        group = await self.repo.release_group(release_id)
+
+        def steer(members: Any, stored: ReleaseGroup | None, _: str, now: float) -> Any:
+            assert stored is not None
+            changes, updated = releases.command_all(stored, members, action, now, full=full, to_step=to_step)
+            return {n: with_actor(c, actor, now) for n, c in changes.items()}, _credited(updated, actor, now)
+
+        committed = await self.repo.mutate_group(group.services, steer, release_id=release_id)
+        self._group_committed(committed)
+        return committed
+
+    def _group_committed(self, committed: GroupCommitted) -> None:
+        for per_service in committed.per_service():
+            self.committed(per_service)
+        self.poke_release(committed.group.id)
+
+    async def _group_mutate(self, group: ReleaseGroup, mutation: Callable[[ReleaseGroup, Any, float], Any]) -> GroupCommitted:
+        committed = await self.repo.mutate_group(
+            group.services, lambda members, stored, _, now: mutation(_present(stored), members, now),
+            release_id=group.id, fence=self._fence())
+        for per_service in committed.per_service():
+            self._count(per_service)
+            for record in per_service.change.deployments:
+                if _just_activated(record):
+                    self._observe_cutover(record, committed.revision)
+            self.poke(per_service.change.service.name)  # drain, standby, decommission per member
+        return committed
+
+    async def _release_step(self, release_id: str) -> tuple[bool, float | None]:
+        """Do the next due thing for a release group: the members' smoke tests, then each step,
+        judged and timed for all members together. Returns (did something, when to look again)."""
+        group = await self.repo.release_group(release_id)
+        key = f"{RELEASE_LOOP}{release_id}"
+        if group.status is not ReleaseGroupStatus.IN_PROGRESS:
+            self._windows.pop(key, None)
+            return False, None
+        members = {name: (await self.repo.service(name), await self.repo.current_deployments(name)) for name in group.services}
+        mine = releases.records(group, members)
+        now = self.clock()
+        stopped = [d for d in mine.values() if d.status in (S.FAILED, S.ROLLED_BACK)]
+        if stopped:
+            first = stopped[0]
+            reason = f"{first.service} {first.status.value}: {first.history[-1].reason if first.history else first.reason}"
+            if first.status is S.ROLLED_BACK:
+                await self._group_mutate(group, lambda g, m, t: releases.rollback_all(g, m, t, transitions.AUTOMATIC, reason))
+            else:
+                await self._group_mutate(group, lambda g, m, t: releases.fail_unshifted(g, m, t, reason))
+            return True, None
+        deploying = [d for d in mine.values() if d.status is S.DEPLOYING]
+        if deploying:
+            await asyncio.gather(*(self._smoke(members[d.service][0], d) for d in deploying))
+            return True, None
+        if all(d.status is S.READY for d in mine.values()):
+            await self._group_mutate(group, lambda g, m, t: releases.proceed_all(g, m, t))
+            return True, None
+        if all(d.status is S.ACTIVE and not d.baking for d in mine.values()):
+            await self._group_mutate(group, lambda g, m, t: releases.settle(g, m, {}, t, transitions.AUTOMATIC, "release complete"))
+            return True, None
+        analysis = self._spec(next(iter(mine.values()))).analysis
+        paused = any(d.paused_remaining is not None for d in mine.values())
+        phase = tuple(_phase(d) for d in mine.values())
+        if analysis is not None and not paused and self.telemetry is not None:
+            window = self._windows.get(key)
+            if window is None or window[0] != phase:
+                self._windows[key] = (phase, self.telemetry.snapshot(), self.clock())  # type: ignore[assignment]
+            elif now >= window[2] + analysis.interval_seconds:
+                self._windows[key] = (phase, self.telemetry.snapshot(), self.clock())  # type: ignore[assignment]
+                verdicts = {name: self._verdict(members[name][0], d, analysis, window[1]) for name, d in mine.items()}
+                await self._group_mutate(group, lambda g, m, t: releases.judged_all(g, m, verdicts, analysis, t))
+                return True, None
+        if any(transitions.timer_due(d, analysis, now) for d in mine.values()):
+            await self._group_mutate(group, lambda g, m, t: releases.timers_due(g, m, analysis, t))
+            return True, None
+        wakes = [d.deadline for d in mine.values() if d.deadline is not None and d.paused_remaining is None and
+                 (d.deadline > now or transitions.timer_due(d, analysis, now))]
+        window = self._windows.get(key)
+        if analysis is not None and window is not None and window[0] == phase and not paused:
+            wakes.append(window[2] + analysis.interval_seconds)
+        return False, min(wakes) if wakes else now + 3600.0  # paused or awaiting promote: a command pokes us
+
+    def _verdict(self, service: Service, d: Deployment, analysis: Analysis, snapshot: object) -> releases.Verdict:
+        """One member's interval since ``snapshot``, judged as a deployment's would be (the
+        Prometheus source is not offered to releases yet: spec validation keeps it per deployment)."""
+        assert self.telemetry is not None
+        stats = self.telemetry.since(snapshot, cluster_name(service.name, d.environment))
+        figures = dict(stats.as_dict() if hasattr(stats, "as_dict") else stats)
+        figures["interval_seconds"] = analysis.interval_seconds
+        for key, gauge in (("error_rate", self.metrics.analysis_error_rate), ("p99_ms", self.metrics.analysis_p99_ms)):
+            if figures.get(key) is not None:
+                gauge.labels(service.name, d.environment.value).set(figures[key])
+        verdict, reason = judge(analysis, figures)
+        figures["verdict"] = verdict
+        if reason:
+            figures["reason"] = reason
+        return releases.Verdict(verdict, figures, reason)
 
     def committed(self, committed: Committed) -> None:
         """Bookkeeping after any change to a service's deployments, whoever made it (a command,
@@ -247,12 +388,12 @@ class Rollouts:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    async def _loop(self, name: str) -> None:
+    async def _loop(self, name: str, step: Callable[[str], Any]) -> None:
         event = self._events.setdefault(name, asyncio.Event())
         while not self._stopping:
             event.clear()
             try:
-                acted, wake_at = await self._step(name)
+                acted, wake_at = await step(name)
             except asyncio.CancelledError:
                 raise
             except NotFoundError:
@@ -293,6 +434,11 @@ class Rollouts:
                 return True, None
 
         d = transitions.in_progress(current)
+        if d is not None and service.release_group is not None:
+            # A release group drives its members in lockstep (_release_step); this loop keeps
+            # only the per-member work: drain, standby and decommission of the old environment.
+            self.poke_release(service.release_group)
+            d = None
         if d is not None:
             if d.status is S.DEPLOYING:
                 migrations = self._spec(d).migrations
@@ -642,6 +788,21 @@ class Rollouts:
         if scaled is not None:
             reason = f"{reason}; {scaled}"
         await self.repo.update_record(record.service, record.id, lambda r, now: _hooks_done(r, now, reason), fence=self._fence())
+
+
+def _present(group: ReleaseGroup | None) -> ReleaseGroup:
+    assert group is not None, "an existing release group was asked for"
+    return group
+
+
+def _credited(group: ReleaseGroup, actor: str, now: float) -> ReleaseGroup:
+    """As :func:`with_actor`, for the group's own history."""
+    if actor == transitions.API:
+        return group
+    from dataclasses import replace
+
+    return replace(group, history=tuple(replace(e, actor=actor) if e.actor == transitions.API and e.at == now else e
+                                        for e in group.history))
 
 
 def _hooks_done(record: Deployment, now: float, reason: str) -> Deployment:

@@ -12,6 +12,7 @@ from typing import Callable, Mapping
 
 from ..errors import ConflictError
 from . import transitions
+from .releases import refuse_if_held
 from ..model import (
     Change,
     Deployment,
@@ -113,6 +114,9 @@ class Operations:
             assert service is not None
             deploying = _scales_deployment(service, current, env, state)
             if deploying is None:
+                # More endpoints of the new version stay allowed in a release (they move no
+                # traffic); anything else on a held member is refused naming the release.
+                refuse_if_held(service, f"changing {env.value}'s endpoints")
                 _not_during_deployment(service, current)
             change = set_environment(service, env, state, current, now)
             if deploying is not None and deploying.phase == transitions.SCALING and transitions.capacity_shortfall(
@@ -128,6 +132,7 @@ class Operations:
 
         def mutation(service: Service | None, current: Current, now: float) -> Change:
             assert service is not None
+            refuse_if_held(service, "a manual traffic change")
             _not_during_deployment(service, current)
             return set_weights(service, weights, current, now)
 
@@ -138,6 +143,7 @@ class Operations:
 
         def mutation(service: Service | None, current: Current, now: float) -> Change:
             assert service is not None
+            refuse_if_held(service, "a switch")
             _not_during_deployment(service, current)
             target = switch_target(service, target_env)
             return set_weights(service, full_weights(target), current, now)
@@ -147,6 +153,7 @@ class Operations:
     async def rollback(self, name: str, *, actor: str = transitions.API) -> Committed:
         def mutation(service: Service | None, current: Current, now: float) -> Change:
             assert service is not None
+            refuse_if_held(service, "rolling back one member")
             # A deployment made by the workflow is rolled back by the workflow, so its records
             # and the replaced environment's go where the history expects them.
             live = current.get(service.traffic.active if service.traffic.weight(service.traffic.active) == 100 else service.traffic.idle)

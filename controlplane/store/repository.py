@@ -5,6 +5,7 @@ Keys (shared by every backend)::
 
     services/<name>                      a service (settings, environments, traffic)
     deployments/<service>/<seq:010d>     one deployment record
+    releases/<seq:010d>                  one release group (docs/releases.md)
 
 :meth:`Repository.mutate` reads a service and its current deployment records, applies a pure
 function to them and commits the result on condition that none of them changed meanwhile
@@ -26,8 +27,11 @@ from ..model import (
     Deployment,
     DeploymentStatus,
     Environment,
+    ReleaseGroup,
     Service,
     deployment_from_dict,
+    release_group_from_dict,
+    release_group_to_dict,
     deployment_to_dict,
     service_from_dict,
     service_to_dict,
@@ -36,6 +40,8 @@ from .base import KVStore, Txn
 
 SERVICES = "services/"
 DEPLOYMENTS = "deployments/"
+RELEASES = "releases/"
+RELEASE_ID_PREFIX = "release-"
 MAX_ATTEMPTS = 20
 # After a lost compare-and-set race, wait a random time up to this (doubling per attempt, capped)
 # before re-reading: writers on several replicas that retry at once would otherwise keep
@@ -49,6 +55,9 @@ async def _back_off(attempt: int) -> None:
 
 Mutation = Callable[[Service | None, Mapping[Environment, Deployment | None], float], Change]
 Fence = tuple[str, int]  # (key, mod_revision) a fenced write requires; see controlplane.cluster
+Members = Mapping[str, tuple[Service, Mapping[Environment, Deployment | None]]]
+# (members as stored, the group or None when creating one with this id, now) -> (changes, group)
+GroupMutation = Callable[[Members, "ReleaseGroup | None", str, float], tuple[Mapping[str, Change], ReleaseGroup]]
 
 
 def service_key(name: str) -> str:
@@ -57,6 +66,18 @@ def service_key(name: str) -> str:
 
 def deployment_key(service: str, seq: int) -> str:
     return f"{DEPLOYMENTS}{service}/{seq:010d}"
+
+
+def release_key(seq: int) -> str:
+    return f"{RELEASES}{seq:010d}"
+
+
+def release_seq(release_id: str) -> int:
+    """The number in ``release-<n>``; NotFoundError for anything else."""
+    number = release_id[len(RELEASE_ID_PREFIX):] if release_id.startswith(RELEASE_ID_PREFIX) else ""
+    if not number.isascii() or not number.isdigit():
+        raise NotFoundError(f"unknown release {release_id!r}: ids look like 'release-<number>'")
+    return int(number)
 
 
 def _seq(deployment_id: str) -> int:
@@ -69,6 +90,19 @@ class State:
 
     revision: int
     services: tuple[Service, ...]
+
+
+@dataclass(frozen=True)
+class GroupCommitted:
+    """One transaction that changed several services and their release group."""
+
+    revision: int
+    changes: Mapping[str, Change]
+    group: ReleaseGroup
+    accepted_at: float
+
+    def per_service(self) -> tuple["Committed", ...]:
+        return tuple(Committed(self.revision, change, self.accepted_at) for change in self.changes.values())
 
 
 @dataclass(frozen=True)
@@ -189,3 +223,81 @@ class Repository:
         if entry is None:
             raise NotFoundError(f"unknown deployment {deployment_id!r}")
         return deployment_from_dict(entry.value)
+
+    # -- release groups (docs/releases.md) -------------------------------------------------------
+
+    async def release_groups(self) -> list[ReleaseGroup]:
+        listing = await self.kv.list(RELEASES)
+        return [release_group_from_dict(e.value) for e in listing.entries]
+
+    async def release_group(self, release_id: str) -> ReleaseGroup:
+        entry = await self.kv.get(release_key(release_seq(release_id)))
+        if entry is None:
+            raise NotFoundError(f"unknown release {release_id!r}")
+        return release_group_from_dict(entry.value)
+
+    async def mutate_group(self, names: tuple[str, ...], mutation: GroupMutation, *, release_id: str | None = None,
+                           fence: Fence | None = None) -> GroupCommitted:
+        """Apply ``mutation`` to the services ``names`` and one release group in ONE transaction:
+        every service, every deployment record it writes and the group record are compared and
+        written together, so the proxies get every member's change in the same snapshot or none.
+
+        ``release_id`` None creates a new group (the mutation gets None and the id to give it).
+        Errors raised by ``mutation`` propagate and nothing is written; NotFoundError names an
+        unknown service. Same retry and fencing rules as :meth:`mutate`."""
+        ordered = tuple(sorted(set(names)))
+        locks = [self._locks.setdefault(name, asyncio.Lock()) for name in ordered]
+        for lock in locks:  # always in name order, so two group writers cannot deadlock
+            await lock.acquire()
+        try:
+            for attempt in range(MAX_ATTEMPTS):
+                txn = Txn()
+                if fence is not None:
+                    txn.expect(*fence)
+                members: dict[str, tuple[Service, dict[Environment, Deployment | None]]] = {}
+                revisions: dict[str, int] = {}
+                for name in ordered:
+                    entry = await self.kv.get(service_key(name))
+                    if entry is None:
+                        raise NotFoundError(f"unknown service {name!r}")
+                    txn.expect(service_key(name), entry.mod_revision)
+                    listing = await self.kv.list(f"{DEPLOYMENTS}{name}/")
+                    revisions.update({e.key: e.mod_revision for e in listing.entries})
+                    current: dict[Environment, Deployment | None] = {env: None for env in Environment}
+                    for e in listing.entries:
+                        record = deployment_from_dict(e.value)
+                        if record.status is not DeploymentStatus.DECOMMISSIONED:
+                            current[record.environment] = record
+                    members[name] = (service_from_dict(entry.value), current)
+                if release_id is None:
+                    listing = await self.kv.list(RELEASES)
+                    seq = max((int(e.key[len(RELEASES):]) for e in listing.entries), default=0) + 1
+                    group_key, group, group_id = release_key(seq), None, f"{RELEASE_ID_PREFIX}{seq}"
+                    txn.expect(group_key, 0)
+                else:
+                    group_key = release_key(release_seq(release_id))
+                    group_entry = await self.kv.get(group_key)
+                    if group_entry is None:
+                        raise NotFoundError(f"unknown release {release_id!r}")
+                    group, group_id = release_group_from_dict(group_entry.value), release_id
+                    txn.expect(group_key, group_entry.mod_revision)
+                changes, updated = mutation(members, group, group_id, self._clock())
+                for name, change in changes.items():
+                    if name not in members:
+                        raise ValueError(f"group mutation changed {name!r}, which it did not read")
+                    txn.put(service_key(name), service_to_dict(change.service))
+                    for record in change.deployments:
+                        key = deployment_key(name, _seq(record.id))
+                        txn.expect(key, revisions.get(key, 0)).put(key, deployment_to_dict(record))
+                txn.put(group_key, release_group_to_dict(updated))
+                try:
+                    revision = await self.kv.commit(txn)
+                except RevisionConflict:
+                    await self._check_fence(fence)
+                    await _back_off(attempt)
+                    continue
+                return GroupCommitted(revision, changes, updated, self._clock())
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+        raise RevisionConflict(f"release of {', '.join(ordered)}: gave up after {MAX_ATTEMPTS} conflicting concurrent updates")
