@@ -180,7 +180,10 @@ class TypeState:
     unknown: bool = False  # acked or sent may hold entries of unknown content (None)
 
     def wants(self, name: str) -> bool:
-        return self.wildcard or name in self.names
+        """Does the subscription cover ``name`` (by wildcard, by name, or by its namespace)?"""
+        if self.wildcard or name in self.names:
+            return True
+        return self.type_url in typeurls.NAMESPACED_TYPES and typeurls.namespace_of(name) in self.names
 
 
 class StreamState:
@@ -192,7 +195,7 @@ class StreamState:
         self.stream_id = stream_id
         self.node_id = node_id
         self.fleet = fleet
-        self.snapshot = snapshot
+        self.snapshot = self._view(snapshot)
         self.connected_since = now
         self.types: dict[str, TypeState] = {}
         self._nonce = 0
@@ -201,8 +204,13 @@ class StreamState:
 
     def on_snapshot(self, snapshot: Snapshot) -> list[Outgoing]:
         """A new snapshot for the fleet: plan every type in make-before-break order."""
-        self.snapshot = snapshot
+        self.snapshot = self._view(snapshot)
         return self._push_all()
+
+    @staticmethod
+    def _view(snapshot: Snapshot) -> Snapshot:
+        """The variant of a fleet's snapshot this protocol serves."""
+        return snapshot
 
     # -- queries -------------------------------------------------------------------------
 
@@ -247,7 +255,7 @@ class StreamState:
                 if resource is None:
                     continue
                 for type_url, warmed in resource.warms_with:
-                    if warmed in snapshot.of_type(type_url):
+                    if snapshot.covers(type_url, warmed):
                         needed.setdefault(type_url, set()).add(warmed)
         return needed
 
@@ -274,7 +282,12 @@ class StreamState:
                 out.extend(self._push(state, force=False))
         return out
 
-    def _desired(self, state: TypeState) -> dict[str, Resource]:
+    def _desired(self, state: TypeState) -> Mapping[str, Resource]:
+        if state.type_url in typeurls.NAMESPACED_TYPES:
+            named = self.snapshot.select(state.type_url, frozenset(state.names))
+            if state.wildcard:
+                return {**self.snapshot.wildcard_pool(state.type_url), **named}
+            return named
         pool = self.snapshot.of_type(state.type_url)
         named = {name: pool[name] for name in state.names if name in pool}
         if state.wildcard:
@@ -401,6 +414,9 @@ class StreamState:
                 content[name] = resource
             elif name in current:
                 content[name] = old
+        if state.type_url in typeurls.ALL_OR_NOTHING_TYPES and self._holds_back_some(state, desired, content):
+            # One change must wait, so they all do, removals included: the proxy keeps what it has.
+            return {n: r for n, r in current.items() if state.wants(n)}, False
         leaving = [name for name in current if name not in content and state.wants(name)]
         if leaving:
             required, unknown = self._held_requirements(content.values())
@@ -412,6 +428,16 @@ class StreamState:
             content[n] is not None and content[n].version == r.version for n, r in desired.items()  # type: ignore[union-attr]
         )
         return content, complete
+
+    @staticmethod
+    def _holds_back_some(state: TypeState, desired: Mapping[str, Resource], content: Mapping[str, Resource | None]) -> bool:
+        """Does the plan hold back a change for its requirements (not for a rejection, which is
+        final: waiting for it would hold the others back for good)?"""
+        for name, resource in desired.items():
+            planned = content.get(name)
+            if (planned is None or planned.version != resource.version) and (name, resource.version) not in state.rejected:
+                return True
+        return False
 
     def _ack(self, state: TypeState) -> None:
         """The proxy applied the response in flight: what was sent is what it holds."""
@@ -636,6 +662,10 @@ class DeltaStream(StreamState):
 
     protocol = Protocol.DELTA
 
+    @staticmethod
+    def _view(snapshot: Snapshot) -> Snapshot:
+        return snapshot.for_delta()
+
     def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest, now: float) -> list[Outgoing]:
         """Handle one request; the responses to write, in order. ProtocolError on a bad one."""
         type_url = request.type_url
@@ -660,8 +690,10 @@ class DeltaStream(StreamState):
         subscribe = list(request.resource_names_subscribe)
         if first:
             state.subscribed = True
-            # Legacy wildcard: a first request naming nothing subscribes to everything.
-            if not subscribe and state.type_url in typeurls.WILDCARD_TYPES:
+            # Legacy wildcard: a first request naming nothing subscribes to everything. Envoy
+            # (1.40) starts its VHDS subscriptions so: it names no namespace, takes every virtual
+            # host sent and files each under its route configuration by name.
+            if not subscribe and (state.type_url in typeurls.WILDCARD_TYPES or state.type_url in typeurls.NAMESPACED_TYPES):
                 state.wildcard = True
             pool = self.snapshot.of_type(state.type_url)
             for name, version in request.initial_resource_versions.items():
@@ -669,13 +701,16 @@ class DeltaStream(StreamState):
                 held = known if known is not None and known.version == version else None
                 state.acked[name] = state.sent[name] = held
                 state.unknown = state.unknown or held is None
+        namespaced = state.type_url in typeurls.NAMESPACED_TYPES
         for name in subscribe:
             if name == "*":
                 state.wildcard = True
                 continue
             state.names.add(name)
-            held = state.sent.get(name)
-            if not (first and held is not None):
+            held = state.sent.get(name) is not None or (
+                # A namespace the proxy reported resources of (reconnecting): what changed goes.
+                namespaced and any(typeurls.namespace_of(n) == name for n in state.sent))
+            if not (first and held):
                 state.force_names.add(name)  # re-subscribed: send even if the proxy had it
         for name in request.resource_names_unsubscribe:
             if name == "*":
@@ -686,6 +721,10 @@ class DeltaStream(StreamState):
                 state.acked.pop(name, None)
                 state.sent.pop(name, None)
                 state.force_names.discard(name)
+            if namespaced:
+                # The proxy dropped the namespace's resources too.
+                state.acked = {n: r for n, r in state.acked.items() if state.wants(n)}
+                state.sent = {n: r for n, r in state.sent.items() if state.wants(n)}
 
     def _after_unexplained_nack(self, state: TypeState, updates: tuple[Resource, ...], removed: list[str]) -> None:
         # A resource the proxy had before is still there, at its old version or the new one:
@@ -724,6 +763,8 @@ class DeltaStream(StreamState):
             state.synced_generation = self.snapshot.generation
             return []
         content, complete = self._plan(state)
+        forced = state.force_names
+        namespaced = state.type_url in typeurls.NAMESPACED_TYPES
         updates: list[Resource] = []
         for name in sorted(content):
             resource = content[name]
@@ -731,7 +772,7 @@ class DeltaStream(StreamState):
                 continue
             held = state.sent.get(name)
             changed = held is None or held.version != resource.version
-            if not (changed or name in state.force_names):
+            if not (changed or name in forced or (namespaced and forced and typeurls.namespace_of(name) in forced)):
                 continue
             if (name, resource.version) in state.rejected:
                 # Never re-send what this proxy rejected: it keeps its last good version, so
@@ -742,7 +783,8 @@ class DeltaStream(StreamState):
         removed = sorted(n for n in state.sent if n not in content)
         # Subscribed names the snapshot does not have are answered as removed, so the proxy
         # need not wait for its initial fetch timeout to learn they do not exist.
-        absent = [n for n in state.force_names if n not in pool and n not in state.sent and state.wants(n)]
+        # (An empty namespace is answered so too: Envoy's VHDS waits for a first response.)
+        absent = [n for n in state.force_names if not self.snapshot.covers(state.type_url, n) and n not in state.sent and state.wants(n)]
         if not updates and not removed and not absent:
             state.force_names.clear()
             if complete:
