@@ -106,7 +106,7 @@ def test_decommission_guard_sees_the_virtual_hosts_a_delta_proxy_holds() -> None
     convergence.stream_opened(stream)
     view = snapshot.for_delta()
     for type_url, subscribe in ((CLUSTER, []), (ENDPOINT, sorted(view.of_type(ENDPOINT))), (LISTENER, []),
-                                (ROUTE, sorted(view.of_type(ROUTE))), (VIRTUAL_HOST, [])):
+                                (ROUTE, ["default-preview-routes", "default-routes"]), (VIRTUAL_HOST, [])):
         for response in ddecode(stream.on_request(delta_req(type_url, subscribe=subscribe), NOW)):
             stream.on_request(delta_req(response.type_url, nonce=response.nonce), NOW)
     assert stream.types[VIRTUAL_HOST].acked
