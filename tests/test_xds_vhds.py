@@ -4,6 +4,7 @@ of a snapshot in one response). Real-Envoy behaviour is in test_route_split_envo
 
 from __future__ import annotations
 
+import pytest
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 
 from controlplane.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE, VIRTUAL_HOST, namespace_of
@@ -181,3 +182,24 @@ def test_select_and_covers_understand_namespaces() -> None:
     assert view.covers(VIRTUAL_HOST, "rt") and not view.covers(VIRTUAL_HOST, "other")
     assert not view.covers(CLUSTER, "rt")
     assert namespace_of("default-routes/*") == "default-routes"
+
+
+def test_a_weight_change_is_planned_from_the_snapshots_shared_diff_not_per_stream_over_every_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With thousands of virtual hosts, planning the whole pool per stream cost ~2 ms per stream
+    per change at 1,000 services; a held-in-sync wildcard subscriber needs only what changed."""
+    hosts = {f"d{i}.example": ("a", "") for i in range(50)}
+    one = vhds_snapshot(1, hosts, clusters=["a"])
+    streams = [vhds_connected(one) for _ in range(3)]
+    two = vhds_snapshot(2, {**hosts, "d7.example": ("a", "x")}, clusters=["a"]).with_generation(2, one)
+
+    def no_full_plan(*args: object) -> None:
+        raise AssertionError("planned the whole pool")
+
+    monkeypatch.setattr(DeltaStream, "_plan", no_full_plan)
+    for stream in streams:
+        [out] = ddecode(stream.on_snapshot(two))
+        assert (out.type_url, dnames(out), list(out.removed_resources)) == (VIRTUAL_HOST, ["rt/d7.example"], [])
+        stream.on_request(delta_req(VIRTUAL_HOST, nonce=out.nonce), NOW)
+        assert stream.converged()
+    view = two.for_delta()
+    assert len(view._diffs) == 1  # one diff, shared by the three streams

@@ -141,6 +141,8 @@ class Snapshot:
     _warmers: dict[Ref, tuple[Ref, ...]] | None = field(default=None, compare=False, repr=False)
     _selected: dict[tuple[str, frozenset[str]], Mapping[str, Resource]] = field(default_factory=dict, compare=False, repr=False)
     _namespaces: dict[str, frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
+    _diffs: dict[tuple[str, int], tuple[Mapping[str, Resource], tuple[str, ...], tuple[str, ...]]] = field(
+        default_factory=dict, compare=False, repr=False)
     # What Delta streams serve instead of this snapshot (see ``with_delta``), if it differs.
     delta: Snapshot | None = field(default=None, compare=False, repr=False)
 
@@ -217,6 +219,22 @@ class Snapshot:
             if len(self._selected) < 64:  # bounded: a client may name arbitrary sets
                 self._selected[key] = cached
         return cached
+
+    def changes_since(self, type_url: str, old: Mapping[str, Resource]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Names of the type's resources added or changed since pool ``old``, and names removed,
+        each sorted. Cached: every stream that held the previous snapshot asks for the same
+        ``old`` pool, so the O(pool) comparison runs once per snapshot, not once per stream."""
+        key = (type_url, id(old))
+        cached = self._diffs.get(key)
+        if cached is not None and cached[0] is old:
+            return cached[1], cached[2]
+        pool = self.of_type(type_url)
+        changed = tuple(sorted(n for n, r in pool.items() if (o := old.get(n)) is None or o.version != r.version))
+        removed = tuple(sorted(n for n in old if n not in pool))
+        if len(self._diffs) >= 8:  # bounded: streams far behind ask for older pools
+            self._diffs.clear()
+        self._diffs[key] = (old, changed, removed)
+        return changed, removed
 
     def covers(self, type_url: str, name: str) -> bool:
         """Does a subscription to ``name`` cover anything in this snapshot (the resource, or

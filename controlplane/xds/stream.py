@@ -762,6 +762,9 @@ class DeltaStream(StreamState):
         if not state.force_names and state.synced_pool is pool:
             state.synced_generation = self.snapshot.generation
             return []
+        fast = self._changed_only(state, pool)
+        if fast is not None:
+            return self._send(state, pool, fast, [], [], complete=True)
         content, complete = self._plan(state)
         forced = state.force_names
         namespaced = state.type_url in typeurls.NAMESPACED_TYPES
@@ -791,6 +794,31 @@ class DeltaStream(StreamState):
                 state.synced_generation = self.snapshot.generation
                 state.synced_pool = pool
             return []
+        return self._send(state, pool, updates, removed, absent, complete=complete)
+
+    def _changed_only(self, state: TypeState, pool: Mapping[str, Resource]) -> list[Resource] | None:
+        """The updates of a wildcard subscriber that held the whole previous pool, when all it
+        needs is the resources that changed since, and each can go now: planned from the
+        snapshot's shared diff in O(changes), not O(pool). None when the full plan is needed
+        (removals, a resource that must wait, rejections, unknown content, forced names).
+
+        Why: with VHDS a weight change alters one of thousands of virtual hosts, and the full
+        plan cost ~2 ms per stream at 1,000 services (measured), against ~0.2 ms before."""
+        old = state.synced_pool
+        if (old is None or not state.wildcard or state.names or state.force_names or state.unknown or state.rejected
+                or state.maybe_requires or len(state.sent) != len(old) or self.snapshot.wildcard_pool(state.type_url) is not pool):
+            return None
+        changed, removed = self.snapshot.changes_since(state.type_url, old)
+        if removed or not changed:
+            return None  # (nothing changed: the full plan records the proxy as in sync)
+        updates = [pool[name] for name in changed]
+        if not all(self._has_applied_all(r) for r in updates):
+            return None  # the full plan holds back what must wait (all of it, for some types)
+        return updates
+
+    def _send(self, state: TypeState, pool: Mapping[str, Resource], updates: list[Resource], removed: list[str],
+              absent: list[str], *, complete: bool) -> list[Outgoing]:
+        """Encode a response and record it as in flight."""
         nonce = self._next_nonce()
         system_version = self.snapshot.version(state.type_url) if complete else ""
         payload = b"".join(
