@@ -123,3 +123,9 @@ def test_route_split_setting(value: object, expected: str) -> None:
 def test_bad_route_split_setting_names_the_key() -> None:
     with pytest.raises(ConfigError, match=r"xds\.route_split: expected one of vhds, off, got 'scoped'"):
         parse_settings({"xds": {"route_split": "scoped"}})
+
+
+def test_a_fleet_without_services_keeps_its_empty_whole_tables() -> None:
+    """VHDS with no virtual host to send would keep Envoy's listeners warming until a timeout."""
+    snapshot = SnapshotBuilder((FLEET,)).build(1, (), {})[FLEET.name]
+    assert snapshot.delta is None

@@ -251,3 +251,22 @@ async def test_a_restarted_control_plane_serves_a_reconnecting_delta_envoy_witho
                     second.publish(services)
                     await second.converged("delta")
                     await settle_on(url, "green", headers={"Host": "svc-4.test"}, timeout=30)
+
+
+async def test_a_delta_envoy_of_a_fleet_without_services_gets_ready_at_once_and_switches_to_vhds_with_the_first(tmp_path: Path) -> None:
+    """Envoy's listeners warm until each subscription gets a first response: an empty fleet
+    keeps its (empty) whole tables, since a VHDS subscription with no virtual host to send
+    would wait out Envoy's initial fetch timeout (15 s); CDS with no cluster is answered empty."""
+    fleet = make_fleet()
+    async with run_upstream("blue", "v1") as blue_app, run_upstream("green", "v2") as green_app, \
+            xds_plane(fleet, services=[]) as plane, envoy(plane, "delta", delta=True) as proxy:
+        await plane.converged("delta")
+        await proxy.wait_ready(timeout=60)
+        assert "initial fetch timed out" not in proxy.log_text()
+        services = [service(0, endpoint(blue_app.address), endpoint(green_app.address), 100)]
+        plane.publish(services)
+        await plane.converged("delta")
+        assert plane.recorder.streams["delta"].types[VIRTUAL_HOST].acked
+        await settle_on(f"http://127.0.0.1:{fleet.listeners[0].port}/", "green", headers={"Host": "svc-0.test"}, timeout=30)
+        stats = await proxy.stats()
+        assert not any(v for k, v in stats.items() if k.endswith("update_rejected"))

@@ -203,3 +203,13 @@ def test_a_weight_change_is_planned_from_the_snapshots_shared_diff_not_per_strea
         assert stream.converged()
     view = two.for_delta()
     assert len(view._diffs) == 1  # one diff, shared by the three streams
+
+
+def test_a_first_delta_request_holding_nothing_is_answered_even_with_nothing_to_send() -> None:
+    """Envoy finishes warming a subscription only on a first response (else after its initial
+    fetch timeout, 15 s): an empty CDS is answered with an empty response."""
+    stream = DeltaStream(1, "node", "fleet", Snapshot.build(1, []), NOW)
+    [resp] = ddecode(stream.on_request(delta_req(CLUSTER), NOW))
+    assert (list(resp.resources), list(resp.removed_resources)) == ([], [])
+    assert ddecode(stream.on_request(delta_req(CLUSTER, nonce=resp.nonce), NOW)) == []
+    assert stream.converged()

@@ -61,7 +61,9 @@ class SnapshotBuilder:
             shared = [r for s in served for r in cache[s.name][1]] + self._listeners[fleet.name]
             tables = {resources.routes_name(fleet), resources.preview_routes_name(fleet)}
             snapshot = Snapshot.build(generation, shared + cached[1])
-            if self.vhds:
+            if self.vhds and served:
+                # (A fleet with no services keeps its empty whole tables: Envoy's VHDS waits for
+                # a first virtual host and would hold its listeners warming until a timeout.)
                 grpc = [r for r in cached[1] if r.name not in tables]
                 vhosts = self._virtual_hosts(fleet, served, routes)
                 snapshot = snapshot.with_delta(Snapshot.build(generation, shared + grpc + self._vhds_routes[fleet.name] + vhosts))

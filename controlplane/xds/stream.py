@@ -178,6 +178,9 @@ class TypeState:
     last_nack: Nack | None = None
     rejecting: bool = False  # the proxy's answer to our latest response of this type was a NACK
     unknown: bool = False  # acked or sent may hold entries of unknown content (None)
+    # Delta: the first request reported holding nothing; answer it even if there is nothing to
+    # send, or Envoy waits out its initial fetch timeout (15 s) before it finishes warming.
+    owes_answer: bool = False
 
     def wants(self, name: str) -> bool:
         """Does the subscription cover ``name`` (by wildcard, by name, or by its namespace)?"""
@@ -695,6 +698,7 @@ class DeltaStream(StreamState):
             # host sent and files each under its route configuration by name.
             if not subscribe and (state.type_url in typeurls.WILDCARD_TYPES or state.type_url in typeurls.NAMESPACED_TYPES):
                 state.wildcard = True
+            state.owes_answer = not request.initial_resource_versions
             pool = self.snapshot.of_type(state.type_url)
             for name, version in request.initial_resource_versions.items():
                 known = pool.get(name)
@@ -788,7 +792,7 @@ class DeltaStream(StreamState):
         # need not wait for its initial fetch timeout to learn they do not exist.
         # (An empty namespace is answered so too: Envoy's VHDS waits for a first response.)
         absent = [n for n in state.force_names if not self.snapshot.covers(state.type_url, n) and n not in state.sent and state.wants(n)]
-        if not updates and not removed and not absent:
+        if not updates and not removed and not absent and not (complete and state.owes_answer):
             state.force_names.clear()
             if complete:
                 state.synced_generation = self.snapshot.generation
@@ -844,6 +848,7 @@ class DeltaStream(StreamState):
         state.pending_updates = tuple(updates)
         state.synced_pool = pool if complete else None
         state.force_names.clear()
+        state.owes_answer = False
         state.responses += 1
         self._mark_warming(updates)
         return [Outgoing(state.type_url, nonce, state.sent_version, payload, len(updates), len(removed) + len(absent))]
