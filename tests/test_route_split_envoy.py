@@ -270,3 +270,29 @@ async def test_a_delta_envoy_of_a_fleet_without_services_gets_ready_at_once_and_
         await settle_on(f"http://127.0.0.1:{fleet.listeners[0].port}/", "green", headers={"Host": "svc-0.test"}, timeout=30)
         stats = await proxy.stats()
         assert not any(v for k, v in stats.items() if k.endswith("update_rejected"))
+
+
+async def test_switching_route_split_moves_a_connected_delta_envoy_between_the_forms(tmp_path: Path) -> None:
+    """xds.route_split changed and the control plane restarted: a connected Delta Envoy starts or
+    drops its VHDS subscription, rejects nothing and routes by the newest weights each time."""
+    async with run_upstream("blue", "v1") as blue_app, run_upstream("green", "v2") as green_app:
+        blue, green = endpoint(blue_app.address), endpoint(green_app.address)
+        fleet = make_fleet()
+        url = f"http://127.0.0.1:{fleet.listeners[0].port}/"
+        services = [service(i, blue, green) for i in range(5)]
+        async with xds_plane(fleet) as plane:
+            plane.builder = SnapshotBuilder((fleet,), vhds=False)
+            plane.publish(services)
+            async with envoy(plane, "delta", delta=True) as proxy:
+                await plane.converged("delta")
+                await proxy.wait_ready()
+                for vhds, env in ((True, "green"), (False, "blue"), (True, "green")):
+                    plane.builder = SnapshotBuilder((fleet,), vhds=vhds)
+                    services[1] = service(1, blue, green, 100 if env == "green" else 0)
+                    plane.publish(services)
+                    await plane.converged("delta")
+                    stream = plane.recorder.streams["delta"]
+                    assert all(state.nacks == 0 for state in stream.types.values())
+                    assert bool(stream.types.get(VIRTUAL_HOST) and stream.types[VIRTUAL_HOST].acked) == vhds
+                    await settle_on(url, env, headers={"Host": "svc-1.test"}, timeout=30)
+                    assert (await sample_environments(url, 10, headers={"Host": "svc-2.test"})) == {"blue": 10}
