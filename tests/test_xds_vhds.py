@@ -213,3 +213,56 @@ def test_a_first_delta_request_holding_nothing_is_answered_even_with_nothing_to_
     assert (list(resp.resources), list(resp.removed_resources)) == ([], [])
     assert ddecode(stream.on_request(delta_req(CLUSTER, nonce=resp.nonce), NOW)) == []
     assert stream.converged()
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: any sequence of snapshots, a Delta proxy that ACKs everything.
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+CLUSTERS = ("a", "b", "c")
+host_maps = st.dictionaries(st.sampled_from([f"d{i}.example" for i in range(6)]),
+                            st.tuples(st.sampled_from(CLUSTERS), st.sampled_from(["", "x", "y"])), max_size=6)
+
+
+def follow(stream: DeltaStream, snap: Snapshot, *, fast: bool) -> list[tuple[str, list[str], list[str]]]:
+    """Deliver ``snap`` and ACK every response as Envoy would (subscribing to the endpoints of
+    new clusters); return what was sent, and check make-before-break after each response."""
+    if not fast:
+        stream._changed_only = lambda state, pool: None  # type: ignore[method-assign]
+    sent: list[tuple[str, list[str], list[str]]] = []
+    queue = list(stream.on_snapshot(snap))
+    for _ in range(100):
+        if not queue:
+            return sent
+        out = queue.pop(0)
+        [resp] = ddecode([out])
+        sent.append((resp.type_url, dnames(resp), sorted(resp.removed_resources)))
+        queue += stream.on_request(delta_req(out.type_url, nonce=out.nonce), NOW)
+        if out.type_url == CLUSTER:
+            missing = sorted(set(stream.types[CLUSTER].acked) - stream.types[ENDPOINT].names)
+            if missing:
+                queue += stream.on_request(delta_req(ENDPOINT, subscribe=missing), NOW)
+        for host in stream.types[VIRTUAL_HOST].acked.values():
+            assert host is not None
+            for type_url, name in host.requires:
+                assert name in stream.types[type_url].acked, f"{host.name} held before its {name}"
+    raise AssertionError("did not settle")
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(host_maps, st.sets(st.sampled_from(CLUSTERS))), min_size=1, max_size=6))
+def test_any_sequence_of_snapshots_keeps_make_before_break_and_one_vhds_response_per_snapshot(
+        sequence: list[tuple[dict, set]]) -> None:
+    first = vhds_snapshot(1, BASE)
+    fast, full = vhds_connected(first), vhds_connected(first)
+    previous = first
+    for generation, (hosts, extra) in enumerate(sequence, start=2):
+        clusters = sorted({c for c, _ in hosts.values()} | extra)  # clusters come and go
+        snap = vhds_snapshot(generation, hosts, clusters=clusters).with_generation(generation, previous)
+        sent = follow(fast, snap, fast=True)
+        assert sent == follow(full, snap, fast=False)  # the diff-based plan is the full plan
+        assert len([s for s in sent if s[0] == VIRTUAL_HOST]) <= 1
+        assert fast.converged()
+        assert dict(fast.types[VIRTUAL_HOST].acked) == dict(snap.for_delta().of_type(VIRTUAL_HOST))
+        previous = snap
