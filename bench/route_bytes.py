@@ -15,6 +15,10 @@ proxies ACKed it, and records per proxy:
   divided by their number: what applying one change costs that Envoy;
 * rds/vhds config reloads Envoy counted.
 
+It also times, in-process and without gRPC, what one Delta stream's state machine costs per
+change (on_snapshot plus the ACKs, as bench/stream_push.py does for SotW), with the route split
+and with whole tables (``xds.route_split: off``).
+
 Raw JSON goes to bench/results/route-bytes-<stamp>.json. The machine is shared: CPU figures
 include contention; bytes do not depend on it.
 """
@@ -37,7 +41,12 @@ sys.path.insert(0, str(ROOT))
 # gRPC's fork handlers crash the forked Envoy child now and then (see tests/conftest.py).
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from controlplane.model import Endpoint  # noqa: E402
+from envoy.service.discovery.v3 import discovery_pb2  # noqa: E402
+
+from controlplane import typeurls  # noqa: E402
+from controlplane.fleet import SnapshotBuilder  # noqa: E402
+from controlplane.model import DEFAULT_FLEET, Endpoint  # noqa: E402
+from controlplane.xds.stream import DeltaStream, Outgoing  # noqa: E402
 from tests.test_route_split_envoy import envoy, make_fleet, service, xds_plane  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -83,6 +92,8 @@ async def measure(count: int, changes: int) -> dict[str, Any]:
     return {
         "services": count,
         "changes": changes,
+        "delta_stream_plan_us_per_change": {"vhds": delta_plan_microseconds(count, True),
+                                            "whole_tables": delta_plan_microseconds(count, False)},
         "elapsed_seconds": elapsed,
         "proxies": {
             node: {
@@ -97,6 +108,38 @@ async def measure(count: int, changes: int) -> dict[str, Any]:
     }
 
 
+def delta_plan_microseconds(count: int, vhds: bool, changes: int = 200) -> float:
+    """CPU of one Delta stream per weight change: on_snapshot and the ACKs, no I/O."""
+    builder = SnapshotBuilder((DEFAULT_FLEET,), vhds=vhds)
+    blue, green = Endpoint("127.0.0.1", 9), Endpoint("127.0.0.1", 10)
+    services = [service(i, blue, green) for i in range(count)]
+    snapshots, previous = [], {}
+    for generation in (1, 2, 3):
+        services[0] = service(0, blue, green, 50 if generation == 2 else 0)
+        previous = builder.build(generation, tuple(services), previous)
+        snapshots.append(previous[DEFAULT_FLEET.name])
+    stream = DeltaStream(1, "bench", DEFAULT_FLEET.name, snapshots[0], 0.0)
+
+    def ack_all(out: list[Outgoing]) -> None:
+        while out:
+            response = out.pop(0)
+            out += stream.on_request(discovery_pb2.DeltaDiscoveryRequest(type_url=response.type_url,
+                                                                         response_nonce=response.nonce), 0.0)
+
+    view = snapshots[0].for_delta()
+    for type_url, names in ((typeurls.CLUSTER, []), (typeurls.ENDPOINT, sorted(view.of_type(typeurls.ENDPOINT))),
+                            (typeurls.LISTENER, []), (typeurls.ROUTE, ["default-routes", "default-preview-routes"]),
+                            (typeurls.VIRTUAL_HOST, [])):
+        if type_url == typeurls.VIRTUAL_HOST and not vhds:
+            continue
+        ack_all(stream.on_request(discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, resource_names_subscribe=names), 0.0))
+    assert stream.converged()
+    started = time.process_time()
+    for k in range(changes):
+        ack_all(stream.on_snapshot(snapshots[1 + k % 2]))
+    return (time.process_time() - started) / changes * 1e6
+
+
 def machine() -> dict[str, Any]:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "unknown")
@@ -105,12 +148,15 @@ def machine() -> dict[str, Any]:
 
 
 def table(runs: list[dict[str, Any]]) -> str:
-    lines = ["| services | SotW bytes/change | Delta bytes/change | SotW Envoy CPU ms/change | Delta Envoy CPU ms/change |",
-             "|---:|---:|---:|---:|---:|"]
+    lines = ["| services | SotW bytes/change | Delta bytes/change | SotW Envoy CPU ms/change | Delta Envoy CPU ms/change "
+             "| Delta stream plan µs/change (VHDS / whole tables) |",
+             "|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         s, d = run["proxies"]["sotw"], run["proxies"]["delta"]
+        plan = run["delta_stream_plan_us_per_change"]
         lines.append(f"| {run['services']} | {s['bytes_per_change_median']:,.0f} | {d['bytes_per_change_median']:,.0f} "
-                     f"| {1000 * s['envoy_cpu_seconds_per_change']:.1f} | {1000 * d['envoy_cpu_seconds_per_change']:.1f} |")
+                     f"| {1000 * s['envoy_cpu_seconds_per_change']:.1f} | {1000 * d['envoy_cpu_seconds_per_change']:.1f} "
+                     f"| {plan['vhds']:.0f} / {plan['whole_tables']:.0f} |")
     return "\n".join(lines)
 
 
