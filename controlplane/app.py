@@ -60,7 +60,7 @@ class ControlPlane:
         self.operations = Operations(self.repo, settings.fleets)
         self.cache = SnapshotCache(fleet_resolver(settings))
         self.convergence = Convergence(self.cache, self.metrics, lagging_after=settings.lagging_after_seconds)
-        self.builder = SnapshotBuilder(settings.fleets)
+        self.builder = SnapshotBuilder(settings.fleets, vhds=settings.xds.route_split == "vhds")
         self.publisher = Publisher(self.repo, self.builder, self.cache, self.convergence, self.metrics)
         limits = StreamLimits(settings.xds.max_streams, settings.xds.max_streams_per_identity)
         # One limiter for ADS and metrics streams: a client's caps count both.

@@ -45,6 +45,8 @@ Example::
       max_request_bytes: 16777216        # largest gRPC message accepted (ADS and metrics)
       max_streams: 100000                # open streams in total (ADS and metrics)
       max_streams_per_identity: 64       # optional: per certificate identity (or per IP without TLS)
+      route_split: vhds                  # Delta proxies get route tables one virtual host at a time
+                                         # (VHDS, needs Envoy >= 1.40 for VHDS over ADS); off: whole tables
     endpoint_sources:                    # optional: endpoints from where they already are (docs/endpoint-sources.md)
       - name: cm-file                    # unique; labels metrics, GET /v1/endpoint-sources and 409s
         owns:                            # or `service: shop` + `environment: green` for one pair
@@ -144,6 +146,12 @@ class XdsSettings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_streams: int | None = DEFAULT_MAX_STREAMS
     max_streams_per_identity: int | None = None
+    # "vhds": Delta proxies get each virtual host of the route tables as a resource of its own;
+    # "off": every proxy gets whole route tables (docs/route-tables.md).
+    route_split: str = "vhds"
+
+
+ROUTE_SPLITS = ("vhds", "off")
 
 
 @dataclass(frozen=True)
@@ -415,7 +423,7 @@ _XDS_DURATIONS = {
     "max_connection_age_seconds": True,
     "max_connection_age_grace_seconds": False,
 }
-_XDS_KEYS = set(_XDS_DURATIONS) | {"tls", "max_request_bytes", "max_streams", "max_streams_per_identity"}
+_XDS_KEYS = set(_XDS_DURATIONS) | {"tls", "max_request_bytes", "max_streams", "max_streams_per_identity", "route_split"}
 
 
 def _xds(raw: object) -> XdsSettings:
@@ -426,6 +434,13 @@ def _xds(raw: object) -> XdsSettings:
         if key in data:
             values[key] = _seconds(f"xds.{key}", data[key], nullable=nullable)
     values.update(_xds_tls_and_limits(data))
+    if "route_split" in data:
+        split = data["route_split"]
+        if split is False:  # YAML reads a bare `off` as false
+            split = "off"
+        if split not in ROUTE_SPLITS:
+            raise ConfigError(f"xds.route_split: expected one of {', '.join(ROUTE_SPLITS)}, got {split!r}")
+        values["route_split"] = split
     return XdsSettings(**values)
 
 

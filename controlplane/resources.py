@@ -16,7 +16,13 @@ Per service ``S`` a fleet gets:
   that Envoy's wildcard subscriptions never receive.
 
 Services sharing a domain share one virtual host per domain; their routes are ordered longest
-prefix first, so the most specific service wins. Every route requires (make-before-break) the
+prefix first, so the most specific service wins.
+
+Delta clients get the same route tables in pieces (see docs/route-tables.md): the route
+configurations carry no virtual hosts but a VHDS config source, and each virtual host is a
+VirtualHost resource ``<route configuration>/<domain>`` of its own, so a change to one service
+re-sends only the virtual hosts of its domains. SotW clients cannot use VHDS and get the whole
+tables. Every route requires (make-before-break) the
 clusters it names and their endpoints; every cluster warms with its endpoints and every
 listener with its route configuration.
 """
@@ -351,7 +357,7 @@ def preview_routes(service: Service) -> list[route_components_pb2.Route]:
     return [_preview_route(service, route_components_pb2.RouteMatch(prefix=service.prefix))]
 
 
-def _by_domain(services: Sequence[Service]) -> list[tuple[str, list[Service]]]:
+def services_by_domain(services: Sequence[Service]) -> list[tuple[str, list[Service]]]:
     """Services grouped into virtual hosts by domain, each host's services in match order:
     longest prefix first, so ``/api/v2`` wins over ``/api``."""
     by_domain: dict[str, list[Service]] = defaultdict(list)
@@ -363,7 +369,7 @@ def _by_domain(services: Sequence[Service]) -> list[tuple[str, list[Service]]]:
 
 def _virtual_hosts(services: Sequence[Service], preview: bool) -> list[route_components_pb2.VirtualHost]:
     hosts = []
-    for domain, ordered in _by_domain(services):
+    for domain, ordered in services_by_domain(services):
         routes = [r for s in ordered for r in (preview_routes(s) if preview else production_routes(s))]
         hosts.append(route_components_pb2.VirtualHost(name=domain, domains=[domain], routes=routes))
     return hosts
@@ -408,7 +414,7 @@ def assemble_route_configuration(name: str, services: Sequence[Service], *, prev
     byte (fields in number order, as deterministic serialization writes them), joined from each
     service's serialized routes."""
     hosts = []
-    for domain, ordered in _by_domain(services):
+    for domain, ordered in services_by_domain(services):
         encoded = domain.encode()
         host = b"".join((
             length_delimited(_VHOST_NAME, encoded),
@@ -417,6 +423,55 @@ def assemble_route_configuration(name: str, services: Sequence[Service], *, prev
         ))
         hosts.append(length_delimited(_CONFIG_VHOSTS, host))
     return length_delimited(_CONFIG_NAME, name.encode()) + b"".join(hosts)
+
+
+def virtual_host_name(route_config: str, domain: str) -> str:
+    """The VHDS resource name of a route configuration's virtual host for ``domain``: Envoy's
+    VHDS subscribes to the route configuration's name as a namespace and takes every resource
+    "<route configuration>/<anything>"; it also keys the virtual host by its ``name``, and
+    removals name the resource, so the virtual host is named the same."""
+    return f"{route_config}/{domain}"
+
+
+def build_vhds_route_configuration(name: str) -> route_pb2.RouteConfiguration:
+    """A route configuration whose virtual hosts all come over VHDS, on the ADS stream (Envoy
+    accepts that only when ADS is Delta)."""
+    return route_pb2.RouteConfiguration(name=name, vhds=route_pb2.Vhds(config_source=_ads()))
+
+
+def vhds_route_configurations(fleet: Fleet) -> list[Resource]:
+    """The fleet's route configurations as Delta clients get them (no virtual hosts; they warm
+    with their VHDS namespace). They depend on the fleet's name only, never on services."""
+    return [
+        Resource.from_message(name, build_vhds_route_configuration(name), warms_with=[(typeurls.VIRTUAL_HOST, name)])
+        for name in (routes_name(fleet), preview_routes_name(fleet))
+    ]
+
+
+def domain_virtual_hosts(fleet: Fleet, domain: str, ordered: Sequence[Service],
+                         parts: Callable[[Service], ServiceRoutes] = service_routes) -> list[Resource]:
+    """The production and preview VirtualHost resources of one domain of the fleet, for the
+    services on it in match order (``services_by_domain``); each requires the clusters (and
+    endpoints) of those services. Byte for byte the virtual host of the whole route table, but
+    for its name."""
+    requires = [ref for s in ordered for ref in parts(s).requires]
+    out = []
+    for config, preview in ((routes_name(fleet), False), (preview_routes_name(fleet), True)):
+        name = virtual_host_name(config, domain)
+        host = b"".join((
+            length_delimited(_VHOST_NAME, name.encode()),
+            length_delimited(_VHOST_DOMAINS, domain.encode()),
+            *((parts(s).preview if preview else parts(s).production) for s in ordered),
+        ))
+        out.append(Resource.from_serialized(name, typeurls.VIRTUAL_HOST, host, requires=requires))
+    return out
+
+
+def fleet_virtual_hosts(fleet: Fleet, services: Sequence[Service],
+                        parts: Callable[[Service], ServiceRoutes] = service_routes) -> list[Resource]:
+    """Every VirtualHost resource of the fleet's route tables, for the services it serves."""
+    served = [s for s in services if fleet.serves(s.name)]
+    return [r for domain, ordered in services_by_domain(served) for r in domain_virtual_hosts(fleet, domain, ordered, parts)]
 
 
 def _http_connection_manager(stat_prefix: str, route_config: str) -> any_pb2.Any:

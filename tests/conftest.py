@@ -3,11 +3,20 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+import os
 
-import pytest
+# Before anything imports grpc: tests that run a grpc.aio server in this process (and start
+# Envoy with the harness, whose preexec_fn makes Python fork rather than vfork) crashed the
+# forked child in gRPC's fork handlers about one start in three ("Other threads are currently
+# calling into gRPC, skipping fork() handlers", then SIGSEGV before exec). The child execs at
+# once and needs no gRPC, so the handlers are off.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from tests.etcd import EtcdCluster, run_etcd_cluster
+from typing import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests.etcd import EtcdCluster, run_etcd_cluster  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -134,7 +134,8 @@ async def test_envoy_serves_blue_and_preview_goes_to_idle(tmp_path: Path, delta:
         [proxy] = await api.proxies()
         assert proxy["node_id"] == "edge-1" and proxy["protocol"] == ("delta" if delta else "sotw")
         assert proxy["converged"] and all(t["nacks"] == 0 for t in proxy["types"].values())
-        assert set(proxy["types"]) == {"cds", "eds", "lds", "rds"}
+        # Delta proxies get the route tables' virtual hosts over VHDS (docs/route-tables.md).
+        assert set(proxy["types"]) == {"cds", "eds", "lds", "rds"} | ({"vhds"} if delta else set())
 
 
 async def test_weighted_splits_follow_the_weights(tmp_path: Path) -> None:

@@ -423,7 +423,7 @@ OPENAPI: dict[str, Any] = {
                               "description": "pending: behind within the grace period (waited for); lagging: behind for longer; rejecting: NACKed the latest config."},
                     "types": {
                         "type": "object",
-                        "description": "Keyed by cds, eds, lds, rds.",
+                        "description": "Keyed by cds, eds, lds, rds, and vhds (the route tables' virtual hosts, Delta proxies with xds.route_split vhds).",
                         "additionalProperties": {
                             "type": "object",
                             "required": ["type_url", "acked_version", "sent_version", "pending", "responses", "nacks", "last_nack"],

@@ -313,9 +313,11 @@ class Convergence:
         holders = set()
         for fleet in fleets:
             for stream in self.fleet(fleet).streams.values():
-                routes = stream.types.get(typeurls.ROUTE)
-                if routes is not None and (may_route_to(routes.acked, cluster) or may_route_to(routes.sent, cluster)):
-                    holders.add(stream.node_id)
+                # Route configurations, and the virtual hosts Delta proxies get over VHDS.
+                for type_url in (typeurls.ROUTE, typeurls.VIRTUAL_HOST):
+                    routes = stream.types.get(type_url)
+                    if routes is not None and (may_route_to(routes.acked, cluster) or may_route_to(routes.sent, cluster)):
+                        holders.add(stream.node_id)
         return tuple(sorted(holders))
 
     def wait(self, fleets: tuple[str, ...], generation: int, accepted_at: float, *,

@@ -139,6 +139,12 @@ class Snapshot:
     _warmed_by: dict[str, dict[str, frozenset[str]]] = field(default_factory=dict, compare=False, repr=False)
     _warming: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
     _warmers: dict[Ref, tuple[Ref, ...]] | None = field(default=None, compare=False, repr=False)
+    _selected: dict[tuple[str, frozenset[str]], Mapping[str, Resource]] = field(default_factory=dict, compare=False, repr=False)
+    _namespaces: dict[str, frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
+    _diffs: dict[tuple[str, int], tuple[Mapping[str, Resource], tuple[str, ...], tuple[str, ...]]] = field(
+        default_factory=dict, compare=False, repr=False)
+    # What Delta streams serve instead of this snapshot (see ``with_delta``), if it differs.
+    delta: Snapshot | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def build(cls, generation: int, resources: Iterable[Resource]) -> Snapshot:
@@ -152,12 +158,29 @@ class Snapshot:
 
     def with_generation(self, generation: int, reuse: Snapshot | None = None) -> Snapshot:
         """The same resources at another generation. Pools equal to ``reuse``'s are replaced by
-        ``reuse``'s own objects, so streams can tell an unchanged type with an identity check."""
+        ``reuse``'s own objects, so streams can tell an unchanged type with an identity check.
+        The Delta variant, if any, goes along (reusing ``reuse``'s Delta variant's pools)."""
         pools: dict[str, Mapping[str, Resource]] = {}
         for type_url, pool in self.resources.items():
             old = reuse.resources.get(type_url) if reuse is not None else None
             pools[type_url] = old if old is not None and _same_pool(old, pool) else pool
-        return Snapshot(generation, pools)
+        delta = None
+        if self.delta is not None:
+            delta = self.delta.with_generation(generation, reuse.for_delta() if reuse is not None else None)
+        return Snapshot(generation, pools, delta=delta)
+
+    def with_delta(self, delta: Snapshot) -> Snapshot:
+        """This snapshot for State-of-the-World streams, ``delta`` (same generation) for Delta
+        streams. Used when Delta clients can get the same configuration in smaller pieces (a
+        route configuration's virtual hosts over VHDS) that SotW clients cannot ask for. Pools
+        equal in both are shared, so they cost no memory twice."""
+        if delta.generation != self.generation:
+            raise ValueError(f"Delta variant at generation {delta.generation}, snapshot at {self.generation}")
+        return Snapshot(self.generation, self.resources, delta=delta.with_generation(self.generation, self))
+
+    def for_delta(self) -> Snapshot:
+        """What a Delta stream serves: the Delta variant if there is one, else this snapshot."""
+        return self.delta if self.delta is not None else self
 
     def of_type(self, type_url: str) -> Mapping[str, Resource]:
         return self.resources.get(type_url, {})
@@ -178,22 +201,63 @@ class Snapshot:
         key = (type_url, names)
         cached = self._versions.get(key)
         if cached is None:
-            pool = self.of_type(type_url)
-            chosen = self.wildcard_pool(type_url).values() if names is None else (pool[n] for n in names if n in pool)
+            chosen = self.wildcard_pool(type_url).values() if names is None else self.select(type_url, names).values()
             cached = self._versions[key] = content_version(chosen)
         return cached
+
+    def select(self, type_url: str, names: frozenset[str]) -> Mapping[str, Resource]:
+        """The type's resources a subscription to ``names`` covers: those named, and for a
+        namespaced type (``typeurls.NAMESPACED_TYPES``) every resource in a named namespace.
+        Cached for namespaced types (every Delta proxy of a fleet names the same namespaces)."""
+        pool = self.of_type(type_url)
+        if type_url not in typeurls.NAMESPACED_TYPES:
+            return {n: pool[n] for n in names if n in pool}
+        key = (type_url, names)
+        cached = self._selected.get(key)
+        if cached is None:
+            cached = {n: r for n, r in pool.items() if n in names or typeurls.namespace_of(n) in names}
+            if len(self._selected) < 64:  # bounded: a client may name arbitrary sets
+                self._selected[key] = cached
+        return cached
+
+    def changes_since(self, type_url: str, old: Mapping[str, Resource]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Names of the type's resources added or changed since pool ``old``, and names removed,
+        each sorted. Cached: every stream that held the previous snapshot asks for the same
+        ``old`` pool, so the O(pool) comparison runs once per snapshot, not once per stream."""
+        key = (type_url, id(old))
+        cached = self._diffs.get(key)
+        if cached is not None and cached[0] is old:
+            return cached[1], cached[2]
+        pool = self.of_type(type_url)
+        changed = tuple(sorted(n for n, r in pool.items() if (o := old.get(n)) is None or o.version != r.version))
+        removed = tuple(sorted(n for n in old if n not in pool))
+        if len(self._diffs) >= 8:  # bounded: streams far behind ask for older pools
+            self._diffs.clear()
+        self._diffs[key] = (old, changed, removed)
+        return changed, removed
+
+    def covers(self, type_url: str, name: str) -> bool:
+        """Does a subscription to ``name`` cover anything in this snapshot (the resource, or
+        for a namespaced type a non-empty namespace)?"""
+        if name in self.of_type(type_url):
+            return True
+        if type_url not in typeurls.NAMESPACED_TYPES:
+            return False
+        namespaces = self._namespaces.get(type_url)
+        if namespaces is None:
+            namespaces = self._namespaces[type_url] = frozenset(typeurls.namespace_of(n) for n in self.of_type(type_url))
+        return name in namespaces
 
     def warmed_names(self, type_url: str) -> frozenset[str]:
         """Names of ``type_url`` resources that some wildcard-visible resource in this snapshot
         warms with: a proxy subscribed to every wildcard type must be subscribed to them."""
         cached = self._warmed.get(type_url)
         if cached is None:
-            pool = self.of_type(type_url)
             cached = frozenset(
                 name
                 for source in self.resources
                 for t, name in self._warms_of(source)
-                if t == type_url and name in pool
+                if t == type_url and self.covers(type_url, name)
             )
             self._warmed[type_url] = cached
         return cached
@@ -205,7 +269,7 @@ class Snapshot:
         if cached is None:
             grouped: dict[str, set[str]] = {}
             for type_url, name in self._warms_of(source_type):
-                if name in self.of_type(type_url):
+                if self.covers(type_url, name):
                     grouped.setdefault(type_url, set()).add(name)
             cached = self._warmed_by[source_type] = {t: frozenset(n) for t, n in grouped.items()}
         return cached

@@ -178,9 +178,15 @@ class TypeState:
     last_nack: Nack | None = None
     rejecting: bool = False  # the proxy's answer to our latest response of this type was a NACK
     unknown: bool = False  # acked or sent may hold entries of unknown content (None)
+    # Delta: the first request reported holding nothing; answer it even if there is nothing to
+    # send, or Envoy waits out its initial fetch timeout (15 s) before it finishes warming.
+    owes_answer: bool = False
 
     def wants(self, name: str) -> bool:
-        return self.wildcard or name in self.names
+        """Does the subscription cover ``name`` (by wildcard, by name, or by its namespace)?"""
+        if self.wildcard or name in self.names:
+            return True
+        return self.type_url in typeurls.NAMESPACED_TYPES and typeurls.namespace_of(name) in self.names
 
 
 class StreamState:
@@ -192,7 +198,7 @@ class StreamState:
         self.stream_id = stream_id
         self.node_id = node_id
         self.fleet = fleet
-        self.snapshot = snapshot
+        self.snapshot = self._view(snapshot)
         self.connected_since = now
         self.types: dict[str, TypeState] = {}
         self._nonce = 0
@@ -201,8 +207,13 @@ class StreamState:
 
     def on_snapshot(self, snapshot: Snapshot) -> list[Outgoing]:
         """A new snapshot for the fleet: plan every type in make-before-break order."""
-        self.snapshot = snapshot
+        self.snapshot = self._view(snapshot)
         return self._push_all()
+
+    @staticmethod
+    def _view(snapshot: Snapshot) -> Snapshot:
+        """The variant of a fleet's snapshot this protocol serves."""
+        return snapshot
 
     # -- queries -------------------------------------------------------------------------
 
@@ -247,7 +258,7 @@ class StreamState:
                 if resource is None:
                     continue
                 for type_url, warmed in resource.warms_with:
-                    if warmed in snapshot.of_type(type_url):
+                    if snapshot.covers(type_url, warmed):
                         needed.setdefault(type_url, set()).add(warmed)
         return needed
 
@@ -274,7 +285,12 @@ class StreamState:
                 out.extend(self._push(state, force=False))
         return out
 
-    def _desired(self, state: TypeState) -> dict[str, Resource]:
+    def _desired(self, state: TypeState) -> Mapping[str, Resource]:
+        if state.type_url in typeurls.NAMESPACED_TYPES:
+            named = self.snapshot.select(state.type_url, frozenset(state.names))
+            if state.wildcard:
+                return {**self.snapshot.wildcard_pool(state.type_url), **named}
+            return named
         pool = self.snapshot.of_type(state.type_url)
         named = {name: pool[name] for name in state.names if name in pool}
         if state.wildcard:
@@ -401,6 +417,9 @@ class StreamState:
                 content[name] = resource
             elif name in current:
                 content[name] = old
+        if state.type_url in typeurls.ALL_OR_NOTHING_TYPES and self._holds_back_some(state, desired, content):
+            # One change must wait, so they all do, removals included: the proxy keeps what it has.
+            return {n: r for n, r in current.items() if state.wants(n)}, False
         leaving = [name for name in current if name not in content and state.wants(name)]
         if leaving:
             required, unknown = self._held_requirements(content.values())
@@ -412,6 +431,16 @@ class StreamState:
             content[n] is not None and content[n].version == r.version for n, r in desired.items()  # type: ignore[union-attr]
         )
         return content, complete
+
+    @staticmethod
+    def _holds_back_some(state: TypeState, desired: Mapping[str, Resource], content: Mapping[str, Resource | None]) -> bool:
+        """Does the plan hold back a change for its requirements (not for a rejection, which is
+        final: waiting for it would hold the others back for good)?"""
+        for name, resource in desired.items():
+            planned = content.get(name)
+            if (planned is None or planned.version != resource.version) and (name, resource.version) not in state.rejected:
+                return True
+        return False
 
     def _ack(self, state: TypeState) -> None:
         """The proxy applied the response in flight: what was sent is what it holds."""
@@ -636,6 +665,10 @@ class DeltaStream(StreamState):
 
     protocol = Protocol.DELTA
 
+    @staticmethod
+    def _view(snapshot: Snapshot) -> Snapshot:
+        return snapshot.for_delta()
+
     def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest, now: float) -> list[Outgoing]:
         """Handle one request; the responses to write, in order. ProtocolError on a bad one."""
         type_url = request.type_url
@@ -660,22 +693,28 @@ class DeltaStream(StreamState):
         subscribe = list(request.resource_names_subscribe)
         if first:
             state.subscribed = True
-            # Legacy wildcard: a first request naming nothing subscribes to everything.
-            if not subscribe and state.type_url in typeurls.WILDCARD_TYPES:
+            # Legacy wildcard: a first request naming nothing subscribes to everything. Envoy
+            # (1.40) starts its VHDS subscriptions so: it names no namespace, takes every virtual
+            # host sent and files each under its route configuration by name.
+            if not subscribe and (state.type_url in typeurls.WILDCARD_TYPES or state.type_url in typeurls.NAMESPACED_TYPES):
                 state.wildcard = True
+            state.owes_answer = not request.initial_resource_versions
             pool = self.snapshot.of_type(state.type_url)
             for name, version in request.initial_resource_versions.items():
                 known = pool.get(name)
                 held = known if known is not None and known.version == version else None
                 state.acked[name] = state.sent[name] = held
                 state.unknown = state.unknown or held is None
+        namespaced = state.type_url in typeurls.NAMESPACED_TYPES
         for name in subscribe:
             if name == "*":
                 state.wildcard = True
                 continue
             state.names.add(name)
-            held = state.sent.get(name)
-            if not (first and held is not None):
+            held = state.sent.get(name) is not None or (
+                # A namespace the proxy reported resources of (reconnecting): what changed goes.
+                namespaced and any(typeurls.namespace_of(n) == name for n in state.sent))
+            if not (first and held):
                 state.force_names.add(name)  # re-subscribed: send even if the proxy had it
         for name in request.resource_names_unsubscribe:
             if name == "*":
@@ -686,6 +725,10 @@ class DeltaStream(StreamState):
                 state.acked.pop(name, None)
                 state.sent.pop(name, None)
                 state.force_names.discard(name)
+            if namespaced:
+                # The proxy dropped the namespace's resources too.
+                state.acked = {n: r for n, r in state.acked.items() if state.wants(n)}
+                state.sent = {n: r for n, r in state.sent.items() if state.wants(n)}
 
     def _after_unexplained_nack(self, state: TypeState, updates: tuple[Resource, ...], removed: list[str]) -> None:
         # A resource the proxy had before is still there, at its old version or the new one:
@@ -723,7 +766,12 @@ class DeltaStream(StreamState):
         if not state.force_names and state.synced_pool is pool:
             state.synced_generation = self.snapshot.generation
             return []
+        fast = self._changed_only(state, pool)
+        if fast is not None:
+            return self._send(state, pool, fast, [], [], complete=True)
         content, complete = self._plan(state)
+        forced = state.force_names
+        namespaced = state.type_url in typeurls.NAMESPACED_TYPES
         updates: list[Resource] = []
         for name in sorted(content):
             resource = content[name]
@@ -731,7 +779,7 @@ class DeltaStream(StreamState):
                 continue
             held = state.sent.get(name)
             changed = held is None or held.version != resource.version
-            if not (changed or name in state.force_names):
+            if not (changed or name in forced or (namespaced and forced and typeurls.namespace_of(name) in forced)):
                 continue
             if (name, resource.version) in state.rejected:
                 # Never re-send what this proxy rejected: it keeps its last good version, so
@@ -742,13 +790,39 @@ class DeltaStream(StreamState):
         removed = sorted(n for n in state.sent if n not in content)
         # Subscribed names the snapshot does not have are answered as removed, so the proxy
         # need not wait for its initial fetch timeout to learn they do not exist.
-        absent = [n for n in state.force_names if n not in pool and n not in state.sent and state.wants(n)]
-        if not updates and not removed and not absent:
+        # (An empty namespace is answered so too: Envoy's VHDS waits for a first response.)
+        absent = [n for n in state.force_names if not self.snapshot.covers(state.type_url, n) and n not in state.sent and state.wants(n)]
+        if not updates and not removed and not absent and not (complete and state.owes_answer):
             state.force_names.clear()
             if complete:
                 state.synced_generation = self.snapshot.generation
                 state.synced_pool = pool
             return []
+        return self._send(state, pool, updates, removed, absent, complete=complete)
+
+    def _changed_only(self, state: TypeState, pool: Mapping[str, Resource]) -> list[Resource] | None:
+        """The updates of a wildcard subscriber that held the whole previous pool, when all it
+        needs is the resources that changed since, and each can go now: planned from the
+        snapshot's shared diff in O(changes), not O(pool). None when the full plan is needed
+        (removals, a resource that must wait, rejections, unknown content, forced names).
+
+        Why: with VHDS a weight change alters one of thousands of virtual hosts, and the full
+        plan cost ~2 ms per stream at 1,000 services (measured), against ~0.2 ms before."""
+        old = state.synced_pool
+        if (old is None or not state.wildcard or state.names or state.force_names or state.unknown or state.rejected
+                or state.maybe_requires or len(state.sent) != len(old) or self.snapshot.wildcard_pool(state.type_url) is not pool):
+            return None
+        changed, removed = self.snapshot.changes_since(state.type_url, old)
+        if removed or not changed:
+            return None  # (nothing changed: the full plan records the proxy as in sync)
+        updates = [pool[name] for name in changed]
+        if not all(self._has_applied_all(r) for r in updates):
+            return None  # the full plan holds back what must wait (all of it, for some types)
+        return updates
+
+    def _send(self, state: TypeState, pool: Mapping[str, Resource], updates: list[Resource], removed: list[str],
+              absent: list[str], *, complete: bool) -> list[Outgoing]:
+        """Encode a response and record it as in flight."""
         nonce = self._next_nonce()
         system_version = self.snapshot.version(state.type_url) if complete else ""
         payload = b"".join(
@@ -774,6 +848,7 @@ class DeltaStream(StreamState):
         state.pending_updates = tuple(updates)
         state.synced_pool = pool if complete else None
         state.force_names.clear()
+        state.owes_answer = False
         state.responses += 1
         self._mark_warming(updates)
         return [Outgoing(state.type_url, nonce, state.sent_version, payload, len(updates), len(removed) + len(absent))]
