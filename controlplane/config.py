@@ -44,7 +44,8 @@ Example::
         client_ca: /etc/bluegreen/proxies-ca.crt  # proxies must present a certificate it signed
       max_request_bytes: 16777216        # largest gRPC message accepted (ADS and metrics)
       max_streams: 100000                # open streams in total (ADS and metrics)
-      max_streams_per_identity: 64       # optional: per certificate identity (or per IP without TLS)
+      max_streams_per_identity: 64       # optional: per certificate identity (or per IP without TLS), per worker
+      workers: null                      # xDS worker processes on the port; null: one per core; 1: none (docs/workers.md)
 
 The older single-token form ``admin: {token: ...}`` or ``admin: {token_file: ...}`` still works:
 one token named ``admin`` with role ``admin``. With no token configured at all, ``bluegreen
@@ -131,6 +132,9 @@ class XdsSettings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_streams: int | None = DEFAULT_MAX_STREAMS
     max_streams_per_identity: int | None = None
+    # xDS worker processes sharing the port (docs/workers.md); None: one per core this process
+    # may use; 1: serve xDS in the main process (no workers). `serve --xds-workers` overrides it.
+    workers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,7 @@ def _xds_tls_and_limits(data: dict[str, Any]) -> dict[str, Any]:
         max_streams=_positive("xds.max_streams", data.get("max_streams", DEFAULT_MAX_STREAMS)),
         max_streams_per_identity=(_positive("xds.max_streams_per_identity", data["max_streams_per_identity"])
                                   if data.get("max_streams_per_identity") is not None else None),
+        workers=_positive("xds.workers", data["workers"]) if data.get("workers") is not None else None,
     )
 
 
@@ -401,7 +406,7 @@ _XDS_DURATIONS = {
     "max_connection_age_seconds": True,
     "max_connection_age_grace_seconds": False,
 }
-_XDS_KEYS = set(_XDS_DURATIONS) | {"tls", "max_request_bytes", "max_streams", "max_streams_per_identity"}
+_XDS_KEYS = set(_XDS_DURATIONS) | {"tls", "max_request_bytes", "max_streams", "max_streams_per_identity", "workers"}
 
 
 def _xds(raw: object) -> XdsSettings:
