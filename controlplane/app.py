@@ -103,7 +103,8 @@ class ControlPlane:
         """This replica's row of GET /v1/cluster (the coordinator adds id and last_seen)."""
         return {"xds": self.xds_address, "admin": self.admin_address,
                 "connected_proxies": sum(self.local_status(f.name)["proxies"] for f in self.settings.fleets),
-                "store_revision": self.publisher.generation}
+                "store_revision": self.publisher.generation,
+                "workers": self.workers.workers() if self.workers else []}
 
     @property
     def views(self) -> list[RemoteViews]:

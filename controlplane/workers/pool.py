@@ -45,8 +45,8 @@ from .serving import FORWARDED_METRICS
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 60.0  # seconds a starting worker may take to open the port
-STABLE_AFTER = 10.0
-RESERVE_ATTEMPTS = 30  # x 0.1 s: how long a port held by dying workers is waited for  # a worker that ran this long restarts without accumulated backoff
+STABLE_AFTER = 10.0  # a worker that ran this long restarts without accumulated backoff
+RESERVE_ATTEMPTS = 30  # x 0.1 s: how long a port held by dying workers is waited for
 
 
 @dataclass(eq=False)
@@ -175,6 +175,7 @@ class WorkerPool(RemoteViews):
             failures = 0 if time.monotonic() - started >= STABLE_AFTER else failures + 1
             delay = self.backoff.delay(failures)
             self.restarts += 1
+            self.metrics.worker_restarts.inc()
             log.error("xDS %s (pid %s) exited with code %s; its proxies reconnect to the other workers; "
                       "restarting it in %.2f s", slot.name, slot.pid,
                       slot.process.returncode if slot.process else None, delay)
@@ -226,6 +227,7 @@ class WorkerPool(RemoteViews):
             elif kind == "ready":
                 log.info("xDS %s (pid %s) serving on %s", slot.name, message[1]["pid"], self.address)
                 slot.ready.set()
+                self._count_ready()
 
     # -- shipping snapshots -------------------------------------------------------------------
 
@@ -291,9 +293,14 @@ class WorkerPool(RemoteViews):
                     key = (sample, tuple(sorted(labels.items())))
                     retired[key] = retired.get(key, 0.0) + value
         slot.metrics = []
+        slot.ready.clear()
+        self._count_ready()
         with contextlib.suppress(RuntimeError):
             asyncio.get_running_loop().create_task(self._changed_now())
         self.on_change()
+
+    def _count_ready(self) -> None:
+        self.metrics.workers_ready.set(sum(1 for slot in self._slots if slot.ready.is_set()))
 
     def _observe_convergence(self) -> None:
         """bluegreen_convergence_seconds for the whole fleet: from the accepted change to the
@@ -346,9 +353,10 @@ class WorkerPool(RemoteViews):
         return answers
 
     def workers(self) -> list[dict[str, Any]]:
-        """One row per worker: index, pid, ready, connected proxies."""
+        """One row per worker for GET /v1/cluster: index, pid, ready, connected proxies, restarts."""
         return [{"worker": slot.index, "pid": slot.pid, "ready": slot.ready.is_set() and slot.writer is not None,
-                 "connected_proxies": sum(s.get(slot.name, {}).get("connected", 0) for s in self._remote_proxies.values())}
+                 "connected_proxies": sum(s.get(slot.name, {}).get("connected", 0) for s in self._remote_proxies.values()),
+                 "restarts": max(0, slot.started - 1)}
                 for slot in self._slots]
 
     # -- Prometheus collector: the stream metrics, summed over workers --------------------------

@@ -1,0 +1,191 @@
+"""xDS worker processes (``serve --xds-workers 2``) with real Envoys, real upstreams, under load.
+
+1. Four Envoys (one fleet each) spread over two workers on one port: ``/v1/proxies`` names the
+   worker of each; a weight change with ``?wait=converged`` returns once all four hold it (the
+   next requests through every Envoy obey it); one worker SIGKILLed under load: zero failed
+   requests, it is restarted, its Envoys reconnect and converge on the next change; the stream
+   metrics add up over workers; SIGKILL of the main process leaves no worker behind.
+2. The deployment analysis reads what Envoys connected to the workers report (metrics service
+   on the same port).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import aiohttp
+import pytest
+
+from controlplane.bootstrap import render_bootstrap
+from tests.harness import ControlPlane, Envoy, free_port, run_control_plane, run_envoy, run_upstream, sample_environments, wait_for
+from tests.test_envoy import Api
+from tests.test_ha import write_fleets
+from tests.test_workflow import steady_load
+
+pytestmark = [pytest.mark.envoy, pytest.mark.timeout(400)]
+
+FLEETS = ("a", "b", "c", "d")
+WORKERS = ("--xds-workers", "2")
+
+
+class Fleet:
+    """One Envoy per fleet, each restartable on its own (a new xDS connection)."""
+
+    def __init__(self, cp: ControlPlane, tmp_path: Path) -> None:
+        self.cp = cp
+        self.tmp_path = tmp_path
+        self.stacks: dict[str, contextlib.AsyncExitStack] = {}
+        self.envoys: dict[str, Envoy] = {}
+        self.admin_ports = {f: free_port() for f in FLEETS}
+
+    async def start(self, fleet: str) -> None:
+        stack = contextlib.AsyncExitStack()
+        port = self.admin_ports[fleet]
+        text = render_bootstrap(node_id=f"edge-{fleet}", fleet=fleet, xds=self.cp.xds_address, admin_port=port)
+        self.envoys[fleet] = await stack.enter_async_context(run_envoy(text, admin_port=port, log_dir=self.tmp_path))
+        self.stacks[fleet] = stack
+        await self.envoys[fleet].wait_ready()
+
+    async def restart(self, fleet: str) -> None:
+        await self.stacks.pop(fleet).aclose()
+        await self.start(fleet)
+
+    async def close(self) -> None:
+        for stack in self.stacks.values():
+            await stack.aclose()
+
+
+@contextlib.asynccontextmanager
+async def stack(tmp_path: Path, *, fleets: tuple[str, ...] = FLEETS) -> AsyncIterator[tuple[ControlPlane, Api, Fleet, dict[str, str], Any]]:
+    ports = {f: (free_port(), free_port()) for f in fleets}
+    config = write_fleets(tmp_path / "config.yaml", ports)
+    async with run_upstream("blue", "v1") as blue, run_upstream("green", "v2") as green, \
+            run_control_plane(state_path=tmp_path / "state.db", config_path=config, extra_args=WORKERS, log_dir=tmp_path) as cp, \
+            aiohttp.ClientSession() as session:
+        api = Api(session, cp.admin_url)
+        await api.call("PUT", "/v1/services/shop", {"drain_seconds": 1, "standby_seconds": 300})
+        await api.call("PUT", "/v1/services/shop/environments/blue", {"version": "v1", "endpoints": [blue.address]})
+        envoys = Fleet(cp, tmp_path)
+        try:
+            for fleet in fleets:
+                await envoys.start(fleet)
+            await spread(api, envoys, fleets)
+            yield cp, api, envoys, {f: f"http://127.0.0.1:{ports[f][0]}/" for f in fleets}, green
+        finally:
+            await envoys.close()
+
+
+async def placement(api: Api, count: int) -> dict[str, int] | None:
+    """node id -> worker index, once ``count`` proxies are listed."""
+    proxies = await api.proxies()
+    placed = {p["node_id"]: p["worker"] for p in proxies}
+    return placed if len(placed) == count == len(proxies) else None
+
+
+async def spread(api: Api, envoys: Fleet, fleets: tuple[str, ...]) -> dict[str, int]:
+    """Wait until every Envoy is listed; if the kernel's SO_REUSEPORT hashing put them all on
+    one worker, reconnect Envoys (a new connection is hashed anew) until two workers serve."""
+    for _ in range(12):
+        placed = await wait_for(lambda: placement(api, len(fleets)), timeout=60, message="every Envoy listed")
+        if len(set(placed.values())) > 1:
+            return placed
+        await envoys.restart(fleets[0])
+    raise AssertionError(f"the Envoys never spread over two workers: {placed}")
+
+
+async def workers(cp: ControlPlane, session: aiohttp.ClientSession) -> list[dict[str, Any]]:
+    async with session.get(cp.admin_url + "/v1/cluster", headers=cp.headers) as response:
+        view = await response.json()
+    [replica] = view["replicas"]
+    return replica["workers"]  # type: ignore[no-any-return]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+async def test_workers_serve_the_fleet_converge_survive_a_worker_sigkill_and_die_with_main(tmp_path: Path) -> None:
+    async with stack(tmp_path) as (cp, api, envoys, urls, green), aiohttp.ClientSession() as session:
+        await api.call("PUT", "/v1/services/shop/environments/green", {"version": "v2", "endpoints": [green.address]})
+        # ?wait=converged waits for the proxies of every worker: the next requests obey it.
+        view = await api.call("PUT", "/v1/services/shop/traffic", {"weights": {"blue": 0, "green": 100}},
+                              wait="converged", timeout="60")
+        assert view["convergence"]["converged"] and view["convergence"]["proxies"] == 4, view["convergence"]
+        assert view["convergence"]["acked"] == 4, view["convergence"]
+        for url in urls.values():
+            assert await sample_environments(url, 10) == {"green": 10}
+
+        before = await workers(cp, session)
+        assert [w["ready"] for w in before] == [True, True], before
+        placed = await wait_for(lambda: placement(api, 4), timeout=30, message="every Envoy listed")
+        victim_index = max((0, 1), key=lambda i: list(placed.values()).count(i))
+        victim = before[victim_index]
+        moved = sorted(node for node, w in placed.items() if w == victim_index)
+
+        async with contextlib.AsyncExitStack() as loads:
+            load = [await loads.enter_async_context(steady_load(url)) for url in urls.values()]
+            await wait_for(lambda: all(x.total > 20 for x in load), timeout=30, message="load flowing")
+            os.kill(victim["pid"], signal.SIGKILL)
+
+            async def restarted() -> bool:
+                now = (await workers(cp, session))[victim_index]
+                return now["ready"] and now["pid"] != victim["pid"] and now["restarts"] == 1
+
+            await wait_for(restarted, timeout=60, message=f"worker {victim_index} restarted")
+            # Its Envoys reconnected (to either worker) and every proxy is listed again.
+            await wait_for(lambda: placement(api, 4), timeout=60, message=f"{moved} reconnected")
+            view = await api.call("PUT", "/v1/services/shop/traffic", {"weights": {"blue": 100, "green": 0}},
+                                  wait="converged", timeout="60")
+            assert view["convergence"]["converged"] and view["convergence"]["acked"] == 4, view["convergence"]
+            before_stop = [x.total for x in load]
+            await wait_for(lambda: all(x.total > t + 20 for x, t in zip(load, before_stop)), timeout=30,
+                           message="load flowing after the restart")
+        for x in load:
+            assert set(x.statuses) == {200}, (dict(x.statuses), x.errors[:5])
+        for url in urls.values():
+            assert await sample_environments(url, 10) == {"blue": 10}
+
+        # Metrics add up over workers: one connected proxy per fleet, one restart.
+        async with session.get(cp.admin_url + "/metrics", headers=cp.headers) as response:
+            metrics = await response.text()
+        for fleet in FLEETS:
+            assert f'bluegreen_xds_connected_proxies{{fleet="{fleet}"}} 1.0' in metrics, metrics
+        assert "bluegreen_xds_worker_restarts_total 1.0" in metrics
+        assert "bluegreen_xds_workers_ready 2.0" in metrics
+
+        # The main process dies (SIGKILL, no clean-up of its own): no worker outlives it.
+        pids = [w["pid"] for w in await workers(cp, session)]
+        assert all(alive(pid) for pid in pids)
+        cp.process.kill(signal.SIGKILL)
+        await cp.process.wait()
+        await wait_for(lambda: not any(alive(pid) for pid in pids), timeout=30, message=f"workers {pids} gone")
+
+
+async def test_analysis_reads_reports_from_envoys_on_the_workers(tmp_path: Path) -> None:
+    async with stack(tmp_path, fleets=("a", "b", "c")) as (cp, api, envoys, urls, green):
+        async with contextlib.AsyncExitStack() as loads:
+            load = [await loads.enter_async_context(steady_load(url)) for url in urls.values()]
+            created = await api.call("POST", "/v1/services/shop/deployments", {
+                "version": "v2", "endpoints": [green.address],
+                "strategy": {"steps": [50, 100], "step_seconds": 600, "bake_seconds": 600},
+                "analysis": {"interval_seconds": 1, "max_error_rate": 0.05, "max_p99_ms": None, "min_requests": 5,
+                             "failure_limit": 1},
+            }, expect=202)
+
+            async def judged() -> dict[str, Any] | None:
+                d = await api.call("GET", f"/v1/deployments/{created['id']}")
+                a = d["analysis"] or {}
+                return d if a.get("verdict") == "ok" and a.get("requests", 0) >= 5 else None
+
+            d = await wait_for(judged, timeout=90, message="an analysis interval judged on the workers' reports")
+            assert d["status"] == "shifting" and d["failures"] == 0, d
+        for x in load:
+            assert set(x.statuses) == {200}, (dict(x.statuses), x.errors[:5])
