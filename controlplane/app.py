@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Awaitable
 
 import grpc
 
@@ -77,7 +78,7 @@ class ControlPlane:
             authorize=telemetry_authorizer(self.ads, self.cache, mtls=settings.xds.tls is not None),
             on_dropped=lambda reason, n: self.metrics.telemetry_dropped.labels(reason=reason).inc(n),
         )
-        self.rollouts = Rollouts(self.repo, settings.fleets, self.metrics, self.wait_converged, self.convergence.routing_to)
+        self.rollouts = Rollouts(self.repo, settings.fleets, self.metrics, self.wait_converged, self.routing_to)
         self.grpc_server: grpc.aio.Server | None = None
         self.xds_port: int | None = None
         self.xds_address = ""
@@ -105,6 +106,13 @@ class ControlPlane:
                 "connected_proxies": sum(self.local_status(f.name)["proxies"] for f in self.settings.fleets),
                 "store_revision": self.publisher.generation,
                 "workers": self.workers.workers() if self.workers else []}
+
+    def routing_to(self, fleets: tuple[str, ...], cluster: str) -> tuple[str, ...] | Awaitable[tuple[str, ...]]:
+        """Node ids of this replica's proxies of ``fleets`` that may still route to ``cluster``
+        (the decommission guard); with workers, each is asked (awaitable)."""
+        if self.workers is None:
+            return self.convergence.routing_to(fleets, cluster)
+        return self.workers.routing_to(fleets, cluster)
 
     @property
     def views(self) -> list[RemoteViews]:

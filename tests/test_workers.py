@@ -7,10 +7,12 @@
    metrics add up over workers; SIGKILL of the main process leaves no worker behind.
 2. The deployment analysis reads what Envoys connected to the workers report (metrics service
    on the same port).
+3. Under mTLS, a node id belongs to one certificate across workers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -18,7 +20,12 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import aiohttp
+import grpc
 import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+from controlplane.typeurls import CLUSTER
 
 from controlplane.bootstrap import render_bootstrap
 from tests.harness import ControlPlane, Envoy, free_port, run_control_plane, run_envoy, run_upstream, sample_environments, wait_for
@@ -189,3 +196,61 @@ async def test_analysis_reads_reports_from_envoys_on_the_workers(tmp_path: Path)
             assert d["status"] == "shifting" and d["failures"] == 0, d
         for x in load:
             assert set(x.statuses) == {200}, (dict(x.statuses), x.errors[:5])
+
+
+async def test_under_mtls_a_node_id_belongs_to_one_certificate_across_workers(tmp_path: Path) -> None:
+    """The node-id ownership check (test_telemetry_security) holds when the owner's stream and
+    the impostor's land on different workers: several impostor connections, each hashed anew by
+    the kernel, are all refused (with one worker not knowing the other's streams, about half
+    would be admitted). Telemetry for the node from the owner's certificate is believed on any
+    worker."""
+    from controlplane.app import ControlPlane as InProcess
+    from controlplane.config import load_settings
+    from controlplane.store.sqlite import open_sqlite_store
+    from controlplane.bootstrap import XDS_CLUSTER
+    from tests.test_telemetry_security import credentials, make_pki, report
+    from tests.test_xds_tls import tls_config
+
+    pki = make_pki(tmp_path / "pki")
+    other_edge = pki.ca.client("edge-2", "spiffe://example.org/edge/envoy-2")
+    cp = InProcess(load_settings(tls_config(tmp_path / "config.yaml", pki)), await open_sqlite_store(tmp_path / "state.db"),
+                   workers=2)
+    await cp.start("127.0.0.1:0")
+    assert cp.workers is not None
+    try:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{cp.xds_port}", credentials(pki, pki.edge)) as owner_channel:
+            held = asyncio.Event()
+
+            async def owner_requests() -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
+                yield discovery_pb2.DiscoveryRequest(type_url=CLUSTER, node=base_pb2.Node(id="edge-1", cluster="edge"))
+                await held.wait()
+
+            owner = ads_pb2_grpc.AggregatedDiscoveryServiceStub(owner_channel).StreamAggregatedResources(owner_requests())
+            await asyncio.wait_for(owner.read(), 30)
+            await wait_for(lambda: "edge-1" in cp.workers._nodes, timeout=30, message="edge-1's holder relayed")
+            # Frames on a pipe are ordered: once every worker has answered this, each has the holder.
+            assert len(await cp.workers.rows()) == 1
+            attempts = 8
+            for _ in range(attempts):
+                async with grpc.aio.secure_channel(f"127.0.0.1:{cp.xds_port}", credentials(pki, other_edge),
+                                                   options=[("grpc.use_local_subchannel_pool", 1)]) as other_channel:
+                    impostor = ads_pb2_grpc.AggregatedDiscoveryServiceStub(other_channel).StreamAggregatedResources(
+                        iter([discovery_pb2.DiscoveryRequest(type_url=CLUSTER, node=base_pb2.Node(id="edge-1", cluster="edge"))]))
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await asyncio.wait_for(impostor.read(), 30)
+                    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, refused.value
+            # The owner's telemetry, on connections hashed to either worker, is believed on each.
+            for _ in range(attempts):
+                async with grpc.aio.secure_channel(f"127.0.0.1:{cp.xds_port}", credentials(pki, pki.edge),
+                                                   options=[("grpc.use_local_subchannel_pool", 1)]) as report_channel:
+                    await report(report_channel, "edge-1", {XDS_CLUSTER: {"completed": 5}})
+            await cp.workers.refresh_stats()
+            sample = cp.metrics.registry.get_sample_value
+            assert sample("bluegreen_xds_streams_refused_total", {"reason": "node_id_in_use"}) == attempts
+            assert not sample("bluegreen_telemetry_dropped_total", {"reason": "node_mismatch"})
+            reported = {key for key in cp.workers.remote_totals().get(XDS_CLUSTER, {})}
+            assert len(reported) == 2, f"reports believed on both workers: {reported}"
+            held.set()
+            owner.cancel()
+    finally:
+        await cp.stop()

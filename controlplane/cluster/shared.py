@@ -92,7 +92,8 @@ class MonotonicSums:
     def __init__(self, sink: Any) -> None:
         self.sink = sink  # a MetricsSink, or anything with its snapshot() and since(..., until=)
         self._sums: dict[str, Totals] = {}
-        self._seen: Snapshot | None = None
+        # From construction on: what arrives before the first look counts too.
+        self._seen: Snapshot | None = sink.snapshot()
         self._seq = 0
 
     def look(self) -> dict[str, Any]:

@@ -8,6 +8,8 @@ socketpair on ``FD``. Messages from the main process (``ipc.py`` framing):
     ("snapshots", {fleet: FleetShipment})           changes since the previous shipment
     ("rows", request_id)                            reply ("answer", request_id, [/v1/proxies rows])
     ("stats", request_id)                           reply ("stats", {...}) now, then ("answer", request_id, None)
+    ("routing", request_id, fleets, cluster)        reply ("answer", request_id, node ids routing to cluster)
+    ("holders", node_id, {worker: [(fleet, names)]})  under mTLS: who holds a node id elsewhere
     ("stop", grace_seconds)                         close the port, end streams, exit
 
 Messages to the main process:
@@ -15,6 +17,7 @@ Messages to the main process:
     ("ready", {"port": int, "pid": int})           the port is open (after the first snapshots)
     ("status", {fleet: summary})                    after every convergence change (coalesced)
     ("stats", {"telemetry": {...}, "metrics": [...]}) telemetry sums and metric samples, when changed
+    ("node", node_id, [(fleet, names)])             under mTLS: the streams of a node here, on change
 
 The worker exits when the pipe closes (the main process is gone, even by SIGKILL), and the
 kernel also kills it then (PR_SET_PDEATHSIG), so no worker outlives its main process.
@@ -37,7 +40,8 @@ from ..admin.api import proxy_row
 from ..cluster.shared import MonotonicSums
 from ..config import Settings
 from ..fleet import Convergence, fleet_resolver
-from ..fleet.telemetry_auth import telemetry_authorizer
+from ..fleet.telemetry_auth import _FleetClusters, telemetry_authorizer
+from ..typeurls import CLUSTER
 from ..metrics import Metrics
 from ..telemetry import MetricsSink, add_metrics_service
 from ..xds.peer import StreamLimiter
@@ -76,10 +80,19 @@ class Worker:
         self.cache = SnapshotCache(fleet_resolver(settings))
         self.convergence = Convergence(self.cache, self.metrics, lagging_after=settings.lagging_after_seconds)
         self.limiter = StreamLimiter(worker_limits(settings, workers), self._count_refused)
-        self.ads = AdsServer(self.cache, self.convergence, limiter=self.limiter, on_refused=self._count_refused)
+        self.mtls = settings.xds.tls is not None
+        self.ads = AdsServer(self.cache, _Observers(self.convergence, self), limiter=self.limiter,
+                             on_refused=self._count_refused)
         self.ads.first_request_timeout = settings.xds.first_request_timeout_seconds
+        # Under mTLS, node ids held in the other workers (node -> worker -> [(fleet, names)]),
+        # relayed by the main process: a node id belongs to one certificate across all workers,
+        # and telemetry on this worker is believed for a node whose ADS stream is on another.
+        self.others: dict[str, dict[int, list[tuple[str, tuple[str, ...]]]]] = {}
+        self.ads.other_holders = lambda node_id: {names for entries in self.others.get(node_id, {}).values()
+                                                  for _, names in entries}
+        local = telemetry_authorizer(self.ads, self.cache, mtls=self.mtls)
         self.telemetry = MetricsSink(
-            authorize=telemetry_authorizer(self.ads, self.cache, mtls=settings.xds.tls is not None),
+            authorize=lambda node_id, peer: self._authorize(local, node_id, peer),
             on_dropped=lambda reason, n: self.metrics.telemetry_dropped.labels(reason=reason).inc(n),
         )
         self.sums = MonotonicSums(self.telemetry)
@@ -88,6 +101,22 @@ class Worker:
         self.convergence.listeners.append(self._status_due.set)
         self._sent_status: dict[str, Any] | None = None
         self._sent_stats: dict[str, Any] | None = None
+
+    def _authorize(self, local: Any, node_id: str, peer: Any) -> Any:
+        verdict = local(node_id, peer)
+        if verdict[0] != "node_mismatch":
+            return verdict
+        fleets = {fleet for entries in self.others.get(node_id, {}).values() for fleet, names in entries
+                  if names == peer.names}
+        if not fleets:
+            return verdict
+        return (None, _FleetClusters(tuple(self.cache.get(fleet).of_type(CLUSTER) for fleet in fleets)))
+
+    def node_changed(self, node_id: str) -> None:
+        """Under mTLS, tell the main process who holds ``node_id`` here now (relayed to the others)."""
+        if self.mtls:
+            entries = sorted({(s.fleet, p.names) for s, p in self.ads.streams_of(node_id)})
+            self.send(("node", node_id, entries))
 
     def _count_refused(self, reason: str) -> None:
         self.metrics.streams_refused.labels(reason=reason).inc()
@@ -188,11 +217,19 @@ async def run(fd: int) -> None:
                 worker.apply(message[1])
             elif kind == "rows":
                 worker.send(("answer", message[1], worker.rows()))
+            elif kind == "routing":  # the decommission guard: who may still route to a cluster
+                worker.send(("answer", message[1], worker.convergence.routing_to(message[2], message[3])))
             elif kind == "stats":
                 stats = worker.stats()
                 worker.send(("stats", stats))
                 worker._sent_stats = stats
                 worker.send(("answer", message[1], None))
+            elif kind == "holders":  # node id -> {worker: entries}, for the other workers' streams
+                node_id, holders = message[1], {w: e for w, e in message[2].items() if w != worker.worker and e}
+                if holders:
+                    worker.others[node_id] = holders
+                else:
+                    worker.others.pop(node_id, None)
             elif kind == "stop":
                 grace = float(message[1])
                 break
@@ -202,6 +239,25 @@ async def run(fd: int) -> None:
         worker.convergence.close()
         if worker.server is not None:
             await worker.server.stop(grace)
+
+
+class _Observers:
+    """The ADS server's callbacks: the convergence tracker, plus stream open/close to the worker."""
+
+    def __init__(self, convergence: Convergence, worker: Worker) -> None:
+        self.convergence = convergence
+        self.worker = worker
+        self.response_sent = convergence.response_sent
+        self.nack_received = convergence.nack_received
+        self.stream_changed = convergence.stream_changed
+
+    def stream_opened(self, stream: Any) -> None:
+        self.convergence.stream_opened(stream)
+        self.worker.node_changed(stream.node_id)
+
+    def stream_closed(self, stream: Any) -> None:
+        self.convergence.stream_closed(stream)
+        self.worker.node_changed(stream.node_id)
 
 
 def main(argv: list[str]) -> int:

@@ -90,6 +90,7 @@ class WorkerPool(RemoteViews):
         self._ids = itertools.count(1)
         self._retired: dict[tuple[str, str, str], dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
         self._convergence_pending: dict[str, tuple[int, float]] = {}  # fleet -> (generation, accepted)
+        self._nodes: dict[str, dict[int, list[Any]]] = {}  # under mTLS: node id -> worker -> [(fleet, names)]
         for attribute in FORWARDED_METRICS:
             # The workers count these; the main process exposes their sum (collect()).
             metrics.registry.unregister(getattr(metrics, attribute))
@@ -198,6 +199,8 @@ class WorkerPool(RemoteViews):
         full = {fleet: ipc.FleetShipment(s.generation, time.monotonic(), False, ipc.diff(None, s))
                 for fleet, s in self._shipped.items()}
         writer.write(ipc.encode(("snapshots", full)))
+        for node_id, holders in self._nodes.items():
+            writer.write(ipc.encode(("holders", node_id, holders)))
         slot.writer = writer  # from here on it gets every change (after the full snapshots)
         try:
             await self._read(slot, reader)
@@ -224,6 +227,8 @@ class WorkerPool(RemoteViews):
                 future = self._asks.pop(message[1], None)
                 if future is not None and not future.done():
                     future.set_result(message[2])
+            elif kind == "node":
+                self._node(slot, message[1], message[2])
             elif kind == "ready":
                 log.info("xDS %s (pid %s) serving on %s", slot.name, message[1]["pid"], self.address)
                 slot.ready.set()
@@ -280,6 +285,20 @@ class WorkerPool(RemoteViews):
         self.telemetry_revision += 1
         slot.metrics = stats["metrics"]
 
+    def _node(self, slot: _Slot, node_id: str, entries: list[Any]) -> None:
+        """Relay who holds ``node_id`` to every worker (each ignores its own entry)."""
+        holders = self._nodes.setdefault(node_id, {})
+        if entries:
+            holders[slot.index] = entries
+        else:
+            holders.pop(slot.index, None)
+        if not holders:
+            del self._nodes[node_id]
+        frame = ipc.encode(("holders", node_id, holders))
+        for other in self._slots:
+            if other.writer is not None:
+                other.writer.write(frame)
+
     def _forget(self, slot: _Slot) -> None:
         """A worker is gone: its proxies are no longer connected here (they reconnect to the
         others); its counters stay in the sums (kept as retired), its gauges leave them. Its
@@ -293,6 +312,8 @@ class WorkerPool(RemoteViews):
                     key = (sample, tuple(sorted(labels.items())))
                     retired[key] = retired.get(key, 0.0) + value
         slot.metrics = []
+        for node_id in [n for n, holders in self._nodes.items() if slot.index in holders]:
+            self._node(slot, node_id, [])
         slot.ready.clear()
         self._count_ready()
         with contextlib.suppress(RuntimeError):
@@ -328,29 +349,38 @@ class WorkerPool(RemoteViews):
     async def rows(self, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Every worker's /v1/proxies rows, asked for now (a worker that does not answer within
         ``timeout`` is left out and logged)."""
-        answers = await self._ask("rows", timeout)
+        answers, _ = await self._ask("rows", timeout)
         return [row for rows in answers for row in rows]
+
+    async def routing_to(self, fleets: tuple[str, ...], cluster: str, timeout: float = 10.0) -> tuple[str, ...]:
+        """Node ids of the workers' proxies of ``fleets`` that may still route to ``cluster``. A
+        worker that does not answer is named as one (the guard must not assume it is clear)."""
+        answers, silent = await self._ask("routing", timeout, fleets, cluster)
+        return tuple(sorted({*(n for nodes in answers for n in nodes), *(f"<{s.name}: no answer>" for s in silent)}))
 
     async def refresh_stats(self, timeout: float = 5.0) -> None:
         """Have every worker report its telemetry sums and metric samples now."""
         await self._ask("stats", timeout)
 
-    async def _ask(self, kind: str, timeout: float) -> list[Any]:
+    async def _ask(self, kind: str, timeout: float, *args: Any) -> tuple[list[Any], list[_Slot]]:
+        """Ask every running worker; their answers, and the workers that gave none in time."""
         asks: list[tuple[_Slot, asyncio.Future[Any]]] = []
         for slot in self._slots:
             if slot.writer is not None and slot.ready.is_set():
                 request = next(self._ids)
                 future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
                 self._asks[request] = future
-                slot.writer.write(ipc.encode((kind, request)))
+                slot.writer.write(ipc.encode((kind, request, *args)))
                 asks.append((slot, future))
         answers: list[Any] = []
+        silent: list[_Slot] = []
         for slot, future in asks:
             try:
                 answers.append(await asyncio.wait_for(future, timeout))
             except asyncio.TimeoutError:
                 log.warning("xDS %s did not answer %r within %g s", slot.name, kind, timeout)
-        return answers
+                silent.append(slot)
+        return answers, silent
 
     def workers(self) -> list[dict[str, Any]]:
         """One row per worker for GET /v1/cluster: index, pid, ready, connected proxies, restarts."""
