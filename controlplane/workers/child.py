@@ -264,7 +264,10 @@ def main(argv: list[str]) -> int:
     die_with_parent()
     logging.basicConfig(level=os.environ.get("BLUEGREEN_WORKER_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process stops us
+    # Ctrl-C, and systemd's SIGTERM to the whole service, reach every process: the main process
+    # then stops the workers itself, letting streams finish (kill -9 a worker to restart it).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     asyncio.run(run(int(argv[1])))
     return 0
 

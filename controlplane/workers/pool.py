@@ -30,6 +30,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from prometheus_client.metrics_core import Metric
@@ -47,6 +48,15 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 60.0  # seconds a starting worker may take to open the port
 STABLE_AFTER = 10.0  # a worker that ran this long restarts without accumulated backoff
 RESERVE_ATTEMPTS = 30  # x 0.1 s: how long a port held by dying workers is waited for
+
+
+def _child_env() -> dict[str, str]:
+    """This environment, with the directory holding this ``controlplane`` package first on the
+    path: the worker runs the same code however the main process was started."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 @dataclass(eq=False)
@@ -86,7 +96,7 @@ class WorkerPool(RemoteViews):
         self._supervisors: list[asyncio.Task[None]] = []
         self._stopping = False
         self._placeholder: socket.socket | None = None
-        self._asks: dict[int, asyncio.Future[Any]] = {}  # request id -> its answer
+        self._asks: dict[int, tuple[int, asyncio.Future[Any]]] = {}  # request id -> (worker, its answer)
         self._ids = itertools.count(1)
         self._retired: dict[tuple[str, str, str], dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
         self._convergence_pending: dict[str, tuple[int, float]] = {}  # fleet -> (generation, accepted)
@@ -188,7 +198,8 @@ class WorkerPool(RemoteViews):
         slot.ready.clear()
         try:
             slot.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "controlplane.workers.child", str(child.fileno()), pass_fds=(child.fileno(),))
+                sys.executable, "-m", "controlplane.workers.child", str(child.fileno()), pass_fds=(child.fileno(),),
+                env=_child_env())
         finally:
             child.close()
         slot.pid = slot.process.pid
@@ -224,7 +235,7 @@ class WorkerPool(RemoteViews):
             elif kind == "stats":
                 await self._stats(slot, message[1])
             elif kind == "answer":
-                future = self._asks.pop(message[1], None)
+                _, future = self._asks.pop(message[1], (None, None))
                 if future is not None and not future.done():
                     future.set_result(message[2])
             elif kind == "node":
@@ -312,6 +323,11 @@ class WorkerPool(RemoteViews):
                     key = (sample, tuple(sorted(labels.items())))
                     retired[key] = retired.get(key, 0.0) + value
         slot.metrics = []
+        for request, (index, future) in list(self._asks.items()):
+            if index == slot.index:
+                del self._asks[request]
+                if not future.done():
+                    future.set_exception(ConnectionError(f"{slot.name} exited"))
         for node_id in [n for n, holders in self._nodes.items() if slot.index in holders]:
             self._node(slot, node_id, [])
         slot.ready.clear()
@@ -369,7 +385,7 @@ class WorkerPool(RemoteViews):
             if slot.writer is not None and slot.ready.is_set():
                 request = next(self._ids)
                 future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-                self._asks[request] = future
+                self._asks[request] = (slot.index, future)
                 slot.writer.write(ipc.encode((kind, request, *args)))
                 asks.append((slot, future))
         answers: list[Any] = []
@@ -380,6 +396,8 @@ class WorkerPool(RemoteViews):
             except asyncio.TimeoutError:
                 log.warning("xDS %s did not answer %r within %g s", slot.name, kind, timeout)
                 silent.append(slot)
+            except ConnectionError:  # it died meanwhile: its proxies are reconnecting elsewhere
+                pass
         return answers, silent
 
     def workers(self) -> list[dict[str, Any]]:
