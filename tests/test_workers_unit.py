@@ -55,7 +55,7 @@ def test_a_change_ships_only_what_changed_and_keeps_unchanged_pools() -> None:
     after = Snapshot.build(4, [cluster("a"), cluster("b", timeout=2), cluster("d"), route("r", "x")]).with_generation(4, before)
     changes = ipc.diff(before, after)
     upserts, removed = changes[typeurls.CLUSTER]  # type: ignore[misc]
-    assert [r.name for r in upserts] == ["b", "d"] and removed == ("c",)
+    assert [ipc.unpack(p).name for p in upserts] == ["b", "d"] and removed == ("c",)
     assert changes[typeurls.ROUTE] is None  # unchanged: nothing shipped
     worker = shipped(before, after)
     same(worker, after)

@@ -39,8 +39,20 @@ async def read_message(reader: asyncio.StreamReader) -> Any:
     return pickle.loads(await reader.readexactly(length))
 
 
+# A resource on the pipe: its serialized Any and what it depends on, not the two wire fragments
+# derived from it (a third of the bytes; rebuilt by concatenation, the version is not rehashed).
+Packed = tuple[str, str, str, bytes, tuple[tuple[str, str], ...], tuple[tuple[str, str], ...], bool]
 # Per type: None (unchanged since the previous shipment) or (upserted resources, removed names).
-TypeChange = tuple[tuple[Resource, ...], tuple[str, ...]] | None
+TypeChange = tuple[tuple[Packed, ...], tuple[str, ...]] | None
+
+
+def pack(r: Resource) -> Packed:
+    return (r.type_url, r.name, r.version, r.any_bytes, tuple(r.requires), tuple(r.warms_with), r.wildcard)
+
+
+def unpack(p: Packed) -> Resource:
+    type_url, name, version, any_bytes, requires, warms_with, wildcard = p
+    return Resource.from_any(name, type_url, any_bytes, requires, warms_with, wildcard, version)
 
 
 @dataclass(frozen=True)
@@ -60,7 +72,7 @@ def diff(previous: Snapshot | None, current: Snapshot) -> dict[str, TypeChange]:
             changes[type_url] = None
             continue
         old = old or {}
-        upserts = tuple(r for name, r in pool.items() if old.get(name) != r)
+        upserts = tuple(pack(r) for name, r in pool.items() if old.get(name) != r)
         removed = tuple(name for name in old if name not in pool)
         changes[type_url] = None if previous is not None and not upserts and not removed else (upserts, removed)
     return changes
@@ -80,7 +92,8 @@ def apply(previous: Snapshot | None, shipment: FleetShipment) -> Snapshot:
         merged = dict(old)
         for name in removed:
             merged.pop(name, None)
-        for resource in upserts:
+        for packed in upserts:
+            resource = unpack(packed)
             merged[resource.name] = resource
         pools[type_url] = dict(sorted(merged.items()))
     return Snapshot(shipment.generation, pools)
