@@ -254,3 +254,15 @@ async def test_under_mtls_a_node_id_belongs_to_one_certificate_across_workers(tm
             owner.cancel()
     finally:
         await cp.stop()
+
+
+async def test_a_stopped_control_plane_stops_its_workers(tmp_path: Path) -> None:
+    """SIGTERM (how the harness, systemd and `docker stop` end it): the main process stops its
+    workers and exits 0; none is left."""
+    async with run_control_plane(state_path=tmp_path / "state.db", extra_args=WORKERS, log_dir=tmp_path) as cp, \
+            aiohttp.ClientSession() as session:
+        pids = [w["pid"] for w in await workers(cp, session)]
+        assert len(pids) == 2 and all(alive(pid) for pid in pids)
+        assert await cp.process.stop() == 0
+        await wait_for(lambda: not any(alive(pid) for pid in pids), timeout=30, message=f"workers {pids} gone")
+        assert "restarting it" not in cp.log_text(), "a worker stopped on purpose is not restarted"
