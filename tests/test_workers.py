@@ -266,3 +266,33 @@ async def test_a_stopped_control_plane_stops_its_workers(tmp_path: Path) -> None
         assert await cp.process.stop() == 0
         await wait_for(lambda: not any(alive(pid) for pid in pids), timeout=30, message=f"workers {pids} gone")
         assert "restarting it" not in cp.log_text(), "a worker stopped on purpose is not restarted"
+
+
+async def test_a_worker_that_stops_reading_is_restarted(tmp_path: Path) -> None:
+    """A hung worker (SIGSTOP) does not make the main process buffer snapshots without bound:
+    past the backlog limit it is killed and restarted with the current snapshots."""
+    from controlplane.app import ControlPlane as InProcess
+    from controlplane.config import Settings
+    from controlplane.store.sqlite import open_sqlite_store
+
+    cp = InProcess(Settings(), await open_sqlite_store(tmp_path / "state.db"), workers=2)
+    await cp.start("127.0.0.1:0")
+    assert cp.workers is not None
+    cp.workers.max_backlog = 64 * 1024
+    try:
+        [hung, _] = cp.workers.workers()
+        os.kill(hung["pid"], signal.SIGSTOP)
+        await cp.operations.put_service("shop", {})
+        endpoints = [f"10.0.{i // 250}.{i % 250 + 1}:8080" for i in range(500)]  # a few KB per change
+        for k in range(2000):
+            if cp.workers.workers()[0]["pid"] != hung["pid"]:
+                break
+            committed = await cp.operations.put_environment("shop", "green", {"version": f"v{k}", "endpoints": endpoints[k % 2:]})
+            await cp.publisher.wait_published(committed.revision)
+        await wait_for(lambda: cp.workers.workers()[0]["ready"] and cp.workers.workers()[0]["restarts"] == 1,
+                       timeout=60, message="the hung worker killed and restarted")
+        assert not alive(hung["pid"])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung["pid"], signal.SIGCONT)
+        await cp.stop()

@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 60.0  # seconds a starting worker may take to open the port
 STABLE_AFTER = 10.0  # a worker that ran this long restarts without accumulated backoff
 RESERVE_ATTEMPTS = 30  # x 0.1 s: how long a port held by dying workers is waited for
+# Bytes queued for a worker that does not read its pipe (hung, or far behind) before it is killed
+# and restarted with the current snapshots: the main process must not buffer without bound.
+MAX_BACKLOG = 256 * 1024 * 1024
 
 
 def _child_env() -> dict[str, str]:
@@ -86,6 +89,7 @@ class WorkerPool(RemoteViews):
         self.share_rows = share_rows
         self.backoff = backoff
         self.on_change = on_change
+        self.max_backlog = MAX_BACKLOG
         self.address = ""
         self.port = 0
         self.restarts = 0
@@ -274,6 +278,14 @@ class WorkerPool(RemoteViews):
         for slot in self._slots:
             if slot.writer is not None:
                 slot.writer.write(frame)
+                self._check_backlog(slot)
+
+    def _check_backlog(self, slot: _Slot) -> None:
+        backlog = slot.writer.transport.get_write_buffer_size() if slot.writer is not None else 0
+        if backlog > self.max_backlog and slot.process is not None and slot.process.returncode is None:
+            log.error("xDS %s (pid %s) has not read %d bytes of snapshots: killing it (it is restarted with the "
+                      "current snapshots)", slot.name, slot.pid, backlog)
+            slot.process.kill()
 
     def seed(self, snapshots: dict[str, Snapshot]) -> None:
         """The snapshots the first workers start with (the first publication)."""
