@@ -885,6 +885,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "(auto: the first half of the CPUs; none: not pinned)")
     peer.add_argument("--client-cpus", default="auto", help="--peer only: taskset CPU list for the client processes "
                       "(auto: the other half; none: not pinned)")
+    peer.add_argument("--xds-workers", type=int, nargs="+", default=[None], metavar="N",
+                      help="--peer only: run our server once per value with `serve --xds-workers N` (e.g. 1 2); "
+                           "CPU and RSS are summed over its processes (default: one run with the server's default)")
     peer.add_argument("--build", action="store_true", help="--peer only: run bench/peers/build.sh first "
                       "(it also runs when bench/.bin/gcp or bench/.bin/simgo is missing)")
     args = parser.parse_args(argv)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import math
 import os
@@ -42,6 +43,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -239,10 +241,49 @@ def expand(cpus: str) -> list[int]:
 # The two servers
 
 
-class Ours:
-    name = "bluegreen"
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and its descendants (the control plane and its xDS workers)."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                raw = (entry / "stat").read_text()
+            except OSError:
+                continue
+            children[int(raw[raw.rindex(")") + 2:].split()[1])].append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(children.get(current, ()))
+    return out
 
-    def __init__(self, args: argparse.Namespace, services: int, case_dir: Path) -> None:
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a server summed over its process tree (main process + xDS workers)."""
+    total = 0.0
+    for p in tree_pids(pid):
+        with contextlib.suppress(OSError):
+            total += conv.cpu_seconds(p)
+    return total
+
+
+def tree_rss_kib(pid: int) -> int:
+    total = 0
+    for p in tree_pids(pid):
+        with contextlib.suppress(OSError, RuntimeError):
+            total += conv.rss_kib(p)
+    return total
+
+
+def our_name(workers: int | None) -> str:
+    return "bluegreen" if workers is None else f"bluegreen x{workers}"
+
+
+class Ours:
+    def __init__(self, args: argparse.Namespace, services: int, case_dir: Path, workers: int | None = None) -> None:
+        self.name = our_name(workers)
+        extra = [] if workers is None else ["--xds-workers", str(workers)]
         self.xds_port, admin_port, listener_port, preview_port = conv.distinct_free_ports(4)
         config = case_dir / "bluegreen.yaml"
         conv.write_cp_config(config, listener_port, preview_port)
@@ -250,7 +291,7 @@ class Ours:
         state = case_dir / f"state-{time.monotonic_ns()}.db"
         self.proc = conv.spawn(pinned([*args.cp_cmd.split(), "--config", str(config), "--state", str(state),
                                        "--xds", f"127.0.0.1:{self.xds_port}", "--admin", f"127.0.0.1:{admin_port}",
-                                       "--log-level", "warning"], args.server_cpus), self.log)
+                                       "--log-level", "warning", *extra], args.server_cpus), self.log)
         self.admin = conv.Admin(admin_port)
         conv.wait_until(lambda: self.admin.ok("GET", "/healthz"), 30, "control plane /healthz", self.proc, self.log)
         conv.register_services(self.admin, services)
@@ -367,17 +408,18 @@ class Gcp:
 
 def measure(server: Any, args: argparse.Namespace, proxies: int, case_dir: Path, tag: str) -> dict[str, Any]:
     pid = server.proc.pid
-    rss_before = conv.rss_kib(pid)
+    rss_before = tree_rss_kib(pid)
     t0 = time.monotonic()
     fleet = Fleet(args.client, server.target, proxies, args.streams_per_client, args.client_cpus, case_dir, tag,
                   args.connect_timeout)
     result: dict[str, Any] = {"server": server.name, "connect_seconds": time.monotonic() - t0}
     try:
         time.sleep(0.5)
-        rss_connected = conv.rss_kib(pid)
+        rss_connected = tree_rss_kib(pid)
         version, _, _ = fleet.wait_all("", args.timeout)
         states0 = fleet.states()
-        cpu0, clients0 = conv.cpu_seconds(pid), fleet.cpu()
+        tree = tree_pids(pid)
+        cpu0, clients0 = tree_cpu_seconds(pid), fleet.cpu()
         system0, own0, procs0 = conv.system_cpu(), conv.own_cpu_seconds(), conv.all_processes_cpu()
         samples = []
         started = time.monotonic()
@@ -394,9 +436,9 @@ def measure(server: Any, args: argparse.Namespace, proxies: int, case_dir: Path,
             samples.append(sample)
             version = new
         elapsed = time.monotonic() - started
-        cpu1, clients1 = conv.cpu_seconds(pid), fleet.cpu()
+        cpu1, clients1 = tree_cpu_seconds(pid), fleet.cpu()
         system1, own1, procs1 = conv.system_cpu(), conv.own_cpu_seconds(), conv.all_processes_cpu()
-        others = conv.other_processes(procs0, procs1, {os.getpid(), pid, *fleet.pids})
+        others = conv.other_processes(procs0, procs1, {os.getpid(), *tree, *fleet.pids})
         n = args.switches
         states = fleet.states()
         responses = {k: sum(s["responses"].get(TYPES[k], 0) for s in states) - sum(s["responses"].get(TYPES[k], 0) for s in states0)
@@ -418,7 +460,8 @@ def measure(server: Any, args: argparse.Namespace, proxies: int, case_dir: Path,
             "server_cpu_us_per_change_per_stream": 1e6 * (cpu1 - cpu0) / n / proxies,
             "clients_cpu_seconds_per_change": (clients1 - clients0) / n,
             "clients_cpu_us_per_change_per_stream": 1e6 * (clients1 - clients0) / n / proxies,
-            "rss_kib": {"before_clients": rss_before, "clients_connected": rss_connected, "after_changes": conv.rss_kib(pid)},
+            "server_processes": len(tree),
+            "rss_kib": {"before_clients": rss_before, "clients_connected": rss_connected, "after_changes": tree_rss_kib(pid)},
             "rss_kib_per_stream": (rss_connected - rss_before) / proxies,
             "other_processes_cpu_seconds": others,
             "other_processes_cpu_seconds_per_change": sum(others.values()) / n,
@@ -443,12 +486,16 @@ def run_case(services: int, proxies: int, args: argparse.Namespace, workdir: Pat
     states: tuple[Resources, Resources] | None = None
     for r in range(args.rounds):
         # ABBA...: each server goes first in every other round, so slow drifts of the machine's load
-        # fall on both. Round 1 starts with ours, which provides the resources for the peer.
-        for kind in (("ours", "gcp") if r % 2 == 0 else ("gcp", "ours")):
-            tag = f"r{r}-{kind}"
-            print(f"   round {r + 1}/{args.rounds}: {kind}", file=sys.stderr, flush=True)
+        # fall on both. Round 1 starts with ours, which provides the resources for the peer (the
+        # first round always starts with ours: the peer needs them).
+        # With --xds-workers, one run of ours per worker count: ours(w1), ours(w2), ..., gcp.
+        order: list[tuple[str, int | None]] = [*(("ours", w) for w in args.xds_workers), ("gcp", None)]
+        for kind, workers in (order if r % 2 == 0 else order[::-1]):
+            tag = f"r{r}-{kind}" + (f"-w{workers}" if workers is not None else "")
+            print(f"   round {r + 1}/{args.rounds}: {kind}" + (f" ({workers} xDS workers)" if workers is not None else ""),
+                  file=sys.stderr, flush=True)
             if kind == "ours":
-                server: Any = Ours(args, services, case_dir)
+                server: Any = Ours(args, services, case_dir, workers)
                 if states is None:
                     a, b, stable = server.capture()
                     states = (a, b)
@@ -481,7 +528,7 @@ def run_case(services: int, proxies: int, args: argparse.Namespace, workdir: Pat
 def summarize_case(case: dict[str, Any]) -> dict[str, Any]:
     """Per server, the samples of all its rounds pooled; CPU and RSS as the mean over rounds."""
     out: dict[str, Any] = {}
-    for name in ("bluegreen", "go-control-plane"):
+    for name in server_names(case):
         runs = [r for r in case["runs"] if r["server"] == name]
         samples = [s for r in runs for s in r["samples"]]
         row = {
@@ -503,19 +550,28 @@ def summarize_case(case: dict[str, Any]) -> dict[str, Any]:
         if samples and "handler_seconds" in samples[0]:
             row["handler_seconds"] = conv.summarize([s["handler_seconds"] for s in samples])
         out[name] = row
-    ours, peer = out["bluegreen"], out["go-control-plane"]
+    peer = out["go-control-plane"]
 
     def ratio(a: float, b: float) -> float | None:
         return a / b if b else None
 
-    out["ratio_ours_to_gcp"] = {
-        "convergence_p50": ratio(ours["convergence_seconds"]["p50"], peer["convergence_seconds"]["p50"]),
-        "convergence_p99": ratio(ours["convergence_seconds"]["p99"], peer["convergence_seconds"]["p99"]),
-        "server_cpu_per_change": ratio(ours["server_cpu_seconds_per_change"], peer["server_cpu_seconds_per_change"]),
-        "api_p50": ratio(ours["api_seconds"]["p50"], peer["api_seconds"]["p50"]),
-        "rss_after_changes": ratio(ours["rss_mib_after_changes"], peer["rss_mib_after_changes"]),
-    }
+    for name in server_names(case)[:-1]:
+        ours = out[name]
+        key = "ratio_ours_to_gcp" if name == "bluegreen" else f"ratio_{name.replace(' ', '_')}_to_gcp"
+        out[key] = {
+            "convergence_p50": ratio(ours["convergence_seconds"]["p50"], peer["convergence_seconds"]["p50"]),
+            "convergence_p99": ratio(ours["convergence_seconds"]["p99"], peer["convergence_seconds"]["p99"]),
+            "server_cpu_per_change": ratio(ours["server_cpu_seconds_per_change"], peer["server_cpu_seconds_per_change"]),
+            "api_p50": ratio(ours["api_seconds"]["p50"], peer["api_seconds"]["p50"]),
+            "rss_after_changes": ratio(ours["rss_mib_after_changes"], peer["rss_mib_after_changes"]),
+        }
     return out
+
+
+def server_names(case: dict[str, Any]) -> list[str]:
+    """Our runs (in --xds-workers order), then the peer."""
+    ours = list(dict.fromkeys(r["server"] for r in case["runs"] if r["server"] != "go-control-plane"))
+    return [*ours, "go-control-plane"]
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -536,14 +592,14 @@ def markdown(report: dict[str, Any]) -> str:
                     "(re-serialized by our protobuf library they are byte-identical)")
         else:
             same = "the same resources: **NO** (see byte_equal in the JSON)"
-        lines += [f"S={case['services']}, M={case['proxies']}, {case['switches']} changes x {case['summary']['bluegreen']['rounds']} rounds "
+        lines += [f"S={case['services']}, M={case['proxies']}, {case['switches']} changes x {case['summary']['go-control-plane']['rounds']} rounds "
                   f"per server. The peer serves {same} "
                   f"({counts} resources; "
                   f"a change posts {', '.join(case['types_changed_per_change'])}).", "",
                   "| server | conv. p50 ms | conv. p99 ms | all ACKs read p50 ms | API p50 ms | API p99 ms | server CPU ms/change | server CPU µs/stream/change "
                   "| RSS MiB | RSS KiB/stream | clients CPU ms/change | clients CPU µs/stream/change | other procs CPU ms/change | machine busy % |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for name in ("bluegreen", "go-control-plane"):
+        for name in server_names(case):
             r = case["summary"][name]
             api = f"{1000 * r['api_seconds']['p50']:.1f}"
             if "handler_seconds" in r:
@@ -553,12 +609,16 @@ def markdown(report: dict[str, Any]) -> str:
                          f"| {r['server_cpu_us_per_change_per_stream']:.0f} | {r['rss_mib_after_changes']:.0f} | {r['rss_kib_per_stream']:.0f} "
                          f"| {1000 * r['clients_cpu_seconds_per_change']:.0f} | {r['clients_cpu_us_per_change_per_stream']:.0f} "
                          f"| {1000 * r['other_processes_cpu_seconds_per_change']:.0f} | {100 * r['machine_cpu_utilization']:.0f} |")
-        ratios = case["summary"]["ratio_ours_to_gcp"]
-        lines += ["", "Ours / go-control-plane: " + ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in ratios.items()), ""]
+        lines.append("")
+        for name in server_names(case)[:-1]:
+            key = "ratio_ours_to_gcp" if name == "bluegreen" else f"ratio_{name.replace(' ', '_')}_to_gcp"
+            ratios = case["summary"][key]
+            lines.append(f"{name} / go-control-plane: " + ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in ratios.items()))
+        lines.append("")
         pushes = "; ".join(f"{name} " + ", ".join(f"{k} {v:g}" for k, v in case["summary"][name]["client_responses_per_change"].items())
-                           for name in ("bluegreen", "go-control-plane"))
+                           for name in server_names(case))
         lines.append(f"Responses per change received by the clients: {pushes}.")
-        checks = case["summary"]["bluegreen"].get("method_check")
+        checks = [c for name in server_names(case)[:-1] for c in case["summary"][name].get("method_check", [])]
         if checks:
             lines.append("Method check (extra changes of our server with ?wait=converged, not in the table), server-measured / "
                          "client-measured ms: " + ", ".join(f"{1000 * c['server_seconds']:.0f} / {1000 * c['client_seconds']:.0f}" for c in checks) + ".")

@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Awaitable
 
 import grpc
 
 from . import typeurls
 from .cluster import Coordinator, Standalone
 from .cluster.etcd import EtcdCoordinator
-from .cluster.shared import FleetTelemetry, SharedState
+from .cluster.shared import FleetTelemetry, RemoteViews, SharedState
 from .config import Settings
 from .deploy.driver import Rollouts
 from .deploy.operations import Operations
@@ -41,7 +42,10 @@ from .store.etcd import EtcdStore
 from .store.repository import Repository
 from .telemetry import MetricsSink, add_metrics_service
 from .xds.peer import StreamLimiter, StreamLimits
-from .xds.server import AdsServer, SnapshotCache, server_options as xds_server_options
+from .xds.server import AdsServer, SnapshotCache
+from .xds.snapshot import Snapshot
+from .workers.pool import WorkerPool
+from .workers.serving import grpc_server, listen
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,8 @@ class ControlPlane:
     the caller (see ``serve.py``)."""
 
     def __init__(self, settings: Settings, kv: KVStore, *, replica_id: str = "local", lease_ttl: int = 5,
-                 admin_address: str = "") -> None:
+                 admin_address: str = "", workers: int = 1) -> None:
+        """``workers``: xDS worker processes (docs/workers.md); 1 serves xDS in this process."""
         self.settings = settings
         self.kv = kv
         self.admin_address = admin_address
@@ -61,7 +66,13 @@ class ControlPlane:
         self.cache = SnapshotCache(fleet_resolver(settings))
         self.convergence = Convergence(self.cache, self.metrics, lagging_after=settings.lagging_after_seconds)
         self.builder = SnapshotBuilder(settings.fleets, vhds=settings.xds.route_split == "vhds")
-        self.publisher = Publisher(self.repo, self.builder, self.cache, self.convergence, self.metrics)
+        # With workers, the proxies are theirs: this process builds each snapshot once and ships it.
+        self.workers: WorkerPool | None = (
+            WorkerPool(settings, workers, self.metrics, share_rows=isinstance(kv, EtcdStore),
+                       on_change=self.convergence._notify) if workers > 1 else None)
+        self.publisher = Publisher(self.repo, self.builder, self.cache,
+                                   _ShipToo(self.convergence, self.workers) if self.workers else self.convergence,  # type: ignore[arg-type]
+                                   self.metrics)
         limits = StreamLimits(settings.xds.max_streams, settings.xds.max_streams_per_identity)
         # One limiter for ADS and metrics streams: a client's caps count both.
         self.limiter = StreamLimiter(limits, self._count_refused)
@@ -71,7 +82,7 @@ class ControlPlane:
             on_dropped=lambda reason, n: self.metrics.telemetry_dropped.labels(reason=reason).inc(n),
         )
         self.sources = self._endpoint_sources()
-        self.rollouts = Rollouts(self.repo, settings.fleets, self.metrics, self.wait_converged, self.convergence.routing_to)
+        self.rollouts = Rollouts(self.repo, settings.fleets, self.metrics, self.wait_converged, self.routing_to)
         self.grpc_server: grpc.aio.Server | None = None
         self.xds_port: int | None = None
         self.xds_address = ""
@@ -85,8 +96,8 @@ class ControlPlane:
             self.rollouts.leadership = self.cluster
             coordinator = self.cluster
             self.shared = SharedState(kv, replica_id, tuple(f.name for f in settings.fleets), lambda: coordinator.lease,
-                                      lambda fleet, require_all: self.convergence.status(fleet, require_all=require_all),
-                                      self.telemetry)
+                                      lambda fleet, require_all: self.local_status(fleet, require_all=require_all),
+                                      FleetTelemetry(self.telemetry, self.workers) if self.workers else self.telemetry)  # type: ignore[arg-type]
         self._cluster_tasks: list[asyncio.Task[None]] = []
         # Deployment event notifications (the config file's and each service's webhooks): a task
         # of its own, so that with replicas only the leader runs it (start_notifier / stop_notifier).
@@ -116,44 +127,47 @@ class ControlPlane:
     def replica_info(self) -> dict[str, object]:
         """This replica's row of GET /v1/cluster (the coordinator adds id and last_seen)."""
         return {"xds": self.xds_address, "admin": self.admin_address,
-                "connected_proxies": sum(len(p.streams) for p in self.convergence.fleets.values()),
-                "store_revision": self.publisher.generation}
+                "connected_proxies": sum(self.local_status(f.name)["proxies"] for f in self.settings.fleets),
+                "store_revision": self.publisher.generation,
+                "workers": self.workers.workers() if self.workers else []}
+
+    def routing_to(self, fleets: tuple[str, ...], cluster: str) -> tuple[str, ...] | Awaitable[tuple[str, ...]]:
+        """Node ids of this replica's proxies of ``fleets`` that may still route to ``cluster``
+        (the decommission guard); with workers, each is asked (awaitable)."""
+        if self.workers is None:
+            return self.convergence.routing_to(fleets, cluster)
+        return self.workers.routing_to(fleets, cluster)
+
+    @property
+    def views(self) -> list[RemoteViews]:
+        """Where proxies other than this process's own report: its xDS workers, other replicas."""
+        return [v for v in (self.workers, self.shared) if v is not None]
+
+    def local_status(self, fleet: str, *, require_all: bool = False) -> dict[str, object]:
+        """Convergence.status of ``fleet`` over this replica's proxies (its workers' too)."""
+        status = self.convergence.status(fleet, require_all=require_all)
+        return self.workers.status(fleet, status, require_all=require_all) if self.workers else status
 
     async def start(self, xds_address: str) -> None:
         await self.publisher.publish_once()  # before the port opens: never serve an empty config
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="publisher")
-        xds = self.settings.xds
-        self.ads.first_request_timeout = xds.first_request_timeout_seconds
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", self.settings.xds.max_request_bytes),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                # grpcio sets SO_REUSEPORT by default: a second control plane could then bind
-                # the same port silently and split the fleet between two processes.
-                ("grpc.so_reuseport", 0),
-                # Keepalive, ping policy and connection age (the config file's xds: section).
-                *xds_server_options(
-                    keepalive_seconds=xds.keepalive_seconds,
-                    keepalive_timeout_seconds=xds.keepalive_timeout_seconds,
-                    max_connection_age_seconds=xds.max_connection_age_seconds,
-                    max_connection_age_grace_seconds=xds.max_connection_age_grace_seconds,
-                ),
-                # No bandwidth-delay-product pings: they size the window for data we receive,
-                # and ADS requests are small. With them on, every ACK costs an extra PING round
-                # trip: bench/grpc_floor.py measured about a third more server CPU per push.
-                ("grpc.http2.bdp_probe", 0),
-            ]
-        )
-        self.ads.add_to_server(server)
-        add_metrics_service(server, self.telemetry, self.limiter)  # Envoy pushes its stats here (analysis)
-        self.xds_port = self._listen(server, xds_address)
-        if not self.xds_port:
-            raise OSError(f"cannot listen for xDS on {xds_address}")
+        if self.workers is not None:
+            self.workers.seed({fleet: self.cache.get(fleet) for fleet in self.cache.groups()})
+            await self.workers.start(xds_address)
+            self.xds_port = self.workers.port
+        else:
+            self.ads.first_request_timeout = self.settings.xds.first_request_timeout_seconds
+            server = grpc_server(self.settings, reuseport=False)
+            self.ads.add_to_server(server)
+            add_metrics_service(server, self.telemetry, self.limiter)  # Envoy pushes its stats here (analysis)
+            self.xds_port = listen(server, self.settings, xds_address)
+            if not self.xds_port:
+                raise OSError(f"cannot listen for xDS on {xds_address}")
+            await server.start()
+            self.grpc_server = server
         self.xds_address = f"{xds_address.rpartition(':')[0]}:{self.xds_port}"
-        await server.start()
-        self.grpc_server = server
         # With replicas, the leader's analysis adds up what every replica's proxies report.
-        self.rollouts.telemetry = FleetTelemetry(self.telemetry, self.shared) if self.shared else self.telemetry
+        self.rollouts.telemetry = FleetTelemetry(self.telemetry, *self.views) if self.views else self.telemetry
         if self.shared is not None:
             await self.shared.start()
         await self.rollouts.start()  # standalone: resumes deployments that were under way
@@ -210,7 +224,7 @@ class ControlPlane:
                 log.debug("counting replicas failed: %s", exc)
             if self.shared is not None:
                 for fleet in self.settings.fleets:
-                    local = self.convergence.status(fleet.name)
+                    local = self.local_status(fleet.name)
                     remote = self.shared.remote(fleet.name).values()
                     self.metrics.fleet_proxies.labels(fleet.name).set(local["proxies"] + sum(s["connected"] for s in remote))
                     self.metrics.fleet_converged_proxies.labels(fleet.name).set(local["acked"] + sum(s["acked"] for s in remote))
@@ -226,18 +240,6 @@ class ControlPlane:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    def _listen(self, server: grpc.aio.Server, address: str) -> int:
-        tls = self.settings.xds.tls
-        if tls is None:
-            return server.add_insecure_port(address)
-        # Read at start: a certificate rotation takes a restart (see docs/security.md).
-        credentials = grpc.ssl_server_credentials(
-            ((tls.key.read_bytes(), tls.cert.read_bytes()),),
-            root_certificates=tls.client_ca.read_bytes(),
-            require_client_auth=True,  # no client certificate signed by client_ca: handshake refused
-        )
-        return server.add_secure_port(address, credentials)
-
     def _count_refused(self, reason: str) -> None:
         self.metrics.streams_refused.labels(reason=reason).inc()
 
@@ -251,13 +253,8 @@ class ControlPlane:
             await asyncio.wait_for(self.publisher.wait_published(revision), timeout)
             remaining = max(0.0, timeout - (time.monotonic() - started))
             result = await asyncio.wait_for(self.convergence.wait(fleets, revision, started, require_all=require_all), remaining)
-            if self.shared is None:
-                return result
-            # Replicas: the proxies of every other replica, as they report through etcd.
-            remaining = max(0.0, timeout - (time.monotonic() - started))
-            lagging, rejecting = await asyncio.wait_for(self.shared.wait_converged(fleets, revision, require_all), remaining)
-            return WaitResult(time.monotonic() - started, tuple(sorted({*result.lagging, *lagging})),
-                              tuple(sorted({*result.rejecting, *rejecting})))
+            # Workers and replicas: their proxies, as they report through pipes and etcd.
+            return await self._wait_views(result, fleets, revision, started, started + timeout, require_all)
         except asyncio.TimeoutError:
             return None
 
@@ -269,14 +266,23 @@ class ControlPlane:
         started = time.monotonic()
         try:
             result = await asyncio.wait_for(self.convergence.wait(fleets, revision, since, require_all=require_all), timeout)
-            if self.shared is None:
-                return result
-            remaining = max(0.0, timeout - (time.monotonic() - started))
-            lagging, rejecting = await asyncio.wait_for(self.shared.wait_converged(fleets, revision, require_all), remaining)
-            return WaitResult(time.monotonic() - since, tuple(sorted({*result.lagging, *lagging})),
-                              tuple(sorted({*result.rejecting, *rejecting})))
+            return await self._wait_views(result, fleets, revision, since, started + timeout, require_all)
         except asyncio.TimeoutError:
             return None
+
+    async def _wait_views(self, result: WaitResult, fleets: tuple[str, ...], revision: int, since: float,
+                          deadline: float, require_all: bool) -> WaitResult:
+        """``result`` (this process's proxies) once every view's proxies converged too; raises
+        asyncio.TimeoutError at ``deadline`` (monotonic)."""
+        lagging, rejecting = set(result.lagging), set(result.rejecting)
+        for view in self.views:
+            remaining = max(0.0, deadline - time.monotonic())
+            more_lagging, more_rejecting = await asyncio.wait_for(view.wait_converged(fleets, revision, require_all), remaining)
+            lagging.update(more_lagging)
+            rejecting.update(more_rejecting)
+        if not self.views:
+            return result
+        return WaitResult(time.monotonic() - since, tuple(sorted(lagging)), tuple(sorted(rejecting)))
 
     async def stop(self, grace: float = 2.0) -> None:
         errors: list[BaseException] = []
@@ -293,6 +299,11 @@ class ControlPlane:
         await self.sources.stop()
         await self.rollouts.stop()
         self.convergence.close()
+        if self.workers is not None:
+            try:
+                await self.workers.stop(grace)
+            except Exception as exc:
+                errors.append(exc)
         if self.grpc_server is not None:
             try:
                 await self.grpc_server.stop(grace)
@@ -316,3 +327,16 @@ class ControlPlane:
 
     def type_short(self, type_url: str) -> str:
         return typeurls.SHORT_NAMES.get(type_url, type_url)
+
+
+class _ShipToo:
+    """What the publisher tells about each published snapshot: the convergence tracker, and the
+    xDS workers, which get it shipped (one message per publication, see workers/pool.py)."""
+
+    def __init__(self, convergence: Convergence, workers: WorkerPool) -> None:
+        self.convergence = convergence
+        self.workers = workers
+
+    def published(self, fleet: str, snapshot: Snapshot, content_changed: bool, accepted_at: float) -> None:
+        self.convergence.published(fleet, snapshot, content_changed, accepted_at)
+        self.workers.published(fleet, snapshot, content_changed, accepted_at)

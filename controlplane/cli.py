@@ -468,7 +468,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if store is not None and hasattr(store, "path"):
         state = store.path  # the generated token goes beside the SQLite file, as with --state
     options = ServeOptions(settings=load_settings(args.config), state_path=state, xds=args.xds, admin=args.admin,
-                           store=store, replica_id=args.replica_id, lease_ttl=args.lease_ttl)
+                           store=store, replica_id=args.replica_id, lease_ttl=args.lease_ttl,
+                           xds_workers=args.xds_workers)
     check_options(options)
     asyncio.run(serve(options))
     return 0
@@ -528,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="etcd lease TTL in seconds: a dead leader is replaced, and a dead replica's proxies "
                         "leave the fleet-wide views, within it (default 5)")
     p.add_argument("--xds", default="127.0.0.1:18000", help="xDS gRPC listen address (default 127.0.0.1:18000)")
+    p.add_argument("--xds-workers", type=int, default=None, metavar="N",
+                   help="processes serving xDS on that port (SO_REUSEPORT); 1 serves it in the main process "
+                        "(default: the config's xds.workers, else one per core)")
     p.add_argument("--admin", default="127.0.0.1:18001", help="admin HTTP listen address (default 127.0.0.1:18001)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)

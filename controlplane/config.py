@@ -44,9 +44,10 @@ Example::
         client_ca: /etc/bluegreen/proxies-ca.crt  # proxies must present a certificate it signed
       max_request_bytes: 16777216        # largest gRPC message accepted (ADS and metrics)
       max_streams: 100000                # open streams in total (ADS and metrics)
-      max_streams_per_identity: 64       # optional: per certificate identity (or per IP without TLS)
+      max_streams_per_identity: 64       # optional: per certificate identity (or per IP without TLS), per worker
       route_split: vhds                  # Delta proxies get route tables one virtual host at a time
                                          # (VHDS, needs Envoy >= 1.40 for VHDS over ADS); off: whole tables
+      workers: null                      # xDS worker processes on the port; null: one per core; 1: none (docs/workers.md)
     endpoint_sources:                    # optional: endpoints from where they already are (docs/endpoint-sources.md)
       - name: cm-file                    # unique; labels metrics, GET /v1/endpoint-sources and 409s
         owns:                            # or `service: shop` + `environment: green` for one pair
@@ -146,6 +147,9 @@ class XdsSettings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_streams: int | None = DEFAULT_MAX_STREAMS
     max_streams_per_identity: int | None = None
+    # xDS worker processes sharing the port (docs/workers.md); None: one per core this process
+    # may use; 1: serve xDS in the main process (no workers). `serve --xds-workers` overrides it.
+    workers: int | None = None
     # "vhds": Delta proxies get each virtual host of the route tables as a resource of its own;
     # "off": every proxy gets whole route tables (docs/route-tables.md).
     route_split: str = "vhds"
@@ -274,6 +278,7 @@ def _xds_tls_and_limits(data: dict[str, Any]) -> dict[str, Any]:
         max_streams=_positive("xds.max_streams", data.get("max_streams", DEFAULT_MAX_STREAMS)),
         max_streams_per_identity=(_positive("xds.max_streams_per_identity", data["max_streams_per_identity"])
                                   if data.get("max_streams_per_identity") is not None else None),
+        workers=_positive("xds.workers", data["workers"]) if data.get("workers") is not None else None,
     )
 
 
@@ -423,7 +428,7 @@ _XDS_DURATIONS = {
     "max_connection_age_seconds": True,
     "max_connection_age_grace_seconds": False,
 }
-_XDS_KEYS = set(_XDS_DURATIONS) | {"tls", "max_request_bytes", "max_streams", "max_streams_per_identity", "route_split"}
+_XDS_KEYS = set(_XDS_DURATIONS) | {"tls", "max_request_bytes", "max_streams", "max_streams_per_identity", "route_split", "workers"}
 
 
 def _xds(raw: object) -> XdsSettings:

@@ -127,6 +127,13 @@ class Metrics:
         )
         for result in ("ok", "failed"):
             self.scale_hook_calls.labels(result)
+        self.workers_ready = Gauge(
+            "bluegreen_xds_workers_ready", "xDS worker processes serving on the xDS port (docs/workers.md; 0 without workers)",
+            registry=r,
+        )
+        self.worker_restarts = Counter(
+            "bluegreen_xds_worker_restarts_total", "xDS worker processes restarted after they died (docs/workers.md)", registry=r,
+        )
         self.notifications_pending = Gauge(
             "bluegreen_notifications_pending", "Notifications in the outbox, not yet delivered", registry=r,
         )

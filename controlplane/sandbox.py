@@ -100,7 +100,7 @@ async def sandbox(options: SandboxOptions, workdir: Path) -> AsyncIterator[dict[
     )
     state = options.state_path or workdir / "bluegreen.db"
     serve_options = ServeOptions(settings=Settings(fleets=(fleet,)), state_path=state, xds=options.xds, admin=options.admin,
-                                 token_path=options.token_path)
+                                 token_path=options.token_path, xds_workers=1)  # one Envoy: no workers
     children: list[Child] = []
     try:
         async with running(serve_options) as (cp, _):

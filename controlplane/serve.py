@@ -31,6 +31,7 @@ from .admin.auth import Authenticator
 from .config import MIN_TOKEN_LENGTH, Settings, TokenSpec
 from .errors import ConfigError, ValidationError
 from .store.url import EtcdURL, SQLiteURL, StoreURL, open_store
+from .workers.serving import default_workers
 
 log = logging.getLogger("bluegreen")
 
@@ -45,6 +46,12 @@ class ServeOptions:
     store: StoreURL | None = None  # --store; None: SQLite at state_path
     replica_id: str | None = None  # --replica-id; default: <host>:<admin port>
     lease_ttl: int = 5  # --lease-ttl: seconds a dead replica's leadership and proxies outlive it
+    xds_workers: int | None = None  # --xds-workers; None: the config's xds.workers, else one per core
+
+    @property
+    def workers(self) -> int:
+        """xDS worker processes to run (1: xDS served by the main process itself)."""
+        return self.xds_workers or self.settings.xds.workers or default_workers()
 
     @property
     def store_url(self) -> StoreURL:
@@ -143,6 +150,8 @@ def check_options(options: ServeOptions) -> tuple[str, int]:
     if isinstance(options.store, EtcdURL) and not options.settings.tokens():
         log.warning("replicas on etcd with a generated admin token: each host generates its own; configure "
                     "admin.tokens so every replica accepts the same tokens")
+    if options.xds_workers is not None and options.xds_workers < 1:
+        raise ConfigError(f"--xds-workers must be at least 1, got {options.xds_workers}")
     if options.lease_ttl < 2:
         raise ConfigError(f"--lease-ttl must be at least 2 seconds, got {options.lease_ttl}")
     if not _is_loopback(host) and options.settings.admin.tls_cert is None:
@@ -159,7 +168,7 @@ async def running(options: ServeOptions) -> AsyncIterator[tuple[ControlPlane, in
     kv = await open_store(options.store_url, lock=True)  # SQLite: one process per state file
     replica_id = options.replica_id or f"{socket.gethostname()}:{port}"
     cp = ControlPlane(options.settings, kv, replica_id=replica_id, lease_ttl=options.lease_ttl,
-                      admin_address=options.admin)
+                      admin_address=options.admin, workers=options.workers)
     if cp.shared is not None:
         cp.shared.rows = lambda: local_proxy_rows(cp)
     try:
@@ -202,8 +211,8 @@ async def serve(options: ServeOptions) -> None:
         gc.freeze()
         gc.set_threshold(20_000, 10, 10)
         log.info(
-            "serving xDS (ADS, SotW and Delta) on %s, admin API on %s%s; state %s; replica %s; fleets: %s; open files limit %d",
-            options.xds, options.admin, " (TLS)" if options.settings.admin.tls_cert else "", options.store_url.describe(),
+            "serving xDS (ADS, SotW and Delta) on %s (%s), admin API on %s%s; state %s; replica %s; fleets: %s; open files limit %d",
+            options.xds, f"{options.workers} worker processes" if cp.workers else "in this process", options.admin, " (TLS)" if options.settings.admin.tls_cert else "", options.store_url.describe(),
             cp.cluster.replica_id, ", ".join(f.name for f in options.settings.fleets), open_files,
         )
         await stop.wait()

@@ -142,9 +142,9 @@ def _convergence_view(cp: ControlPlane, service: Service) -> dict[str, Any]:
     fleets = []
     for fleet in cp.fleets_serving(service.name):
         status = cp.convergence.status(fleet, require_all=service.require_all_proxies)
-        if cp.shared is not None:  # replicas: the other replicas' proxies, as reported through etcd
-            flag = "all_converged" if service.require_all_proxies else "converged"
-            for other in cp.shared.remote(fleet).values():
+        flag = "all_converged" if service.require_all_proxies else "converged"
+        for view in cp.views:  # xDS workers and other replicas: their proxies, as they report
+            for other in view.remote(fleet).values():
                 status["proxies"] += other["connected"]
                 status["acked"] += other["acked"]
                 status["lagging"] = sorted([*status["lagging"], *other["lagging"]])
@@ -281,6 +281,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     cp = request.app[CONTROL_PLANE]
+    if cp.workers is not None:
+        await cp.workers.refresh_stats()  # the workers' counters as of now, not of their last report
     body = generate_latest(cp.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -537,7 +539,9 @@ def _release_action(action: str) -> Handler:
     return handler
 
 
-def _proxy_view(cp: ControlPlane, stream: Any) -> dict[str, Any]:
+def proxy_row(cp: Any, stream: Any) -> dict[str, Any]:
+    """A /v1/proxies row of ``stream``; ``cp`` needs ``convergence`` and ``type_short`` (the
+    control plane, or an xDS worker: workers/child.py)."""
     types = {}
     for type_url, state in sorted(stream.types.items(), key=lambda kv: typeurls.PUSH_ORDER.index(kv[0]) if kv[0] in typeurls.PUSH_ORDER else 99):
         nack = state.last_nack
@@ -565,15 +569,22 @@ def _proxy_view(cp: ControlPlane, stream: Any) -> dict[str, Any]:
 
 
 def local_proxy_rows(cp: ControlPlane) -> list[dict[str, Any]]:
-    """The /v1/proxies rows of this replica's proxies (what it shares with the other replicas)."""
-    return [{**_proxy_view(cp, s), "replica": cp.cluster.replica_id} for _, s in sorted(cp.ads.streams.items())]
+    """The /v1/proxies rows of this replica's proxies (what it shares with the other replicas);
+    with xDS workers, as they last reported them (see list_proxies for a fresh listing)."""
+    rows = [proxy_row(cp, s) for _, s in sorted(cp.ads.streams.items())]
+    if cp.workers is not None:
+        rows += cp.workers.remote_rows()
+    return [{**row, "replica": cp.cluster.replica_id} for row in rows]
 
 
 async def list_proxies(request: web.Request) -> web.Response:
     """Every proxy of every replica: this replica's live, the others' as they last reported
     through etcd (within ~100 ms; a dead replica's rows vanish with its lease)."""
     cp = request.app[CONTROL_PLANE]
-    proxies = local_proxy_rows(cp)
+    if cp.workers is not None:  # asked for now: every worker lists its proxies
+        proxies = [{**row, "replica": cp.cluster.replica_id} for row in await cp.workers.rows()]
+    else:
+        proxies = local_proxy_rows(cp)
     if cp.shared is not None:
         proxies += cp.shared.remote_rows()
     return web.json_response({"proxies": proxies})

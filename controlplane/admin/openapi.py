@@ -413,6 +413,8 @@ OPENAPI: dict[str, Any] = {
                 "properties": {
                     "stream_id": {"type": "integer", "description": "Unique within its replica."},
                     "replica": {"type": "string", "description": "The replica the proxy is connected to (GET /v1/cluster)."},
+                    "worker": {"type": "integer", "minimum": 0,
+                               "description": "The xDS worker process of that replica serving the stream (GET /v1/cluster); absent when the replica serves xDS itself (--xds-workers 1)."},
                     "node_id": {"type": "string"},
                     "fleet": {"type": "string"},
                     "protocol": {"type": "string", "enum": ["sotw", "delta"]},
@@ -655,6 +657,16 @@ OPENAPI: dict[str, Any] = {
                                     "connected_proxies": {"type": "integer", "minimum": 0},
                                     "store_revision": {"type": "integer", "description": "config revision this replica has published"},
                                     "last_seen": {"type": "number", "description": "Unix time of its last heartbeat"},
+                                    "workers": {"type": "array", "description": "Its xDS worker processes (docs/workers.md); empty when it serves xDS itself.", "items": {
+                                        "type": "object", "required": ["worker", "pid", "ready", "connected_proxies", "restarts"],
+                                        "properties": {
+                                            "worker": {"type": "integer", "minimum": 0},
+                                            "pid": {"type": ["integer", "null"], "description": "null before its first start"},
+                                            "ready": {"type": "boolean", "description": "serving on the xDS port; false while it restarts"},
+                                            "connected_proxies": {"type": "integer", "minimum": 0},
+                                            "restarts": {"type": "integer", "minimum": 0, "description": "times it was restarted after dying"},
+                                        },
+                                    }},
                                 },
                             }},
                         },

@@ -41,11 +41,83 @@ Rows = Callable[[], list[dict[str, Any]]]
 Status = Callable[[str, bool], dict[str, Any]]  # (fleet, require_all) -> Convergence.status
 
 
-class SharedState:
+class RemoteViews:
+    """What other processes serving proxies last reported: per fleet, one summary each (the
+    shape :class:`SharedState` writes: generation, connected, acked, converged, all_converged,
+    lagging, rejecting, rows), and per Envoy cluster their telemetry sums as pseudo-proxies.
+    Filled by :class:`SharedState` (other replicas, through etcd) and by the xDS worker pool
+    (this replica's workers, through their pipes: ``workers/pool.py``)."""
+
+    def __init__(self) -> None:
+        self._remote_proxies: dict[str, dict[str, dict[str, Any]]] = {}  # fleet -> process -> summary
+        self._remote_telemetry: dict[str, dict[str, Totals]] = {}  # cluster -> "replica:<id>" -> totals
+        self.telemetry_revision = 0  # increases whenever _remote_telemetry may have changed
+        self._changed = asyncio.Condition()
+
+    def remote(self, fleet: str) -> dict[str, dict[str, Any]]:
+        """Other processes' summaries of ``fleet``, by process id."""
+        return self._remote_proxies.get(fleet, {})
+
+    def remote_rows(self) -> list[dict[str, Any]]:
+        return [row for fleet in sorted(self._remote_proxies) for replica, s in sorted(self._remote_proxies[fleet].items())
+                for row in s["rows"]]
+
+    def remote_totals(self) -> dict[str, dict[str, Totals]]:
+        return self._remote_telemetry
+
+    def _remote_converged(self, fleets: Iterable[str], generation: int, require_all: bool) -> bool:
+        flag = "all_converged" if require_all else "converged"
+        return all(s["generation"] >= generation and s[flag] for f in fleets for s in self.remote(f).values())
+
+    async def _changed_now(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_converged(self, fleets: tuple[str, ...], generation: int, require_all: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Until every other process reports ``fleets`` converged at ``generation`` or later (its
+        policy, or every proxy with ``require_all``); returns their (lagging, rejecting) node
+        ids. Cancel it (asyncio.wait_for) to give up."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._remote_converged(fleets, generation, require_all))
+        lagging = tuple(sorted(n for f in fleets for s in self.remote(f).values() for n in s["lagging"]))
+        rejecting = tuple(sorted(n for f in fleets for s in self.remote(f).values() for n in s["rejecting"]))
+        return lagging, rejecting
+
+
+class MonotonicSums:
+    """Per Envoy cluster, monotonic sums of what a sink's proxies reported: each look adds the
+    increments since the previous look, so a proxy that moves away or disconnects never makes
+    a sum go backwards."""
+
+    def __init__(self, sink: Any) -> None:
+        self.sink = sink  # a MetricsSink, or anything with its snapshot() and since(..., until=)
+        self._sums: dict[str, Totals] = {}
+        # From construction on: what arrives before the first look counts too.
+        self._seen: Snapshot | None = sink.snapshot()
+        self._seq = 0
+
+    def look(self) -> dict[str, Any]:
+        """Add what the proxies reported since the last look; the sums as plain data."""
+        now = self.sink.snapshot()
+        if self._seen is not None and now.seq != self._seen.seq:
+            self._seq += 1
+            for cluster in now.totals:
+                window = self.sink.since(self._seen, cluster, until=now)
+                if not window.requests and not window.errors and not window.latency.count:
+                    continue
+                old = self._sums.get(cluster, Totals())
+                self._sums[cluster] = Totals(old.requests + window.requests, old.errors + window.errors,
+                                             old.latency + window.latency, self._seq, now.taken_at)
+        self._seen = now
+        return {cluster: totals_to_dict(t) for cluster, t in sorted(self._sums.items())}
+
+
+class SharedState(RemoteViews):
     """Writes this replica's summaries, keeps the other replicas' in memory."""
 
     def __init__(self, store: EtcdStore, replica_id: str, fleets: tuple[str, ...], lease: Callable[[], int],
                  status: Status, sink: MetricsSink, *, interval: float = 0.1) -> None:
+        super().__init__()
         self.store = store
         self.replica_id = replica_id
         self.fleets = fleets
@@ -56,12 +128,7 @@ class SharedState:
         self.rows: Rows = lambda: []
         self._written: dict[str, dict[str, Any]] = {}
         self._written_lease = 0
-        self._remote_proxies: dict[str, dict[str, dict[str, Any]]] = {}  # fleet -> replica -> summary
-        self._remote_telemetry: dict[str, dict[str, Totals]] = {}  # cluster -> "replica:<id>" -> totals
-        self._sums: dict[str, Totals] = {}
-        self._seen: Snapshot | None = None
-        self._seq = 0
-        self._changed = asyncio.Condition()
+        self._sums = MonotonicSums(sink)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -93,19 +160,7 @@ class SharedState:
         return out
 
     def _telemetry_sums(self) -> dict[str, Any]:
-        """Add what the local proxies reported since the last look to the monotonic sums."""
-        now = self.sink.snapshot()
-        if self._seen is not None and now.seq != self._seen.seq:
-            self._seq += 1
-            for cluster in now.totals:
-                window = self.sink.since(self._seen, cluster, until=now)
-                if not window.requests and not window.errors and not window.latency.count:
-                    continue
-                old = self._sums.get(cluster, Totals())
-                self._sums[cluster] = Totals(old.requests + window.requests, old.errors + window.errors,
-                                             old.latency + window.latency, self._seq, now.taken_at)
-        self._seen = now
-        return {cluster: _totals_to_dict(t) for cluster, t in sorted(self._sums.items())}
+        return self._sums.look()
 
     async def _write_loop(self) -> None:
         while True:
@@ -154,62 +209,41 @@ class SharedState:
             if replica == self.replica_id:
                 continue
             for cluster, value in entry.value.items():
-                telemetry.setdefault(cluster, {})[f"replica:{replica}"] = _totals_from_dict(value)
+                telemetry.setdefault(cluster, {})[f"replica:{replica}"] = totals_from_dict(value)
         async with self._changed:
             self._remote_proxies, self._remote_telemetry = proxies, telemetry
+            self.telemetry_revision += 1
             self._changed.notify_all()
-
-    def remote(self, fleet: str) -> dict[str, dict[str, Any]]:
-        """Other replicas' summaries of ``fleet``, by replica id."""
-        return self._remote_proxies.get(fleet, {})
-
-    def remote_rows(self) -> list[dict[str, Any]]:
-        return [row for fleet in sorted(self._remote_proxies) for replica, s in sorted(self._remote_proxies[fleet].items())
-                for row in s["rows"]]
-
-    def remote_totals(self) -> dict[str, dict[str, Totals]]:
-        return self._remote_telemetry
-
-    def _remote_converged(self, fleets: Iterable[str], generation: int, require_all: bool) -> bool:
-        flag = "all_converged" if require_all else "converged"
-        return all(s["generation"] >= generation and s[flag] for f in fleets for s in self.remote(f).values())
-
-    async def wait_converged(self, fleets: tuple[str, ...], generation: int, require_all: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """Until every other replica reports ``fleets`` converged at ``generation`` or later (its
-        policy, or every proxy with ``require_all``); returns their (lagging, rejecting) node
-        ids. Cancel it (asyncio.wait_for) to give up."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._remote_converged(fleets, generation, require_all))
-        lagging = tuple(sorted(n for f in fleets for s in self.remote(f).values() for n in s["lagging"]))
-        rejecting = tuple(sorted(n for f in fleets for s in self.remote(f).values() for n in s["rejecting"]))
-        return lagging, rejecting
 
 
 class FleetTelemetry:
-    """The driver's telemetry on a replica: its own sink plus the other replicas' sums."""
+    """The driver's telemetry: its own sink plus what other processes report (other replicas
+    through etcd, this replica's xDS workers through their pipes), each as pseudo-proxies."""
 
-    def __init__(self, sink: MetricsSink, shared: SharedState) -> None:
+    def __init__(self, sink: MetricsSink, *views: RemoteViews) -> None:
         self.sink = sink
-        self.shared = shared
+        self.views = views
 
     def snapshot(self) -> Snapshot:
         local = self.sink.snapshot()
         totals: dict[str, dict[str, Totals]] = {c: dict(n) for c, n in local.totals.items()}
-        for cluster, per_replica in self.shared.remote_totals().items():
-            totals.setdefault(cluster, {}).update(per_replica)
-        return Snapshot(local.seq, local.taken_at, totals)
+        for view in self.views:
+            for cluster, per_process in view.remote_totals().items():
+                totals.setdefault(cluster, {}).update(per_process)
+        # The sequence moves when any source reports, so MonotonicSums notices remote reports too.
+        return Snapshot(local.seq + sum(v.telemetry_revision for v in self.views), local.taken_at, totals)
 
-    def since(self, start: Snapshot, cluster: str) -> WindowStats:
-        return self.sink.since(start, cluster, until=self.snapshot())
+    def since(self, start: Snapshot, cluster: str, *, until: Snapshot | None = None) -> WindowStats:
+        return self.sink.since(start, cluster, until=until if until is not None else self.snapshot())
 
 
-def _totals_to_dict(t: Totals) -> dict[str, Any]:
+def totals_to_dict(t: Totals) -> dict[str, Any]:
     h = t.latency
     return {"requests": t.requests, "errors": t.errors, "seq": t.last_seq, "at": t.last_at,
             "latency": {"bounds": list(h.bounds), "cumulative": list(h.cumulative), "count": h.count, "total": h.total}}
 
 
-def _totals_from_dict(value: Mapping[str, Any]) -> Totals:
+def totals_from_dict(value: Mapping[str, Any]) -> Totals:
     latency = value.get("latency") or {}
     histogram = Histogram(tuple(latency.get("bounds", ())), tuple(latency.get("cumulative", ())),
                           int(latency.get("count", 0)), float(latency.get("total", 0.0))) if latency else EMPTY_HISTOGRAM

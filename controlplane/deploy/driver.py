@@ -14,10 +14,11 @@ simply looks again.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
 import time
-from typing import Any, Callable, Mapping, Protocol, TypeVar
+from typing import Any, Awaitable, Callable, Mapping, Protocol, TypeVar
 
 import aiohttp
 
@@ -64,7 +65,8 @@ class Waiter(Protocol):
         ...
 
 
-RoutingTo = Callable[[tuple[str, ...], str], tuple[str, ...]]  # (fleets, cluster) -> node ids still routing to it
+# (fleets, cluster) -> node ids still routing to it; may be async (xDS workers are asked: workers/pool.py)
+RoutingTo = Callable[[tuple[str, ...], str], "tuple[str, ...] | Awaitable[tuple[str, ...]]"]
 
 
 class Leadership(Protocol):
@@ -211,7 +213,7 @@ class Rollouts:
         spec = parse_deployment_spec(body)
         service = await self.repo.service(name)
         idle = service.traffic.idle
-        still = self._still_routing(name, idle)
+        still = await self._still_routing(name, idle)
         if still and transitions.in_progress(await self.repo.current_deployments(name)) is None:
             # (A deployment under way is refused below with a message naming it.)
             # Deploying replaces the idle environment's endpoints: proxies that never took the
@@ -237,7 +239,7 @@ class Rollouts:
             # Proxy state lives in memory, not in the store: look it up before the transaction.
             current = await self.repo.current_deployments(name)
             standby = next(r for r in current.values() if r is not None and r.id == _standby_of(current, deployment_id))
-            still = self._still_routing(name, standby.environment)
+            still = await self._still_routing(name, standby.environment)
         # Not named `transitions`: that would shadow the module the lambdas call.
         actions: dict[str, Callable[[Service, Any, float], Change]] = {
             "promote": lambda s, c, now: transitions.promote(s, c, deployment_id, now, full=full, to_step=to_step),
@@ -495,18 +497,19 @@ class Rollouts:
 
     # -- decommission guard --------------------------------------------------------------------
 
-    def _still_routing(self, service: str, env: Environment) -> tuple[str, ...]:
+    async def _still_routing(self, service: str, env: Environment) -> tuple[str, ...]:
         """Connected proxies of the fleets serving ``service`` that may still send production
         traffic to ``env`` (their route configuration gives its cluster a weight)."""
         if self.routing_to is None:
             return ()
         fleets = tuple(f.name for f in self.fleets if f.serves(service))
-        return self.routing_to(fleets, cluster_name(service, env))
+        found = self.routing_to(fleets, cluster_name(service, env))
+        return await found if inspect.isawaitable(found) else found
 
     async def _decommission_due(self, name: str, record: Deployment) -> bool:
         """The standby of ``record`` is over: decommission it, unless a proxy still routes to it,
         in which case record what the decommission waits for (once). True if something was stored."""
-        still = self._still_routing(name, record.environment)
+        still = await self._still_routing(name, record.environment)
         if still:
             if record.waiting_for == transitions.routing_text(record, still):
                 return False

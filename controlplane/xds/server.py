@@ -232,6 +232,9 @@ class AdsServer:
         self._clock = clock
         self._ids = itertools.count(1)
         self.streams: dict[int, StreamState] = {}
+        # Certificate names holding a node id in other processes serving the same fleet (xDS
+        # workers, see workers/): the node-id ownership check covers them too.
+        self.other_holders: Callable[[str], set[tuple[str, ...]]] = lambda node_id: set()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         handlers = {
@@ -293,6 +296,7 @@ class AdsServer:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
             return
         holders = {self._peers[i].names for i in self._by_node.get(node.id, ()) if i in self._peers}
+        holders |= self.other_holders(node.id)
         if peer.authenticated and holders and peer.names not in holders:
             # Under mTLS a node id belongs to the certificate whose stream holds it: another
             # certificate could otherwise pose as that node (its telemetry is believed by node).

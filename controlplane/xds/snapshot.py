@@ -90,9 +90,16 @@ class Resource:
         return cls._build(name, type_url, any_bytes, requires, warms_with, wildcard)
 
     @classmethod
+    def from_any(cls, name: str, type_url: str, any_bytes: bytes, requires: Iterable[Ref], warms_with: Iterable[Ref],
+                 wildcard: bool, version: str) -> Resource:
+        """A resource rebuilt from the fields of one built here (another process ships them:
+        the xDS workers); ``version`` must be that resource's, and is not recomputed."""
+        return cls._build(name, type_url, any_bytes, requires, warms_with, wildcard, version)
+
+    @classmethod
     def _build(cls, name: str, type_url: str, any_bytes: bytes, requires: Iterable[Ref], warms_with: Iterable[Ref],
-               wildcard: bool) -> Resource:
-        version = hashlib.sha256(any_bytes).hexdigest()[:16]
+               wildcard: bool, version: str | None = None) -> Resource:
+        version = version or hashlib.sha256(any_bytes).hexdigest()[:16]
         delta = length_delimited(3, name.encode()) + length_delimited(1, version.encode()) + length_delimited(2, any_bytes)
         requires = frozenset(requires)
         grouped: dict[str, set[str]] = {}
