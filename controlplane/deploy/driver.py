@@ -272,7 +272,7 @@ class Rollouts:
         names = tuple(request.members)
         for name in names:
             idle = (await self.repo.service(name)).traffic.idle  # NotFoundError names an unknown service
-            still = self._still_routing(name, idle)
+            still = await self._still_routing(name, idle)
             if still:
                 raise ConflictError(f"{name}: proxies still routing production traffic to {idle.value}: {', '.join(still)}; "
                                     f"release once they have converged, or decommission {idle.value} with force=true first")
