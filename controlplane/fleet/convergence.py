@@ -79,8 +79,9 @@ class FleetProgress:
     # Streams not converged, with the time (tracker clock) they fell behind or last made progress
     # (ACKed something), whichever is later: a proxy that keeps applying is slow, not stuck.
     behind_since: dict[int, float] = field(default_factory=dict)
-    # What each stream not converged had ACKed when last classified (see _progress_mark).
-    marks: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    # How many responses each stream not converged had ACKed when last classified
+    # (StreamState.applied): when it grows, the proxy has made progress.
+    marks: dict[int, int] = field(default_factory=dict)
     # Streams not converged that gates do not wait for: lagging or rejecting.
     excused: set[int] = field(default_factory=set)
     lagging: set[int] = field(default_factory=set)  # the excused ones that are lagging, not rejecting
@@ -140,11 +141,25 @@ class Convergence:
 
     def published(self, fleet: str, snapshot: Snapshot, content_changed: bool, accepted_at: float) -> None:
         progress = self.fleet(fleet)
+        newer = snapshot.generation > progress.generation
         progress.generation = snapshot.generation
-        progress.converged = {sid for sid, s in progress.streams.items() if self._is_converged(s)}
         now = self.clock()
-        for sid, stream in progress.streams.items():
-            self._classify(progress, stream, now)
+        if newer:
+            # Only the streams converged until now can change state: the others were classified
+            # at their last event (stream_changed), and lagging is re-evaluated by tick(). Most
+            # of these have not been handed the snapshot yet, and the generation check fails
+            # at once. (Before, every stream was re-classified: O(proxies) per publish.)
+            streams = progress.streams
+            before, progress.converged = progress.converged, set()
+            for sid in before:
+                stream = streams[sid]
+                if self._is_converged(stream):
+                    progress.converged.add(sid)
+                self._classify(progress, stream, now)
+        else:
+            progress.converged = {sid for sid, s in progress.streams.items() if self._is_converged(s)}
+            for sid, stream in progress.streams.items():
+                self._classify(progress, stream, now)
         if content_changed and progress.pending_since is None and progress.streams:
             progress.pending_since = accepted_at
         self.metrics.generation.labels(fleet).set(snapshot.generation)
@@ -218,7 +233,7 @@ class Convergence:
             progress.excused.discard(sid)
             progress.lagging.discard(sid)
             return
-        mark = _progress_mark(stream)
+        mark = stream.applied  # an int, not the ACKed versions: this runs per stream per event
         if progress.marks.get(sid) != mark:
             # First seen behind, or it applied something since: the grace period starts again,
             # so back-to-back changes never make a proxy that keeps up look lagging.
@@ -280,11 +295,13 @@ class Convergence:
         return stream.snapshot.generation == self.cache.get(stream.fleet).generation and stream.converged()
 
     def _node_ids(self, fleets: tuple[str, ...], wanted: ProxyState) -> tuple[str, ...]:
+        # Over the excused streams only: status() runs on every service view (polled by
+        # dashboards and benchmarks), and walking every stream was O(proxies) per call.
         return tuple(sorted(
-            stream.node_id
-            for fleet in fleets
-            for sid, stream in self.fleet(fleet).streams.items()
-            if sid in self.fleet(fleet).excused and self.state(stream) is wanted
+            progress.streams[sid].node_id
+            for progress in (self.fleet(fleet) for fleet in fleets)
+            for sid in progress.excused
+            if self.state(progress.streams[sid]) is wanted
         ))
 
     def status(self, fleet: str, *, require_all: bool = False) -> dict[str, Any]:
@@ -372,11 +389,6 @@ class Convergence:
         for waiter in list(self._waiters):
             if self._try_resolve(waiter):
                 self._waiters.discard(waiter)
-
-
-def _progress_mark(stream: StreamState) -> tuple[str, ...]:
-    """What the proxy has ACKed, per type: it changes whenever the proxy applies a response."""
-    return tuple(state.acked_version for state in stream.types.values())
 
 
 def _rejecting(stream: StreamState) -> bool:

@@ -196,6 +196,9 @@ class StreamState:
         self.connected_since = now
         self.types: dict[str, TypeState] = {}
         self._nonce = 0
+        # Responses the proxy has ACKed on this stream: grows whenever it applies one (a cheap
+        # progress mark for observers, read per event).
+        self.applied = 0
 
     # -- events --------------------------------------------------------------------------
 
@@ -418,6 +421,7 @@ class StreamState:
 
     def _ack(self, state: TypeState) -> None:
         """The proxy applied the response in flight: what was sent is what it holds."""
+        self.applied += 1
         state.rejecting = False
         state.acked = dict(state.sent)
         state.acked_version = state.sent_version
