@@ -165,6 +165,17 @@ class Convergence:
         self.metrics.generation.labels(fleet).set(snapshot.generation)
         self._update(fleet)
 
+    def advanced(self, fleet: str, generation: int) -> None:
+        """The fleet's content at ``generation`` is that of its current snapshot (the store
+        moved on without changing what proxies get): waiters for ``generation`` resolve on
+        the proxies that hold the current snapshot. O(1), no stream is re-classified."""
+        progress = self.fleet(fleet)
+        if generation <= progress.generation:
+            return
+        progress.generation = generation
+        self.metrics.generation.labels(fleet).set(generation)
+        self._update(fleet)
+
     # -- xDS callbacks ---------------------------------------------------------------------
 
     def stream_opened(self, stream: StreamState) -> None:
