@@ -79,14 +79,57 @@ class _Malformed:
         self.error = error
 
 
-def _parser(message_type: type) -> Callable[[bytes], object]:
+def _parser(message_type: type, *, skip_node: int | None = None) -> Callable[[bytes], object]:
+    """A request parser. With ``skip_node`` (the node's field number), a node among the first
+    two fields of a request is cut out before parsing: the server reads the node of a stream's
+    first request only, Envoy repeats it in every request (unless set_node_on_first_message_only),
+    and a node lists Envoy's extensions: ~17 KB, 12 µs to parse, against 0.4 µs for the rest of
+    an ACK. Requests below ``_SKIP_NODE_ABOVE`` bytes carry no such node and are parsed whole."""
+
     def parse(data: bytes) -> object:
+        if skip_node is not None and len(data) > _SKIP_NODE_ABOVE:
+            data = _without_leading_field(data, skip_node)
         try:
             return message_type.FromString(data)
         except (DecodeError, ValueError) as exc:
             return _Malformed(message_type.__name__, exc)
 
     return parse
+
+
+_SKIP_NODE_ABOVE = 512
+
+
+def _without_leading_field(data: bytes, field_number: int) -> bytes:
+    """``data`` without length-delimited field ``field_number`` if it is one of the message's
+    first two fields (where protobuf encoders put a DiscoveryRequest's node: field 2 after
+    version_info, a DeltaDiscoveryRequest's: field 1); ``data`` unchanged otherwise, or if the
+    framing is not what it should be (the full parse then reports the problem)."""
+    position = 0
+    for _ in range(2):
+        start = position
+        tag, position = _read_varint(data, position)
+        if tag is None or tag & 7 != 2:
+            return data
+        length, position = _read_varint(data, position)
+        if length is None or position + length > len(data):
+            return data
+        position += length
+        if tag >> 3 == field_number:
+            return data[:start] + data[position:]
+    return data
+
+
+def _read_varint(data: bytes, position: int) -> tuple[int | None, int]:
+    value = shift = 0
+    while position < len(data) and shift < 64:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, position
+        shift += 7
+    return None, position
 
 
 class UnknownGroup(Exception):
@@ -278,12 +321,12 @@ class AdsServer:
         handlers = {
             "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 self._sotw,
-                request_deserializer=_parser(discovery_pb2.DiscoveryRequest),
+                request_deserializer=_identity,  # parsed by the handler: see _parser
                 response_serializer=_identity,
             ),
             "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 self._delta,
-                request_deserializer=_parser(discovery_pb2.DeltaDiscoveryRequest),
+                request_deserializer=_identity,  # parsed by the handler: see _parser
                 response_serializer=_identity,
             ),
         }
@@ -309,9 +352,10 @@ class AdsServer:
     async def _serve_admitted(self, kind: type[SotwStream] | type[DeltaStream], requests: AsyncIterator,  # type: ignore[type-arg]
                               context: grpc.aio.ServicerContext, peer: PeerIdentity) -> None:
         iterator = requests.__aiter__()
+        parse_first, parse_next = _PARSERS[kind]
         try:
             async with asyncio.timeout(self.first_request_timeout):
-                first = await iterator.__anext__()
+                first = parse_first(await iterator.__anext__())
         except StopAsyncIteration:
             return
         except TimeoutError:
@@ -356,8 +400,8 @@ class AdsServer:
         pusher = asyncio.create_task(self._push_changes(stream, slot, context, handler))
         try:
             await self._handle(stream, slot, first, context)
-            async for request in iterator:
-                await self._handle(stream, slot, request, context)
+            async for data in iterator:
+                await self._handle(stream, slot, parse_next(data), context)
         except grpc.aio.AioRpcError:
             pass
         except ProtocolError as exc:
@@ -433,6 +477,14 @@ class AdsServer:
             callback(*args)
         except Exception:
             log.exception("xDS callback %s failed", getattr(callback, "__name__", callback))
+
+
+# By stream kind: the parser of a stream's first request (whole: its node says who the proxy
+# is) and of the later ones (their node, if repeated, is not read).
+_PARSERS: dict[type[StreamState], tuple[Callable[[bytes], object], Callable[[bytes], object]]] = {
+    SotwStream: (_parser(discovery_pb2.DiscoveryRequest), _parser(discovery_pb2.DiscoveryRequest, skip_node=2)),
+    DeltaStream: (_parser(discovery_pb2.DeltaDiscoveryRequest), _parser(discovery_pb2.DeltaDiscoveryRequest, skip_node=1)),
+}
 
 
 def _describe(malformed: _Malformed) -> str:

@@ -1,13 +1,19 @@
-"""SnapshotCache.set wakes a group's streams in bounded batches, so that whatever else is ready
-on the event loop (an admin call that stored the change) is not queued behind the fan-out."""
+"""The per-stream hot path of the ADS server, outside gRPC: SnapshotCache.set wakes a group's
+streams in bounded batches, so that whatever else is ready on the event loop (an admin call that
+stored the change) is not queued behind the fan-out; requests after a stream's first are parsed
+without the node Envoy repeats in each of them."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.rpc import status_pb2
 
-from controlplane.xds.server import SnapshotCache, _StreamSlot
+from controlplane import typeurls
+from controlplane.xds.server import SnapshotCache, _Malformed, _parser, _StreamSlot
 from controlplane.xds.snapshot import Snapshot
 
 
@@ -85,3 +91,42 @@ def test_without_a_running_loop_every_stream_is_marked_at_once() -> None:
 def test_wake_batch_must_be_positive() -> None:
     with pytest.raises(ValueError, match="wake_batch must be at least 1, got 0"):
         SnapshotCache(lambda node, peer=None: "default", wake_batch=0)
+
+
+# -- request parsing: a repeated node is not parsed again ------------------------------------
+
+def _envoy_node(node_id: str = "envoy-1") -> base_pb2.Node:
+    node = base_pb2.Node(id=node_id, cluster="default", user_agent_name="envoy")
+    for i in range(150):  # Envoy lists its extensions: a node is ~17 KB
+        extension = node.extensions.add()
+        extension.name, extension.category = f"envoy.filters.http.x{i}", "envoy.filters.http"
+    return node
+
+
+def test_a_later_sotw_request_is_parsed_without_its_repeated_node() -> None:
+    request = discovery_pb2.DiscoveryRequest(
+        version_info="v1", node=_envoy_node(), resource_names=["default-routes"], type_url=typeurls.ROUTE,
+        response_nonce="7", error_detail=status_pb2.Status(code=3, message="bad"))
+    parsed = _parser(discovery_pb2.DiscoveryRequest, skip_node=2)(request.SerializeToString())
+    assert isinstance(parsed, discovery_pb2.DiscoveryRequest) and not parsed.HasField("node")
+    expected = discovery_pb2.DiscoveryRequest()
+    expected.CopyFrom(request)
+    expected.ClearField("node")
+    assert parsed == expected
+
+
+def test_a_later_delta_request_is_parsed_without_its_repeated_node() -> None:
+    request = discovery_pb2.DeltaDiscoveryRequest(node=_envoy_node(), type_url=typeurls.CLUSTER, response_nonce="3",
+                                                  resource_names_subscribe=["a"])
+    parsed = _parser(discovery_pb2.DeltaDiscoveryRequest, skip_node=1)(request.SerializeToString())
+    assert isinstance(parsed, discovery_pb2.DeltaDiscoveryRequest) and not parsed.HasField("node")
+    assert (parsed.type_url, parsed.response_nonce, list(parsed.resource_names_subscribe)) == (typeurls.CLUSTER, "3", ["a"])
+
+
+def test_a_first_request_keeps_its_node_and_a_broken_request_is_still_refused() -> None:
+    data = discovery_pb2.DiscoveryRequest(node=_envoy_node(), type_url=typeurls.CLUSTER).SerializeToString()
+    assert _parser(discovery_pb2.DiscoveryRequest)(data).node.id == "envoy-1"  # type: ignore[attr-defined]
+    truncated = data[:-5]
+    assert isinstance(_parser(discovery_pb2.DiscoveryRequest, skip_node=2)(truncated), _Malformed)
+    garbage_after_node = data + b"\xff\xff\xff"
+    assert isinstance(_parser(discovery_pb2.DiscoveryRequest, skip_node=2)(garbage_after_node), _Malformed)
