@@ -140,22 +140,25 @@ class Convergence:
     # -- publishing ------------------------------------------------------------------------
 
     def published(self, fleet: str, snapshot: Snapshot, content_changed: bool, accepted_at: float) -> None:
+        """``snapshot`` was just set in the cache for ``fleet`` (call it in the same step, before
+        any stream can have been handed the snapshot). O(1) per stream, in bulk, for a newer
+        generation."""
         progress = self.fleet(fleet)
         newer = snapshot.generation > progress.generation
         progress.generation = snapshot.generation
         now = self.clock()
         if newer:
-            # Only the streams converged until now can change state: the others were classified
-            # at their last event (stream_changed), and lagging is re-evaluated by tick(). Most
-            # of these have not been handed the snapshot yet, and the generation check fails
-            # at once. (Before, every stream was re-classified: O(proxies) per publish.)
-            streams = progress.streams
-            before, progress.converged = progress.converged, set()
-            for sid in before:
-                stream = streams[sid]
-                if self._is_converged(stream):
-                    progress.converged.add(sid)
-                self._classify(progress, stream, now)
+            # Called right after the cache took the snapshot, before any stream was handed it:
+            # no stream holds it, and the ones converged until now fell behind now. That is all
+            # that changes (the others were classified at their last event; lagging is
+            # re-evaluated by tick()), and it is recorded in bulk: each of these streams is
+            # handed the snapshot next and classified then (stream_changed), keeping this time
+            # as the start of its grace period. Before, every stream was re-classified here,
+            # O(proxies) of Python on the publication's path (the admin call waits for it).
+            fell_behind, progress.converged = progress.converged, set()
+            progress.behind_since.update(dict.fromkeys(fell_behind, now))
+            if fell_behind:
+                self._schedule(now + self.lagging_after)
         else:
             progress.converged = {sid for sid, s in progress.streams.items() if self._is_converged(s)}
             for sid, stream in progress.streams.items():
@@ -245,11 +248,14 @@ class Convergence:
             progress.lagging.discard(sid)
             return
         mark = stream.applied  # an int, not the ACKed versions: this runs per stream per event
-        if progress.marks.get(sid) != mark:
-            # First seen behind, or it applied something since: the grace period starts again,
-            # so back-to-back changes never make a proxy that keeps up look lagging.
+        previous = progress.marks.get(sid)
+        if previous != mark:
             progress.marks[sid] = mark
-            progress.behind_since[sid] = now
+            if previous is not None or sid not in progress.behind_since:
+                # First seen behind, or it applied something since: the grace period starts
+                # again, so back-to-back changes never make a proxy that keeps up look lagging.
+                # (A stream that fell behind at a publication has a time and no mark yet.)
+                progress.behind_since[sid] = now
         since = progress.behind_since[sid]
         rejecting = _rejecting(stream)
         lagging = not rejecting and now - since >= self.lagging_after
