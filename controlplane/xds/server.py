@@ -180,8 +180,10 @@ class NoCallbacks:
 # Streams woken per event-loop turn after a new snapshot. Waking all N at once queued N pusher
 # steps ahead of everything else on the loop: an admin call that had stored a change waited
 # behind the whole fan-out (533 ms p50 at 5000 streams, bench/RESULTS.md section 4b). In bounded
-# batches, other work waits for at most one batch between two of them.
-WAKE_BATCH = 128
+# batches, other work waits for at most one batch between two of them. 32, not 128: with 128,
+# the admin call's wake-up waited ~40 ms behind the first batch at 5000 streams (API p50 41 ms
+# against 17 ms with 32, in one session on this machine; bench/RESULTS.md section 6).
+WAKE_BATCH = 32
 
 
 class SnapshotCache:
