@@ -340,3 +340,7 @@ class _ShipToo:
     def published(self, fleet: str, snapshot: Snapshot, content_changed: bool, accepted_at: float) -> None:
         self.convergence.published(fleet, snapshot, content_changed, accepted_at)
         self.workers.published(fleet, snapshot, content_changed, accepted_at)
+
+    def advanced(self, fleet: str, generation: int) -> None:
+        self.convergence.advanced(fleet, generation)
+        self.workers.advanced(fleet, generation)

@@ -603,6 +603,19 @@ async def test_current_deployments_picks_latest_live_record_per_environment(stor
     await repo.mutate("shop", capture)
     assert seen == current
 
+    # The commit reports the deployments it left: what current_deployments reads after it.
+    def deploy_and_retire(service: Service | None, cur: Any, now: float) -> Change:
+        assert service is not None
+        retired = dataclasses.replace(cur[GREEN], status=D.DECOMMISSIONED)
+        return Change(service, (rec("shop", 13, BLUE, D.READY), retired))
+
+    committed = await repo.mutate("shop", deploy_and_retire)
+    assert committed.deployments == await repo.current_deployments("shop")
+    assert committed.deployments is not None
+    assert committed.deployments[BLUE] is not None and committed.deployments[BLUE].id == "shop-13"
+    green = committed.deployments[GREEN]
+    assert green is not None and green.id == "shop-2"  # shop-10 retired: the older live record
+
 
 # =============================================================================================
 # Versions derived from state

@@ -731,3 +731,19 @@ def test_a_client_naming_its_resources_gets_a_route_before_it_asks_for_the_route
     client.ack(ROUTE)
     [cds] = client.subscribe(CLUSTER, ["a", "b"])
     assert names_of(cds) == ["a", "b"]
+
+
+def test_streams_sent_the_same_content_share_one_body_and_differ_only_in_their_nonce() -> None:
+    snap1 = snapshot(1, ["a"])
+    streams = [connected_proxy(snap1).stream, connected_proxy(snap1).stream]
+    streams[1]._nonce = 41  # another stream's own nonce sequence
+    snap2 = snapshot(2, ["a"], route_tag="new")
+    [first], [second] = (stream.on_snapshot(snap2) for stream in streams)
+    body = snap2.sotw_body(ROUTE, first.version, [snap2.of_type(ROUTE)["rt"]])
+    for out in (first, second):
+        assert out.payload.startswith(body)
+        response = decode(out)
+        assert (response.version_info, response.nonce, len(response.resources)) == (out.version, out.nonce, 1)
+    assert decode(first).resources == decode(second).resources
+    assert first.nonce != second.nonce
+    assert snap2.sotw_body(ROUTE, first.version, []) is body  # built once per (type, version)

@@ -79,8 +79,9 @@ class FleetProgress:
     # Streams not converged, with the time (tracker clock) they fell behind or last made progress
     # (ACKed something), whichever is later: a proxy that keeps applying is slow, not stuck.
     behind_since: dict[int, float] = field(default_factory=dict)
-    # What each stream not converged had ACKed when last classified (see _progress_mark).
-    marks: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    # How many responses each stream not converged had ACKed when last classified
+    # (StreamState.applied): when it grows, the proxy has made progress.
+    marks: dict[int, int] = field(default_factory=dict)
     # Streams not converged that gates do not wait for: lagging or rejecting.
     excused: set[int] = field(default_factory=set)
     lagging: set[int] = field(default_factory=set)  # the excused ones that are lagging, not rejecting
@@ -139,15 +140,43 @@ class Convergence:
     # -- publishing ------------------------------------------------------------------------
 
     def published(self, fleet: str, snapshot: Snapshot, content_changed: bool, accepted_at: float) -> None:
+        """``snapshot`` was just set in the cache for ``fleet`` (call it in the same step, before
+        any stream can have been handed the snapshot). O(1) per stream, in bulk, for a newer
+        generation."""
         progress = self.fleet(fleet)
+        newer = snapshot.generation > progress.generation
         progress.generation = snapshot.generation
-        progress.converged = {sid for sid, s in progress.streams.items() if self._is_converged(s)}
         now = self.clock()
-        for sid, stream in progress.streams.items():
-            self._classify(progress, stream, now)
+        if newer:
+            # Called right after the cache took the snapshot, before any stream was handed it:
+            # no stream holds it, and the ones converged until now fell behind now. That is all
+            # that changes (the others were classified at their last event; lagging is
+            # re-evaluated by tick()), and it is recorded in bulk: each of these streams is
+            # handed the snapshot next and classified then (stream_changed), keeping this time
+            # as the start of its grace period. Before, every stream was re-classified here,
+            # O(proxies) of Python on the publication's path (the admin call waits for it).
+            fell_behind, progress.converged = progress.converged, set()
+            progress.behind_since.update(dict.fromkeys(fell_behind, now))
+            if fell_behind:
+                self._schedule(now + self.lagging_after)
+        else:
+            progress.converged = {sid for sid, s in progress.streams.items() if self._is_converged(s)}
+            for sid, stream in progress.streams.items():
+                self._classify(progress, stream, now)
         if content_changed and progress.pending_since is None and progress.streams:
             progress.pending_since = accepted_at
         self.metrics.generation.labels(fleet).set(snapshot.generation)
+        self._update(fleet)
+
+    def advanced(self, fleet: str, generation: int) -> None:
+        """The fleet's content at ``generation`` is that of its current snapshot (the store
+        moved on without changing what proxies get): waiters for ``generation`` resolve on
+        the proxies that hold the current snapshot. O(1), no stream is re-classified."""
+        progress = self.fleet(fleet)
+        if generation <= progress.generation:
+            return
+        progress.generation = generation
+        self.metrics.generation.labels(fleet).set(generation)
         self._update(fleet)
 
     # -- xDS callbacks ---------------------------------------------------------------------
@@ -218,12 +247,15 @@ class Convergence:
             progress.excused.discard(sid)
             progress.lagging.discard(sid)
             return
-        mark = _progress_mark(stream)
-        if progress.marks.get(sid) != mark:
-            # First seen behind, or it applied something since: the grace period starts again,
-            # so back-to-back changes never make a proxy that keeps up look lagging.
+        mark = stream.applied  # an int, not the ACKed versions: this runs per stream per event
+        previous = progress.marks.get(sid)
+        if previous != mark:
             progress.marks[sid] = mark
-            progress.behind_since[sid] = now
+            if previous is not None or sid not in progress.behind_since:
+                # First seen behind, or it applied something since: the grace period starts
+                # again, so back-to-back changes never make a proxy that keeps up look lagging.
+                # (A stream that fell behind at a publication has a time and no mark yet.)
+                progress.behind_since[sid] = now
         since = progress.behind_since[sid]
         rejecting = _rejecting(stream)
         lagging = not rejecting and now - since >= self.lagging_after
@@ -280,11 +312,13 @@ class Convergence:
         return stream.snapshot.generation == self.cache.get(stream.fleet).generation and stream.converged()
 
     def _node_ids(self, fleets: tuple[str, ...], wanted: ProxyState) -> tuple[str, ...]:
+        # Over the excused streams only: status() runs on every service view (polled by
+        # dashboards and benchmarks), and walking every stream was O(proxies) per call.
         return tuple(sorted(
-            stream.node_id
-            for fleet in fleets
-            for sid, stream in self.fleet(fleet).streams.items()
-            if sid in self.fleet(fleet).excused and self.state(stream) is wanted
+            progress.streams[sid].node_id
+            for progress in (self.fleet(fleet) for fleet in fleets)
+            for sid in progress.excused
+            if self.state(progress.streams[sid]) is wanted
         ))
 
     def status(self, fleet: str, *, require_all: bool = False) -> dict[str, Any]:
@@ -374,11 +408,6 @@ class Convergence:
         for waiter in list(self._waiters):
             if self._try_resolve(waiter):
                 self._waiters.discard(waiter)
-
-
-def _progress_mark(stream: StreamState) -> tuple[str, ...]:
-    """What the proxy has ACKed, per type: it changes whenever the proxy applies a response."""
-    return tuple(state.acked_version for state in stream.types.values())
 
 
 def _rejecting(stream: StreamState) -> bool:

@@ -74,6 +74,9 @@ class Publisher:
         state = await self.repo.state()
         if state.revision <= self.generation:
             return self.generation
+        if self.generation >= 0 and _same_services(state.services, self.state_services):
+            await self._advance(state.revision)
+            return state.revision
         previous = {f: self.cache.get(f) for f in self.cache.groups()}
         snapshots = self.builder.build(state.revision, state.services, previous)
         self.metrics.snapshot_build.observe(self.clock() - started)
@@ -90,6 +93,18 @@ class Publisher:
         async with self._published:
             self._published.notify_all()
         return state.revision
+
+    async def _advance(self, revision: int) -> None:
+        """A store write that changes nothing the proxies get (a deployment record, its history,
+        the notification outbox, ...): the revision counts as published, and the fleets'
+        convergence moves to it, with no new snapshot and no work per stream. Every such write
+        used to rebuild and hand every stream a snapshot of the same content."""
+        self._accepted = {r: t for r, t in self._accepted.items() if r > revision}
+        for fleet in self.cache.groups():
+            self.convergence.advanced(fleet, revision)
+        self.generation = revision
+        async with self._published:
+            self._published.notify_all()
 
     def _update_weights(self, services: tuple[Service, ...]) -> None:
         gauge = self.metrics.traffic_weight
@@ -133,3 +148,9 @@ class Publisher:
                 self.last_error = None
                 self.failures = 0
                 return
+
+
+def _same_services(a: tuple[Service, ...], b: tuple[Service, ...]) -> bool:
+    """The same Service objects: the repository hands out the object it decoded for a key
+    until that key is written again, so identity means no service was written."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))

@@ -110,6 +110,9 @@ class Committed:
     revision: int
     change: Change
     accepted_at: float  # when the commit returned (clock of this process)
+    # The service's current deployments as this commit left them (what current_deployments
+    # would read right after it), so that callers need no second read.
+    deployments: dict[Environment, Deployment | None] | None = None
 
 
 class Repository:
@@ -144,11 +147,8 @@ class Repository:
 
     async def current_deployments(self, service: str) -> dict[Environment, Deployment | None]:
         """The latest record of each environment that is not decommissioned."""
-        current: dict[Environment, Deployment | None] = {env: None for env in Environment}
-        for record in await self.deployments(service):
-            if record.status is not DeploymentStatus.DECOMMISSIONED:
-                current[record.environment] = record
-        return current
+        listing = await self.kv.list(f"{DEPLOYMENTS}{service}/")
+        return _current({e.key: deployment_from_dict(e.value) for e in listing.entries})
 
     async def _check_fence(self, fence: Fence | None) -> None:
         """After a conflict: NotLeader if the fence moved (retrying could never succeed)."""
@@ -173,11 +173,8 @@ class Repository:
                 service = service_from_dict(entry.value) if entry else None
                 listing = await self.kv.list(f"{DEPLOYMENTS}{name}/")
                 revisions = {e.key: e.mod_revision for e in listing.entries}
-                current: dict[Environment, Deployment | None] = {env: None for env in Environment}
-                for e in listing.entries:
-                    record = deployment_from_dict(e.value)
-                    if record.status is not DeploymentStatus.DECOMMISSIONED:
-                        current[record.environment] = record
+                records = {e.key: deployment_from_dict(e.value) for e in listing.entries}
+                current = _current(records)
                 change = mutation(service, current, self._clock())
                 txn = Txn().expect(service_key(name), entry.mod_revision if entry else 0)
                 if fence is not None:
@@ -192,7 +189,8 @@ class Repository:
                     await self._check_fence(fence)
                     await _back_off(attempt)
                     continue  # another replica wrote first: re-read and re-apply
-                return Committed(revision, change, self._clock())
+                written = {deployment_key(name, _seq(r.id)): r for r in change.deployments}
+                return Committed(revision, change, self._clock(), _current({**records, **written}))
         raise RevisionConflict(f"service {name!r}: gave up after {MAX_ATTEMPTS} conflicting concurrent updates")
 
     async def update_record(self, service: str, deployment_id: str, update: Callable[[Deployment, float], Deployment],
@@ -301,3 +299,12 @@ class Repository:
             for lock in reversed(locks):
                 lock.release()
         raise RevisionConflict(f"release of {', '.join(ordered)}: gave up after {MAX_ATTEMPTS} conflicting concurrent updates")
+
+def _current(records: dict[str, Deployment]) -> dict[Environment, Deployment | None]:
+    """By environment, the latest (highest key) record that is not decommissioned."""
+    current: dict[Environment, Deployment | None] = {env: None for env in Environment}
+    for key in sorted(records):
+        record = records[key]
+        if record.status is not DeploymentStatus.DECOMMISSIONED:
+            current[record.environment] = record
+    return current

@@ -6,6 +6,7 @@ socketpair on ``FD``. Messages from the main process (``ipc.py`` framing):
 
     ("init", {"worker": int, "address": str, "settings": Settings, "workers": int, "share_rows": bool})
     ("snapshots", {fleet: FleetShipment})           changes since the previous shipment
+    ("advanced", {fleet: generation})               store writes that changed no snapshot
     ("rows", request_id)                            reply ("answer", request_id, [/v1/proxies rows])
     ("stats", request_id)                           reply ("stats", {...}) now, then ("answer", request_id, None)
     ("routing", request_id, fleets, cluster)        reply ("answer", request_id, node ids routing to cluster)
@@ -215,6 +216,9 @@ async def run(fd: int) -> None:
             kind = message[0]
             if kind == "snapshots":
                 worker.apply(message[1])
+            elif kind == "advanced":  # store writes that changed no snapshot
+                for fleet, generation in message[1].items():
+                    worker.convergence.advanced(fleet, generation)
             elif kind == "rows":
                 worker.send(("answer", message[1], worker.rows()))
             elif kind == "routing":  # the decommission guard: who may still route to a cluster

@@ -97,6 +97,10 @@ class WorkerPool(RemoteViews):
         self._shipped: dict[str, Snapshot] = {}  # what every running worker holds (or was sent)
         self._pending: dict[str, tuple[Snapshot, bool, float]] = {}
         self._flush_handle: asyncio.Handle | None = None
+        # Per fleet, the latest store revision that changed nothing the proxies get (see
+        # Convergence.advanced): sent after the snapshots, and to every (re)started worker.
+        self._advanced: dict[str, int] = {}
+        self._advanced_pending: dict[str, int] = {}
         self._supervisors: list[asyncio.Task[None]] = []
         self._stopping = False
         self._placeholder: socket.socket | None = None
@@ -214,6 +218,8 @@ class WorkerPool(RemoteViews):
         full = {fleet: ipc.FleetShipment(s.generation, time.monotonic(), False, ipc.diff(None, s), ipc.diff_delta(None, s))
                 for fleet, s in self._shipped.items()}
         writer.write(ipc.encode(("snapshots", full)))
+        if self._advanced:
+            writer.write(ipc.encode(("advanced", dict(self._advanced))))
         for node_id, holders in self._nodes.items():
             writer.write(ipc.encode(("holders", node_id, holders)))
         slot.writer = writer  # from here on it gets every change (after the full snapshots)
@@ -264,9 +270,28 @@ class WorkerPool(RemoteViews):
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
 
+    def advanced(self, fleet: str, generation: int) -> None:
+        """The publisher's hook for a store write that changes no snapshot (Convergence.advanced):
+        the workers' trackers move to ``generation`` too, or ``?wait=converged`` for it would
+        wait for a snapshot that never comes."""
+        if generation <= self._advanced.get(fleet, -1):
+            return
+        self._advanced[fleet] = self._advanced_pending[fleet] = generation
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
+
     def flush(self) -> None:
         """Ship what was published since the last flush: encoded once, written to every worker."""
         self._flush_handle = None
+        self._flush_snapshots()
+        if self._advanced_pending:
+            frame = ipc.encode(("advanced", self._advanced_pending))
+            self._advanced_pending = {}
+            for slot in self._slots:
+                if slot.writer is not None:
+                    slot.writer.write(frame)
+
+    def _flush_snapshots(self) -> None:
         if not self._pending:
             return
         shipments = {fleet: ipc.FleetShipment(s.generation, accepted, changed, ipc.diff(self._shipped.get(fleet), s),

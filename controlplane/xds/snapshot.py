@@ -36,6 +36,9 @@ def _varint(value: int) -> bytes:
 
 def length_delimited(field_number: int, payload: bytes) -> bytes:
     """Encode one length-delimited protobuf field (wire type 2)."""
+    if field_number < 16 and len(payload) < 128:
+        # One-byte tag and length (nonces, versions, type URLs): this runs per response.
+        return bytes((field_number << 3 | 2, len(payload))) + payload
     return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
 
 
@@ -150,6 +153,7 @@ class Snapshot:
     _namespaces: dict[str, frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
     _diffs: dict[tuple[str, int], tuple[Mapping[str, Resource], tuple[str, ...], tuple[str, ...]]] = field(
         default_factory=dict, compare=False, repr=False)
+    _sotw_bodies: dict[tuple[str, str], bytes] = field(default_factory=dict, compare=False, repr=False)
     # What Delta streams serve instead of this snapshot (see ``with_delta``), if it differs.
     delta: Snapshot | None = field(default=None, compare=False, repr=False)
 
@@ -188,6 +192,21 @@ class Snapshot:
     def for_delta(self) -> Snapshot:
         """What a Delta stream serves: the Delta variant if there is one, else this snapshot."""
         return self.delta if self.delta is not None else self
+
+    def sotw_body(self, type_url: str, version: str, resources: Iterable[Resource]) -> bytes:
+        """A SotW DiscoveryResponse without its nonce: ``version_info``, ``resources`` (in the
+        given order) and ``type_url``. Built once per (type, version) and shared by every
+        stream sent that content: versions are content hashes, so equal versions mean equal
+        resources (the caller passes them sorted by name)."""
+        key = (type_url, version)
+        body = self._sotw_bodies.get(key)
+        if body is None:
+            body = self._sotw_bodies[key] = b"".join((
+                length_delimited(1, version.encode()),
+                *(r.sotw_field for r in resources),
+                length_delimited(4, type_url.encode()),
+            ))
+        return body
 
     def of_type(self, type_url: str) -> Mapping[str, Resource]:
         return self.resources.get(type_url, {})

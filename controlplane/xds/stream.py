@@ -202,6 +202,9 @@ class StreamState:
         self.connected_since = now
         self.types: dict[str, TypeState] = {}
         self._nonce = 0
+        # Responses the proxy has ACKed on this stream: grows whenever it applies one (a cheap
+        # progress mark for observers, read per event).
+        self.applied = 0
 
     # -- events --------------------------------------------------------------------------
 
@@ -225,6 +228,11 @@ class StreamState:
         with; named-only resources it did not name are not its business."""
         snapshot = self.snapshot
         generation = snapshot.generation
+        # Cheap checks first: this runs after every ACK and push, and a stream with a response
+        # in flight (most calls during a fan-out) is decided without building its needs.
+        for state in self.types.values():
+            if state.subscribed and (state.pending_nonce is not None or state.synced_generation != generation):
+                return False
         needed = self._needed_names()
         for type_url in typeurls.PUSH_ORDER:
             state = self.types.get(type_url)
@@ -233,8 +241,6 @@ class StreamState:
                 if wanted or (type_url in typeurls.WILDCARD_TYPES and snapshot.wildcard_pool(type_url)):
                     return False
                 continue
-            if state.pending_nonce is not None or state.synced_generation != generation:
-                return False
             if not state.wildcard and not wanted <= state.names:
                 return False
         return True
@@ -444,6 +450,7 @@ class StreamState:
 
     def _ack(self, state: TypeState) -> None:
         """The proxy applied the response in flight: what was sent is what it holds."""
+        self.applied += 1
         state.rejecting = False
         state.acked = dict(state.sent)
         state.acked_version = state.sent_version
@@ -638,14 +645,9 @@ class SotwStream(StreamState):
             return []  # cannot happen in SotW: we never record content we do not hold
         resources = [content[n] for n in sorted(content)]
         nonce = self._next_nonce()
-        payload = b"".join(
-            (
-                length_delimited(1, version.encode()),
-                *(r.sotw_field for r in resources),  # type: ignore[union-attr]
-                length_delimited(4, state.type_url.encode()),
-                length_delimited(5, nonce.encode()),
-            )
-        )
+        # Every stream sent this content shares the body; only the nonce is its own.
+        body = self.snapshot.sotw_body(state.type_url, version, resources)  # type: ignore[arg-type]
+        payload = body + length_delimited(5, nonce.encode())
         updates = tuple(r for r in resources if r is not None and (state.sent.get(r.name) is None or state.sent[r.name].version != r.version))  # type: ignore[union-attr]
         state.pending_base = state.sent
         state.sent = dict(content)
