@@ -160,6 +160,19 @@ async def test_workers_serve_the_fleet_converge_survive_a_worker_sigkill_and_die
         for url in urls.values():
             assert await sample_environments(url, 10) == {"blue": 10}
 
+        # A write that changes no snapshot (pausing a deployment writes its record only) moves
+        # every worker's convergence too: ?wait=converged for that revision answers.
+        created = await api.call("POST", "/v1/services/shop/deployments", {
+            "version": "v3", "endpoints": [green.address], "strategy": {"steps": [50, 100], "step_seconds": 3600}}, expect=202)
+
+        async def shifting() -> bool:
+            return (await api.call("GET", f"/v1/deployments/{created['id']}"))["status"] == "shifting"
+
+        await wait_for(shifting, timeout=60, message="deployment shifting")
+        await api.call("POST", f"/v1/deployments/{created['id']}/pause")
+        view = await api.call("GET", "/v1/services/shop", wait="converged", timeout="30")
+        assert view["convergence"]["converged"] and view["convergence"]["acked"] == 4, view["convergence"]
+
         # Metrics add up over workers: one connected proxy per fleet, one restart.
         async with session.get(cp.admin_url + "/metrics", headers=cp.headers) as response:
             metrics = await response.text()
