@@ -291,8 +291,8 @@ async def test_cli_release_create_watch_status_and_rollback(tmp_path: Path, caps
         assert "release-1: rolled_back" in capsys.readouterr().out
         assert await asyncio.to_thread(main, ["release", "list", *common]) == 0
         assert "release-1: rolled_back" in capsys.readouterr().out
-        assert await asyncio.to_thread(main, ["release", "create", *common, "--member", "web=v2"]) == 2
-        assert "expected NAME=VERSION@IP:PORT" in capsys.readouterr().err
+        assert await asyncio.to_thread(main, ["release", "create", *common, "--member", "web=v2@"]) == 2
+        assert "expected NAME=VERSION[@IP:PORT" in capsys.readouterr().err
 
 
 async def test_a_complete_release_frees_its_services_and_can_still_be_rolled_back_together(tmp_path: Path) -> None:
