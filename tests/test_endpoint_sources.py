@@ -382,3 +382,38 @@ async def test_cli_deploys_and_releases_into_a_source_owned_environment_without_
         # A member without '=' is still refused by the CLI itself.
         assert await asyncio.to_thread(main, ["release", "create", *common, "--member", "shop"]) == 2
         assert "expected NAME=VERSION[@IP:PORT" in capsys.readouterr().err
+
+
+async def test_endpoints_a_source_reports_during_scaling_let_the_waiting_step_go(tmp_path: Path) -> None:
+    """docs/endpoint-sources.md: the source's writes take the put_environment path, so endpoints
+    it reports while a deployment waits in the capacity guard's scaling phase satisfy it, in the
+    same transaction, credited to the source."""
+    from tests.test_workflow import _call
+
+    path = tmp_path / "endpoints.yaml"
+    path.write_text(yaml.safe_dump({"shop": {"green": ["127.0.0.1:9101"]}}))
+    config = {"endpoint_sources": [
+        {"name": "cm-file", "service": "shop", "environment": "green", "file": {"path": str(path), "poll_seconds": 0.1}}]}
+    async with _in_process_with(tmp_path, config) as (cp, client):
+        await _call(client, "PUT", "/v1/services/shop", {"domains": ["shop.example"]})
+        await _call(client, "PUT", "/v1/services/shop/environments/blue",
+                    {"version": "v1", "endpoints": [f"127.0.0.1:{9001 + i}" for i in range(4)]})
+        await wait_for(lambda: cp.sources.endpoints_of("shop", Environment.GREEN), message="the source's first report")
+        created = await _call(client, "POST", "/v1/services/shop/deployments", {
+            "version": "v2", "strategy": {"steps": [50, 100], "step_seconds": 600}, "scale": {"timeout_seconds": 600}}, expect=202)
+
+        async def deployment() -> dict[str, Any]:
+            return dict(await _call(client, "GET", f"/v1/deployments/{created['id']}"))
+
+        async def scaling() -> bool:
+            return (await deployment())["phase"] == "scaling"
+        await wait_for(scaling, message="waiting for capacity (1 of the 2 that 50 % of 4 needs)")
+        replace_atomically(path, yaml.safe_dump({"shop": {"green": ["127.0.0.1:9101", "127.0.0.1:9102"]}}))
+
+        async def shifted() -> dict[str, Any] | None:
+            d = await deployment()
+            return d if d["status"] == "shifting" and d["phase"] is None and d["step"] == 0 else None
+        d = await wait_for(shifted, message="step 0 taken once the source reported the capacity")
+        assert d["history"][-1]["actor"] == "source:cm-file", d["history"][-1]
+        shop = await _call(client, "GET", "/v1/services/shop")
+        assert shop["environments"]["green"]["weight"] == 50
