@@ -258,7 +258,10 @@ _SETTLED = {"active", "failed", "rolled_back"}
 def cmd_deploy(args: argparse.Namespace) -> int:
     import time as _time
 
-    body: dict[str, Any] = {"version": args.version, "endpoints": args.endpoint,
+    body: dict[str, Any] = {"version": args.version,
+                            # Left out for an environment an endpoint source owns: the API takes its endpoints
+                            # from the source and refuses a body that names some (docs/endpoint-sources.md).
+                            **({"endpoints": args.endpoint} if args.endpoint else {}),
                             "strategy": {"steps": [int(x) for x in args.steps.split(",")], "step_seconds": args.step_seconds,
                                          "bake_seconds": args.bake_seconds, "auto_promote": not args.manual_promote}}
     if args.smoke_path:
@@ -321,14 +324,15 @@ def _release_lines(r: dict[str, Any]) -> list[str]:
 
 
 def _release_members(specs: list[str]) -> dict[str, Any]:
-    """``NAME=VERSION@IP:PORT[,IP:PORT...]`` per member."""
+    """``NAME=VERSION[@IP:PORT[,IP:PORT...]]`` per member; without endpoints for a member whose
+    idle environment an endpoint source owns (the API takes them from the source)."""
     members: dict[str, Any] = {}
     for spec in specs:
         name, sep, rest = spec.partition("=")
         version, at, endpoints = rest.partition("@")
-        if not sep or not at or not name or not version or not endpoints:
-            raise ConfigError(f"--member {spec!r}: expected NAME=VERSION@IP:PORT[,IP:PORT...]")
-        members[name] = {"version": version, "endpoints": endpoints.split(",")}
+        if not sep or not name or not version or (at and not endpoints):
+            raise ConfigError(f"--member {spec!r}: expected NAME=VERSION[@IP:PORT[,IP:PORT...]]")
+        members[name] = {"version": version, **({"endpoints": endpoints.split(",")} if at else {})}
     return members
 
 
@@ -351,7 +355,7 @@ def cmd_release(args: argparse.Namespace) -> int:
             body = json.loads(text)
         else:
             if not args.member:
-                raise ConfigError("release create needs --member NAME=VERSION@IP:PORT (repeat) or --file")
+                raise ConfigError("release create needs --member NAME=VERSION[@IP:PORT] (repeat) or --file")
             body = {"services": _release_members(args.member),
                     "strategy": {"steps": [int(x) for x in args.steps.split(",")], "step_seconds": args.step_seconds,
                                  "bake_seconds": args.bake_seconds, "auto_promote": not args.manual_promote}}
@@ -613,7 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = client("deploy", "deploy a version to the idle environment: smoke tests, shift, analysis, drain, standby")
     p.add_argument("service")
     p.add_argument("--version", required=True)
-    p.add_argument("--endpoint", action="append", required=True, help="IP:PORT of the new version (repeat)")
+    p.add_argument("--endpoint", action="append",
+                   help="IP:PORT of the new version (repeat); leave out when an endpoint source owns the idle environment")
     p.add_argument("--steps", default="100", help="comma-separated weights ending at 100, e.g. 10,50,100 (default 100: atomic)")
     p.add_argument("--step-seconds", type=float, default=30.0)
     p.add_argument("--bake-seconds", type=float, default=60.0)
@@ -647,7 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
         return c
 
     r = release_client("create", "start a release: one deployment per member, shifted, judged and rolled back together")
-    r.add_argument("--member", action="append", help="NAME=VERSION@IP:PORT[,IP:PORT...] (repeat, at least two)")
+    r.add_argument("--member", action="append", help="NAME=VERSION@IP:PORT[,IP:PORT...] (repeat, at least two); "
+                   "NAME=VERSION when an endpoint source owns the member's idle environment")
     r.add_argument("--file", help="the POST /v1/releases body as JSON ('-': stdin) instead of --member and the options below")
     r.add_argument("--steps", default="100", help="comma-separated weights ending at 100, e.g. 10,50,100 (default 100: atomic)")
     r.add_argument("--step-seconds", type=float, default=30.0)

@@ -297,3 +297,123 @@ async def _is(get: Any, expected: Any) -> bool:
 async def _source_with_error(call: Any, errors: int = 1) -> dict[str, Any] | None:
     view = (await call("GET", "/v1/endpoint-sources"))[1]["sources"][0]
     return view if view["errors"] == errors and view["last_error"] else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI, for environments a source owns
+
+
+@contextlib.asynccontextmanager
+async def _in_process_with(tmp_path: Path, config: dict[str, Any]) -> AsyncIterator[tuple[Any, Any]]:
+    """A control plane in this process with ``config`` (its admin API on a test server)."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from controlplane.admin.api import build_admin_app
+    from controlplane.app import ControlPlane
+    from controlplane.store.sqlite import open_sqlite_store
+
+    cp = ControlPlane(parse_settings(config), await open_sqlite_store(tmp_path / "state.db"))
+    await cp.start("127.0.0.1:0")
+    client = TestClient(TestServer(build_admin_app(cp, None)))
+    await client.start_server()
+    try:
+        yield cp, client
+    finally:
+        await client.close()
+        await cp.stop(grace=0.1)
+
+
+async def test_cli_deploys_and_releases_into_a_source_owned_environment_without_endpoints(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The API takes an owned environment's endpoints from its source and refuses a body that
+    gives some (409): `bluegreen deploy` and `bluegreen release create` must be able to leave
+    them out, and without a source the API names the missing endpoints."""
+    from controlplane.cli import main
+    from tests.test_workflow import _call
+
+    path = tmp_path / "endpoints.yaml"
+    path.write_text(yaml.safe_dump({"shop": {"green": ["127.0.0.1:9101"]}}))
+    config = {"endpoint_sources": [
+        {"name": "cm-file", "service": "shop", "environment": "green", "file": {"path": str(path), "poll_seconds": 0.1}}]}
+    async with _in_process_with(tmp_path, config) as (cp, client):
+        for name, port in (("shop", 9001), ("cart", 9002)):
+            await _call(client, "PUT", f"/v1/services/{name}", {"domains": [f"{name}.example"], "drain_seconds": 0,
+                                                                "standby_seconds": 1})
+            await _call(client, "PUT", f"/v1/services/{name}/environments/blue", {"version": "v1", "endpoints": [f"127.0.0.1:{port}"]})
+        await wait_for(lambda: cp.sources.endpoints_of("shop", Environment.GREEN), message="the source's first report")
+        common = ["--admin", str(client.make_url("")).rstrip("/")]
+
+        # Without a source, leaving endpoints out is a 400 naming them, and nothing is stored.
+        assert await asyncio.to_thread(main, ["deploy", "cart", "--version", "v2", *common]) == 1
+        assert "'endpoints' is required" in capsys.readouterr().err
+        assert [d["version"] for d in (await _call(client, "GET", "/v1/services/cart/deployments"))["deployments"]] == ["v1"]
+
+        assert await asyncio.to_thread(main, ["deploy", "shop", "--version", "v2", "--bake-seconds", "0", *common]) == 0
+        created = capsys.readouterr().out
+        assert "deployment shop-2 accepted" in created, created
+
+        async def active() -> bool:
+            return (await _call(client, "GET", "/v1/deployments/shop-2"))["status"] == "active"
+        await wait_for(active, message="shop-2 active")
+        shop = await _call(client, "GET", "/v1/services/shop")
+        assert shop["environments"]["green"]["endpoints"] == ["127.0.0.1:9101"]
+
+        # A release: shop's idle environment is now blue (not owned); cart names its endpoints.
+        assert await asyncio.to_thread(main, ["release", "create", *common, "--member", "shop=v3@127.0.0.1:9103",
+                                              "--member", "cart=v3@127.0.0.1:9203", "--steps", "100",
+                                              "--bake-seconds", "0"]) == 0
+        assert "release release-1 accepted (cart, shop)" in capsys.readouterr().out
+
+        async def complete() -> bool:
+            return (await _call(client, "GET", "/v1/releases/release-1"))["status"] == "complete"
+        await wait_for(complete, message="release-1 complete")
+
+        async def green_free() -> bool:
+            shop = await _call(client, "GET", "/v1/services/shop")
+            return shop["environments"]["green"]["version"] is None  # decommissioned: idle again, owned
+        await wait_for(green_free, message="green decommissioned")
+        # Now shop's idle environment is the owned one: the member gives only its version.
+        assert await asyncio.to_thread(main, ["release", "create", *common, "--member", "shop=v4",
+                                              "--member", "cart=v4@127.0.0.1:9204", "--steps", "100",
+                                              "--bake-seconds", "0"]) == 0
+        assert "release release-2 accepted (cart, shop)" in capsys.readouterr().out
+        release = await _call(client, "GET", "/v1/releases/release-2")
+        assert release["spec"]["services"]["shop"]["endpoints"] == ["127.0.0.1:9101"]
+        # A member without '=' is still refused by the CLI itself.
+        assert await asyncio.to_thread(main, ["release", "create", *common, "--member", "shop"]) == 2
+        assert "expected NAME=VERSION[@IP:PORT" in capsys.readouterr().err
+
+
+async def test_endpoints_a_source_reports_during_scaling_let_the_waiting_step_go(tmp_path: Path) -> None:
+    """docs/endpoint-sources.md: the source's writes take the put_environment path, so endpoints
+    it reports while a deployment waits in the capacity guard's scaling phase satisfy it, in the
+    same transaction, credited to the source."""
+    from tests.test_workflow import _call
+
+    path = tmp_path / "endpoints.yaml"
+    path.write_text(yaml.safe_dump({"shop": {"green": ["127.0.0.1:9101"]}}))
+    config = {"endpoint_sources": [
+        {"name": "cm-file", "service": "shop", "environment": "green", "file": {"path": str(path), "poll_seconds": 0.1}}]}
+    async with _in_process_with(tmp_path, config) as (cp, client):
+        await _call(client, "PUT", "/v1/services/shop", {"domains": ["shop.example"]})
+        await _call(client, "PUT", "/v1/services/shop/environments/blue",
+                    {"version": "v1", "endpoints": [f"127.0.0.1:{9001 + i}" for i in range(4)]})
+        await wait_for(lambda: cp.sources.endpoints_of("shop", Environment.GREEN), message="the source's first report")
+        created = await _call(client, "POST", "/v1/services/shop/deployments", {
+            "version": "v2", "strategy": {"steps": [50, 100], "step_seconds": 600}, "scale": {"timeout_seconds": 600}}, expect=202)
+
+        async def deployment() -> dict[str, Any]:
+            return dict(await _call(client, "GET", f"/v1/deployments/{created['id']}"))
+
+        async def scaling() -> bool:
+            return (await deployment())["phase"] == "scaling"
+        await wait_for(scaling, message="waiting for capacity (1 of the 2 that 50 % of 4 needs)")
+        replace_atomically(path, yaml.safe_dump({"shop": {"green": ["127.0.0.1:9101", "127.0.0.1:9102"]}}))
+
+        async def shifted() -> dict[str, Any] | None:
+            d = await deployment()
+            return d if d["status"] == "shifting" and d["phase"] is None and d["step"] == 0 else None
+        d = await wait_for(shifted, message="step 0 taken once the source reported the capacity")
+        assert d["history"][-1]["actor"] == "source:cm-file", d["history"][-1]
+        shop = await _call(client, "GET", "/v1/services/shop")
+        assert shop["environments"]["green"]["weight"] == 50

@@ -135,6 +135,20 @@ def test_release_request_errors_name_the_problem() -> None:
         assert words in str(info.value), (words, str(info.value))
 
 
+async def test_a_release_of_more_services_than_one_store_transaction_holds_is_refused(tmp_path: Path) -> None:
+    """Every group change is one transaction; etcd refuses a transaction of more than 128
+    operations ("too many operations in txn request", a 503 after the release was accepted by
+    validation). The API refuses such a release up front, naming the limit, and stores nothing."""
+    many = {f"s{i:02d}": {"version": "v2", "endpoints": ["127.0.0.1:9002"]} for i in range(releases.MAX_SERVICES + 1)}
+    async with in_process(tmp_path) as (cp, client):
+        for name in many:
+            await _call(client, "PUT", f"/v1/services/{name}", {"domains": [f"{name}.example"]})
+            await _call(client, "PUT", f"/v1/services/{name}/environments/blue", {"version": "v1", "endpoints": ["127.0.0.1:9001"]})
+        body = await _call(client, "POST", "/v1/releases", {"services": many}, expect=400)
+        assert f"at most {releases.MAX_SERVICES} services" in body["error"], body
+        assert (await _call(client, "GET", "/v1/releases"))["releases"] == []
+
+
 def test_smoke_checks_go_to_the_service_they_name() -> None:
     body = release_body(smoke={"checks": [{"path": "/web", "service": "web"}, {"path": "/api", "service": "api"}, {"path": "/both"}]})
     request = releases.parse_release_request(body)
@@ -291,8 +305,8 @@ async def test_cli_release_create_watch_status_and_rollback(tmp_path: Path, caps
         assert "release-1: rolled_back" in capsys.readouterr().out
         assert await asyncio.to_thread(main, ["release", "list", *common]) == 0
         assert "release-1: rolled_back" in capsys.readouterr().out
-        assert await asyncio.to_thread(main, ["release", "create", *common, "--member", "web=v2"]) == 2
-        assert "expected NAME=VERSION@IP:PORT" in capsys.readouterr().err
+        assert await asyncio.to_thread(main, ["release", "create", *common, "--member", "web=v2@"]) == 2
+        assert "expected NAME=VERSION[@IP:PORT" in capsys.readouterr().err
 
 
 async def test_a_complete_release_frees_its_services_and_can_still_be_rolled_back_together(tmp_path: Path) -> None:

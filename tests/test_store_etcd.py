@@ -250,3 +250,38 @@ async def test_telemetry_reported_to_a_follower_reaches_the_leaders_analysis(etc
         for kv, lease in zip(kvs, leases):
             await kv.revoke_lease(lease)
             await kv.close()
+
+
+# -- release groups --------------------------------------------------------------------------------
+
+
+async def test_a_release_of_the_most_services_allowed_fits_in_etcd_transactions(store: EtcdStore) -> None:
+    """A release's changes are single transactions (docs/releases.md) and etcd caps one at 128
+    operations: at releases.MAX_SERVICES members, the heaviest group changes commit, creating the
+    release over standby environments it replaces (two records per member) and rolling every
+    member back (two records per member)."""
+    from controlplane.deploy import releases, transitions
+    from controlplane.deploy.operations import Operations
+
+    repo = Repository(store)
+    operations = Operations(repo, ())
+    names = tuple(f"s{i:02d}" for i in range(releases.MAX_SERVICES))
+    for name in names:
+        await operations.put_service(name, {"domains": [f"{name}.example"], "drain_seconds": 0, "standby_seconds": 3600})
+        # v1 on blue, then v2 on green: blue is left in standby, which the release replaces.
+        for env, version, port in (("blue", "v1", 9001), ("green", "v2", 9002)):
+            await operations.put_environment(name, env, {"version": version, "endpoints": [f"127.0.0.1:{port}"]})
+        await operations.switch(name, "green")  # blue: standby (drain_seconds 0)
+    request = releases.parse_release_request({"services": {n: {"version": "v3", "endpoints": ["127.0.0.1:9003"]} for n in names},
+                                              "strategy": {"steps": [50, 100], "step_seconds": 600}})
+    created = await repo.mutate_group(names, lambda m, _, group_id, now: releases.create(m, group_id, request, now, "api"))
+    assert all(len(change.deployments) == 2 for change in created.changes.values()), "each member replaces a standby"
+    group = created.group
+    for name in names:
+        d = releases.member_record(group, await repo.current_deployments(name), name)
+        await repo.mutate(name, lambda s, c, now, i=d.id: transitions.smoke_passed(s, c, i, now, "ok"))
+    shifted = await repo.mutate_group(names, lambda m, g, _, now: releases.proceed_all(g, m, now), release_id=group.id)
+    rolled = await repo.mutate_group(names, lambda m, g, _, now: releases.rollback_all(g, m, now, "api", "test"),
+                                     release_id=group.id)
+    assert rolled.group.status.value == "rolled_back" and rolled.revision > shifted.revision
+    assert all(len(change.deployments) == 2 for change in rolled.changes.values()), "each member writes two records"

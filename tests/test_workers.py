@@ -314,3 +314,29 @@ async def test_a_worker_that_stops_reading_is_restarted(tmp_path: Path) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(hung["pid"], signal.SIGCONT)
         await cp.stop()
+
+
+async def test_a_release_under_workers_asks_them_for_the_decommission_guard_and_shifts(tmp_path: Path) -> None:
+    """A release checks that no proxy still routes to each member's idle environment, which with
+    workers is asked of every worker (awaited): the release starts and reaches shifting. (The
+    guard's coroutine was once taken for a non-empty list: every release was refused.)"""
+    async with run_control_plane(state_path=tmp_path / "state.db", extra_args=WORKERS, log_dir=tmp_path) as cp, \
+            aiohttp.ClientSession() as session:
+        async def call(method: str, path: str, body: Any = None, expect: int = 200) -> Any:
+            async with session.request(method, cp.admin_url + path, json=body, headers=cp.headers) as response:
+                data = await response.json()
+                assert response.status == expect, (method, path, response.status, data)
+                return data
+
+        assert len(await workers(cp, session)) == 2
+        for name, port in (("web", 9001), ("api", 9002)):
+            await call("PUT", f"/v1/services/{name}", {"domains": [f"{name}.example"]})
+            await call("PUT", f"/v1/services/{name}/environments/blue", {"version": "v1", "endpoints": [f"127.0.0.1:{port}"]})
+        created = await call("POST", "/v1/releases", {
+            "services": {"web": {"version": "v2", "endpoints": ["127.0.0.1:9101"]},
+                         "api": {"version": "v2", "endpoints": ["127.0.0.1:9102"]}},
+            "strategy": {"steps": [50, 100], "step_seconds": 3600}}, expect=202)
+
+        async def shifting() -> bool:
+            return (await call("GET", f"/v1/releases/{created['id']}"))["phase"] == "shifting"
+        await wait_for(shifting, timeout=60, message="release shifting")

@@ -771,8 +771,11 @@ _RELEASE_REQUEST: dict[str, Any] = {
     "type": "object",
     "required": ["services"],
     "properties": {
-        "services": {"type": "object", "minProperties": 2, "description": "service name -> {version, endpoints} of its new version",
-                     "additionalProperties": {"type": "object", "required": ["version", "endpoints"],
+        "services": {"type": "object", "minProperties": 2, "maxProperties": 32,
+                     "description": "service name -> {version, endpoints} of its new version (2 to 32 services: each "
+                                    "step is one store transaction). Leave endpoints out for a member whose idle "
+                                    "environment an endpoint source owns: they come from the source (409 if given).",
+                     "additionalProperties": {"type": "object", "required": ["version"],
                                               "properties": {"version": {"type": "string"}, "endpoints": {"type": "array"}}}},
         "strategy": {"type": "object"}, "smoke": {"type": "object", "description": "As a deployment's; a check or webhook may name "
                                                                                      "the member it tests with 'service' (none: every member)."},

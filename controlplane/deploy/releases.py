@@ -53,6 +53,10 @@ NOT_IN_RELEASES = {
     "scale": "the capacity guard could hold one member while the others move",
 }
 MEMBER_FIELDS = {"version", "endpoints"}
+# Every group change is ONE store transaction: per member its service and up to two deployment
+# records, each compared and written. etcd refuses a transaction of more than 128 operations
+# (its --max-txn-ops default): 32 members stay well within it, whatever the step.
+MAX_SERVICES = 32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,6 +83,9 @@ def parse_release_request(body: object) -> ReleaseRequest:
     if len(services) < 2:
         raise ValidationError("services must name at least two services (a release of one service is a deployment: "
                               "POST /v1/services/{name}/deployments)")
+    if len(services) > MAX_SERVICES:
+        raise ValidationError(f"services: at most {MAX_SERVICES} services in one release, got {len(services)} (every step of "
+                              "a release is one store transaction, and etcd caps those); split it into several releases")
     for name, member in services.items():
         validate_service_name(name)
         reject_unknown(f"services.{name}", require_object(f"services.{name}", member), MEMBER_FIELDS)
