@@ -61,11 +61,37 @@ def test_a_stream_in_another_state_is_planned_for_its_own_state() -> None:
     assert behind.stream.types[ROUTE].sent["rt"].version == first.of_type(ROUTE)["rt"].version
 
 
+def test_streams_subscribed_alike_share_one_convergence_check_per_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
+    first = snapshot(1, ["a", "b"])
+    proxies = [connected_proxy(first) for _ in range(20)]
+    checked: list[int] = []
+    original = SotwStream._needed_names
+
+    def counting(self: SotwStream) -> dict[str, set[str]]:
+        checked.append(self.stream_id)
+        return original(self)
+
+    monkeypatch.setattr(SotwStream, "_needed_names", counting)
+    change = snapshot(2, ["a", "b"], route_tag="-weights-2").with_generation(2, reuse=first)
+    for proxy in proxies:
+        proxy.push(change)
+        assert not proxy.stream.converged()  # (decided by the response in flight)
+        proxy.ack(ROUTE)
+        assert proxy.stream.converged()
+    assert len(checked) == 1
+    # Another subscription is checked on its own: one that lacks the endpoints is not converged.
+    lacking = connected_proxy(first)
+    lacking.subscribe(ENDPOINT, ["a"])
+    lacking.push(change)
+    lacking.settle()
+    assert not lacking.stream.converged()
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_shared_plans_send_what_per_stream_plans_send(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Random histories of several streams on the same snapshots (ACKs, NACKs, late ACKs,
     subscription changes): every response equals, nonce and all, what the same stream is sent
-    when every plan is its own."""
+    when every plan is its own, and so does every answer of ``converged()``."""
 
     def play(shared: bool) -> list[bytes]:
         monkeypatch.setattr(stream_module, "MAX_SHARED_PLANS", 256 if shared else 0)
@@ -80,6 +106,7 @@ def test_shared_plans_send_what_per_stream_plans_send(seed: int, monkeypatch: py
                                 route_tag=str(rng.randint(0, 2)), cla_tags={"a": str(rng.randint(0, 1))})
             for proxy in proxies:
                 sent += [r.SerializeToString() for r in _step(proxy, snap, rng)]
+                sent.append(b"converged" if proxy.stream.converged() else b"behind")
         return sent
 
     assert play(shared=True) == play(shared=False)

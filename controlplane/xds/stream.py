@@ -210,6 +210,7 @@ class StreamState:
         self.snapshot = self._view(snapshot)
         self.connected_since = now
         self.types: dict[str, TypeState] = {}
+        self._ordered: list[TypeState] = []  # self.types in push order (see _push_all)
         self._nonce = 0
         # Responses the proxy has ACKed on this stream: grows whenever it applies one (a cheap
         # progress mark for observers, read per event).
@@ -242,6 +243,26 @@ class StreamState:
         for state in self.types.values():
             if state.subscribed and (state.pending_nonce is not None or state.synced_generation != generation):
                 return False
+        key = self._subscription_key()
+        if key is None:
+            return self._subscribed_to_needs()
+        # The answer depends on the snapshot and the subscriptions only: one per snapshot for
+        # all streams subscribed alike (this runs after every ACK of every stream).
+        memo = snapshot.sotw_plans
+        cached = memo.get(key)
+        if cached is None:
+            cached = self._subscribed_to_needs()
+            if len(memo) < MAX_SHARED_PLANS:
+                memo[key] = cached
+        return cached  # type: ignore[return-value]
+
+    def _subscription_key(self) -> tuple[object, ...] | None:
+        """Every type's subscription, hashable, or None if the variant keeps no frozen names."""
+        return None
+
+    def _subscribed_to_needs(self) -> bool:
+        """Does the client subscribe to everything the snapshot says it needs (see converged)?"""
+        snapshot = self.snapshot
         needed = self._needed_names()
         for type_url in typeurls.PUSH_ORDER:
             state = self.types.get(type_url)
@@ -283,6 +304,8 @@ class StreamState:
         state = self.types.get(type_url)
         if state is None:
             state = self.types[type_url] = TypeState(type_url)
+            # Push order: typeurls.PUSH_ORDER, then other types as they came (a stable sort).
+            self._ordered = sorted(self.types.values(), key=lambda s: _order(s.type_url))
         return state
 
     def _next_nonce(self) -> str:
@@ -291,13 +314,11 @@ class StreamState:
 
     def _push_all(self) -> list[Outgoing]:
         out: list[Outgoing] = []
-        for type_url in typeurls.PUSH_ORDER:
-            state = self.types.get(type_url)
-            if state is not None and state.subscribed:
-                out.extend(self._push(state, force=False))
-        for type_url, state in self.types.items():  # types outside the known order, if any
-            if type_url not in typeurls.PUSH_ORDER and state.subscribed:
-                out.extend(self._push(state, force=False))
+        for state in self._ordered:  # (this runs after every ACK and every snapshot)
+            if state.subscribed and state.pending_nonce is None:
+                pushed = self._push(state, force=False)
+                if pushed:
+                    out += pushed
         return out
 
     def _desired(self, state: TypeState) -> Mapping[str, Resource]:
@@ -669,6 +690,9 @@ class SotwStream(StreamState):
         state.responses += 1
         self._mark_warming(plan.updates)
         return [Outgoing(state.type_url, nonce, version, payload, len(plan.resources))]
+
+    def _subscription_key(self) -> tuple[object, ...] | None:
+        return ("subscriptions", *((s.type_url, s.subscribed, s.wildcard, s.names_key) for s in self.types.values()))
 
     def _shared_plan(self, state: TypeState) -> _SotwPlan | None:
         """``_plan_push(state)``, computed once per snapshot for all streams in the same state.
