@@ -765,7 +765,7 @@ class _SotwPlan:
     version: str
     resources: tuple[Resource, ...]  # sorted by name
     updates: tuple[Resource, ...]  # what the push adds or changes, relative to ``sent``
-    unknown: bool  # content of unknown content (never in SotW)
+    unknown: bool  # some content is unknown (None): never in SotW
 
 
 class DeltaStream(StreamState):
