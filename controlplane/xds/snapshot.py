@@ -154,6 +154,10 @@ class Snapshot:
     _diffs: dict[tuple[str, int], tuple[Mapping[str, Resource], tuple[str, ...], tuple[str, ...]]] = field(
         default_factory=dict, compare=False, repr=False)
     _sotw_bodies: dict[tuple[str, str], bytes] = field(default_factory=dict, compare=False, repr=False)
+    # A memo of the protocol layer for SotW streams, bounded there, gone with the snapshot: push
+    # plans shared by streams in the same state (``SotwStream._shared_plan``), the held dicts
+    # they share, and whether a set of subscriptions covers what the snapshot needs (converged).
+    sotw_plans: dict[tuple[object, ...], object] = field(default_factory=dict, compare=False, repr=False)
     # What Delta streams serve instead of this snapshot (see ``with_delta``), if it differs.
     delta: Snapshot | None = field(default=None, compare=False, repr=False)
 
