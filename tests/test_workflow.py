@@ -850,3 +850,35 @@ async def test_driver_idles_after_a_manual_switch_back_during_standby(tmp_path: 
         for _ in range(100):  # a hundred API round trips: an idle driver looks at shop at most once or twice
             await _call(client, "GET", "/v1/services/shop")
         assert calls <= 5, f"the driver looked at shop {calls} times while nothing was due"
+
+
+async def test_a_deployment_prepared_for_an_environment_that_is_no_longer_idle_is_refused(tmp_path: Path) -> None:
+    """A switch landing between reading the idle environment and committing the deployment (the
+    admin API fills an endpoint source's endpoints in for the environment it read) is a 409 that
+    stores nothing, never a deployment into the environment that just took production traffic."""
+    from controlplane.errors import ConflictError
+    from controlplane.model import Environment
+
+    async with in_process(tmp_path) as (cp, client):
+        await _call(client, "PUT", "/v1/services/shop", {})
+        await _call(client, "PUT", "/v1/services/shop/environments/blue", {"version": "v1", "endpoints": ["127.0.0.1:9001"]})
+        await _call(client, "PUT", "/v1/services/shop/environments/green", {"version": "v2", "endpoints": ["127.0.0.1:9002"]})
+        body = {"version": "v3", "endpoints": ["127.0.0.1:9003"]}
+        # The caller prepared the body for blue, but green is idle.
+        with pytest.raises(ConflictError, match="idle environment changed from blue to green"):
+            await cp.rollouts.deploy("shop", body, target=Environment.BLUE)
+        # The switch lands after deploy() read the service (green idle) and before its commit.
+        stale = await cp.repo.service("shop")
+        await _call(client, "PUT", "/v1/services/shop/traffic", {"weights": {"blue": 0, "green": 100}})
+        read = cp.repo.service
+
+        async def stale_read(name: str) -> Any:
+            cp.repo.service = read  # only the first read is stale
+            return stale
+
+        cp.repo.service = stale_read
+        with pytest.raises(ConflictError, match="idle environment changed from green to blue"):
+            await cp.rollouts.deploy("shop", body)
+        assert [d.version for d in await cp.repo.deployments("shop") if d.version == "v3"] == []
+        environments = (await _call(client, "GET", "/v1/services/shop"))["environments"]
+        assert (environments["blue"]["version"], environments["green"]["version"]) == ("v1", "v2")

@@ -386,7 +386,9 @@ async def create_deployment(request: web.Request) -> web.Response:
     # An environment owned by an endpoint source takes its endpoints from it (409 if the body gives some).
     body = cp.sources.deployment_body(service.name, service.traffic.idle, body)
     check_deployment(parse_deployment_spec(body), cp.settings.allow)  # 400 before anything runs or is stored
-    committed = await cp.rollouts.deploy(request.match_info["name"], body, actor=actor_of(request))
+    # target: the environment the source's endpoints were read for; a switch since then is a 409.
+    committed = await cp.rollouts.deploy(request.match_info["name"], body, actor=actor_of(request),
+                                         target=service.traffic.idle)
     request.app[CONTROL_PLANE].publisher.accepted(committed.revision, time.monotonic())
     created = next(d for d in committed.change.deployments if d.status.value == "deploying")
     return web.json_response({"id": created.id, "deployment": _deployment_view(created)}, status=202)

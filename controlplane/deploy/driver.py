@@ -209,10 +209,17 @@ class Rollouts:
 
     # -- commands (called by the admin API) -----------------------------------------------------
 
-    async def deploy(self, name: str, body: object, *, actor: str = transitions.API) -> Committed:
+    async def deploy(self, name: str, body: object, *, actor: str = transitions.API,
+                     target: Environment | None = None) -> Committed:
+        """Start a deployment into the service's idle environment. ``target`` is the idle
+        environment the caller prepared ``body`` for (e.g. with an endpoint source's endpoints
+        for it): if a switch made the other one idle meanwhile, ConflictError (409), nothing
+        stored. Without it, the idle environment read here is the one checked in the commit."""
         spec = parse_deployment_spec(body)
         service = await self.repo.service(name)
         idle = service.traffic.idle
+        if target is not None and target is not idle:
+            raise _idle_changed(name, target, idle)
         still = await self._still_routing(name, idle)
         if still and transitions.in_progress(await self.repo.current_deployments(name)) is None:
             # (A deployment under way is refused below with a message naming it.)
@@ -224,6 +231,8 @@ class Rollouts:
             await asyncio.to_thread(check_migrations, spec.migrations)  # bad set or lint errors: 400, nothing stored
         def start(service: Service | None, current: Any, now: float) -> Change:
             releases.refuse_if_held(_require(service), "a deployment of it alone")
+            if _require(service).traffic.idle is not idle:  # a switch since the checks above
+                raise _idle_changed(name, idle, _require(service).traffic.idle)
             return transitions.start(_require(service), current, spec, now, actor)
 
         committed = await self.repo.mutate(name, start)
@@ -904,3 +913,8 @@ def expanded_by_deployment(migration_set: MigrationSet, database: str) -> str | 
     if not rows:
         return None
     return str(max(rows, key=lambda r: r["applied_at"])["deployment_id"])
+
+
+def _idle_changed(name: str, expected: Environment, idle: Environment) -> ConflictError:
+    return ConflictError(f"{name}: the idle environment changed from {expected.value} to {idle.value} while the "
+                         f"deployment was being prepared (a switch or rollback landed); send it again")
