@@ -407,30 +407,37 @@ async def contract(request: web.Request) -> web.Response:
     return web.json_response(await cp.rollouts.contract(request.match_info["name"], body))
 
 
+async def _command_options(request: web.Request, action: str, *, force_allowed: bool = True) -> tuple[bool, int | None, bool]:
+    """The options of a deployment or release command: no body; ``full`` and ``step`` only for
+    promote; ``force`` only for a deployment's decommission. Returns (full, to_step, force)."""
+    body = await _json_body(request, optional=True)
+    if body != {}:
+        raise ValidationError(f"{action} takes no body")
+    force = request.query.get("force", "false") if force_allowed else "false"
+    if force not in ("true", "false"):
+        raise ValidationError(f"force must be true or false, got {force!r}")
+    if force == "true" and action != "decommission":
+        raise ValidationError("force=true is only for decommission (remove it while proxies still route to it)")
+    full = request.query.get("full", "false")
+    if full not in ("true", "false"):
+        raise ValidationError(f"full must be true or false, got {full!r}")
+    if full == "true" and action != "promote":
+        raise ValidationError("full=true is only for promote (skip the remaining steps)")
+    raw_step = request.query.get("step")
+    to_step = None
+    if raw_step is not None:
+        if action != "promote" or not raw_step.isascii() or not raw_step.isdigit():
+            raise ValidationError(f"step must be a step index (0, 1, ...) and is only for promote, got {raw_step!r}")
+        to_step = int(raw_step)
+    return full == "true", to_step, force == "true"
+
+
 def _deployment_action(action: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         cp = request.app[CONTROL_PLANE]
-        body = await _json_body(request, optional=True)
-        if body != {}:
-            raise ValidationError(f"{action} takes no body")
-        force = request.query.get("force", "false")
-        if force not in ("true", "false"):
-            raise ValidationError(f"force must be true or false, got {force!r}")
-        if force == "true" and action != "decommission":
-            raise ValidationError("force=true is only for decommission (remove it while proxies still route to it)")
-        full = request.query.get("full", "false")
-        if full not in ("true", "false"):
-            raise ValidationError(f"full must be true or false, got {full!r}")
-        if full == "true" and action != "promote":
-            raise ValidationError("full=true is only for promote (skip the remaining steps)")
-        raw_step = request.query.get("step")
-        to_step = None
-        if raw_step is not None:
-            if action != "promote" or not raw_step.isascii() or not raw_step.isdigit():
-                raise ValidationError(f"step must be a step index (0, 1, ...) and is only for promote, got {raw_step!r}")
-            to_step = int(raw_step)
-        committed = await cp.rollouts.command(request.match_info["id"], action, full=full == "true", to_step=to_step,
-                                              force=force == "true", actor=actor_of(request))
+        full, to_step, force = await _command_options(request, action)
+        committed = await cp.rollouts.command(request.match_info["id"], action, full=full, to_step=to_step,
+                                              force=force, actor=actor_of(request))
         request.app[CONTROL_PLANE].publisher.accepted(committed.revision, time.monotonic())
         if not await _published_in_time(cp, committed.revision):
             return _not_pushed(cp, committed.revision)
@@ -526,21 +533,8 @@ async def get_release(request: web.Request) -> web.Response:
 def _release_action(action: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         cp = request.app[CONTROL_PLANE]
-        body = await _json_body(request, optional=True)
-        if body != {}:
-            raise ValidationError(f"{action} takes no body")
-        full = request.query.get("full", "false")
-        if full not in ("true", "false"):
-            raise ValidationError(f"full must be true or false, got {full!r}")
-        if full == "true" and action != "promote":
-            raise ValidationError("full=true is only for promote (skip the remaining steps)")
-        raw_step = request.query.get("step")
-        to_step = None
-        if raw_step is not None:
-            if action != "promote" or not raw_step.isascii() or not raw_step.isdigit():
-                raise ValidationError(f"step must be a step index (0, 1, ...) and is only for promote, got {raw_step!r}")
-            to_step = int(raw_step)
-        committed = await cp.rollouts.release_command(request.match_info["id"], action, full=full == "true",
+        full, to_step, _ = await _command_options(request, action, force_allowed=False)
+        committed = await cp.rollouts.release_command(request.match_info["id"], action, full=full,
                                                       to_step=to_step, actor=actor_of(request))
         cp.publisher.accepted(committed.revision, time.monotonic())
         if not await _published_in_time(cp, committed.revision):
