@@ -375,10 +375,20 @@ class Rollouts:
     def _verdict(self, service: Service, d: Deployment, analysis: Analysis, snapshot: object) -> releases.Verdict:
         """One member's interval since ``snapshot``, judged as a deployment's would be (the
         Prometheus source is not offered to releases yet: spec validation keeps it per deployment)."""
+        figures = self._interval_figures(service, d, analysis, snapshot)
+        verdict, reason = self._judge(service, d, analysis, figures)
+        return releases.Verdict(verdict, figures, reason)
+
+    def _interval_figures(self, service: Service, d: Deployment, analysis: Analysis, snapshot: object) -> dict[str, Any]:
+        """The proxies' figures for ``d``'s cluster since ``snapshot``."""
         assert self.telemetry is not None
         stats = self.telemetry.since(snapshot, cluster_name(service.name, d.environment))
         figures = dict(stats.as_dict() if hasattr(stats, "as_dict") else stats)
         figures["interval_seconds"] = analysis.interval_seconds
+        return figures
+
+    def _judge(self, service: Service, d: Deployment, analysis: Analysis, figures: dict[str, Any]) -> tuple[str, str | None]:
+        """Export the interval's figures, judge them, and note the verdict (and its reason) in them."""
         for key, gauge in (("error_rate", self.metrics.analysis_error_rate), ("p99_ms", self.metrics.analysis_p99_ms)):
             if figures.get(key) is not None:
                 gauge.labels(service.name, d.environment.value).set(figures[key])
@@ -386,7 +396,7 @@ class Rollouts:
         figures["verdict"] = verdict
         if reason:
             figures["reason"] = reason
-        return releases.Verdict(verdict, figures, reason)
+        return verdict, reason
 
     def committed(self, committed: Committed) -> None:
         """Bookkeeping after any change to a service's deployments, whoever made it (a command,
@@ -682,20 +692,11 @@ class Rollouts:
             self._windows[name] = (_phase(d), self.telemetry.snapshot(), self.clock())
 
     async def _analyse(self, service: Service, d: Deployment, analysis: Analysis, snapshot: object) -> None:
-        assert self.telemetry is not None
-        stats = self.telemetry.since(snapshot, cluster_name(service.name, d.environment))
-        figures = dict(stats.as_dict() if hasattr(stats, "as_dict") else stats)
-        figures["interval_seconds"] = analysis.interval_seconds
+        figures = self._interval_figures(service, d, analysis, snapshot)
         self._start_window(service.name, d)
         if analysis.prometheus is not None:
             figures["prometheus"] = await self._prometheus_figures(service, d, analysis)
-        for key, gauge in (("error_rate", self.metrics.analysis_error_rate), ("p99_ms", self.metrics.analysis_p99_ms)):
-            if figures.get(key) is not None:
-                gauge.labels(service.name, d.environment.value).set(figures[key])
-        verdict, reason = judge(analysis, figures)
-        figures["verdict"] = verdict
-        if reason:
-            figures["reason"] = reason
+        verdict, reason = self._judge(service, d, analysis, figures)
         if verdict == "wait":
             await self._mutate(service.name, lambda s, c, t: transitions.analysis_wait(
                 s, c, d.id, t, figures, reason or "no data", no_data_limit=analysis.no_data_limit, failure_limit=analysis.failure_limit))
