@@ -303,24 +303,11 @@ async def _source_with_error(call: Any, errors: int = 1) -> dict[str, Any] | Non
 # The CLI, for environments a source owns
 
 
-@contextlib.asynccontextmanager
-async def _in_process_with(tmp_path: Path, config: dict[str, Any]) -> AsyncIterator[tuple[Any, Any]]:
+def _in_process_with(tmp_path: Path, config: dict[str, Any]) -> Any:
     """A control plane in this process with ``config`` (its admin API on a test server)."""
-    from aiohttp.test_utils import TestClient, TestServer
+    from tests.test_workflow import in_process
 
-    from controlplane.admin.api import build_admin_app
-    from controlplane.app import ControlPlane
-    from controlplane.store.sqlite import open_sqlite_store
-
-    cp = ControlPlane(parse_settings(config), await open_sqlite_store(tmp_path / "state.db"))
-    await cp.start("127.0.0.1:0")
-    client = TestClient(TestServer(build_admin_app(cp, None)))
-    await client.start_server()
-    try:
-        yield cp, client
-    finally:
-        await client.close()
-        await cp.stop(grace=0.1)
+    return in_process(tmp_path, parse_settings(config))
 
 
 async def test_cli_deploys_and_releases_into_a_source_owned_environment_without_endpoints(

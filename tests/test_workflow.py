@@ -716,7 +716,9 @@ async def test_bad_input_is_refused_and_changes_nothing(tmp_path: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def in_process(tmp_path: Path) -> AsyncIterator[tuple[Any, Any]]:
+async def in_process(tmp_path: Path, settings: Any = None) -> AsyncIterator[tuple[Any, Any]]:
+    """A control plane in this process (xDS on a free port) and a test client of its admin API;
+    ``settings`` default: smoke command ``sleep`` allowed."""
     from aiohttp.test_utils import TestClient, TestServer
 
     from controlplane.admin.api import build_admin_app
@@ -724,7 +726,7 @@ async def in_process(tmp_path: Path) -> AsyncIterator[tuple[Any, Any]]:
     from controlplane.config import Allowlists, Settings
     from controlplane.store.sqlite import open_sqlite_store
 
-    settings = Settings(allow=Allowlists(smoke_commands=(("sleep",),)))
+    settings = settings or Settings(allow=Allowlists(smoke_commands=(("sleep",),)))
     cp = ControlPlane(settings, await open_sqlite_store(tmp_path / "state.db"))
     try:
         await cp.start("127.0.0.1:0")
